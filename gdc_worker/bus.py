@@ -110,7 +110,9 @@ class NATSEventBus:
     # -- connection ---------------------------------------------------------------------------
 
     @classmethod
-    async def connect(cls, config: NATSConfig | None = None, *, name: str | None = None) -> NATSEventBus:
+    async def connect(
+        cls, config: NATSConfig | None = None, *, name: str | None = None
+    ) -> NATSEventBus:
         """Connect, then create or update the event stream; raises `ConnectionFailed`."""
         config = config or NATSConfig.from_env()
         holder: list[NATSEventBus] = []
@@ -133,8 +135,8 @@ class NATSEventBus:
             nc = await nats.connect(
                 config.url,
                 name=name,
-                connect_timeout=config.connect_timeout,  # type: ignore[arg-type]
-                reconnect_time_wait=config.reconnect_wait,  # type: ignore[arg-type]
+                connect_timeout=config.connect_timeout,
+                reconnect_time_wait=config.reconnect_wait,
                 max_reconnect_attempts=max(config.max_reconnect_attempts, -1),
                 # The first connect fails fast, as the Go client's does; reconnects follow the
                 # config once connected (nats-py would otherwise retry the first one too).
@@ -267,7 +269,9 @@ class NATSEventBus:
         self, durable: str, *, capacity: int, stream: str | None = None
     ) -> PullConsumer:
         """Deliveries of an existing durable consumer; the bus re-issues its pulls on reconnect."""
-        consumer = PullConsumer(self._nc, stream or self.config.stream_name, durable, capacity=capacity)
+        consumer = PullConsumer(
+            self._nc, stream or self.config.stream_name, durable, capacity=capacity
+        )
         self._consumers.add(consumer)
         return consumer
 
@@ -316,7 +320,10 @@ class NATSEventBus:
         self._drained.clear()
         try:
             await self._nc.publish(
-                subject, event.to_json(), reply=self._ack_prefix + token, headers=event_headers(event)
+                subject,
+                event.to_json(),
+                reply=self._ack_prefix + token,
+                headers=event_headers(event),
             )
         except nats.errors.Error as exc:
             self._settle_publish(token, _describe(exc))
@@ -333,7 +340,9 @@ class NATSEventBus:
             self._settle_publish(token, f"no acknowledgement within {timeout:g}s")
         failed, self._failed = self._failed, []
         if failed:
-            shown = "; ".join(failed[:10]) + (f"; and {len(failed) - 10} more" if len(failed) > 10 else "")
+            shown = "; ".join(failed[:10]) + (
+                f"; and {len(failed) - 10} more" if len(failed) > 10 else ""
+            )
             raise PublishError(f"{len(failed)} event(s) were not stored: {shown}")
 
     async def _on_publish_ack(self, msg: Msg) -> None:
@@ -421,7 +430,9 @@ class _Subscription:
                 await delivery.nak()
             raise
         except Exception:
-            log.exception("%s: handler failed on event %s; retrying in %gs", name, event.id, DEFAULT_NAK_DELAY)
+            log.exception(
+                "%s: handler failed on event %s; retrying in %gs", name, event.id, DEFAULT_NAK_DELAY
+            )
             await delivery.nak(DEFAULT_NAK_DELAY)
         else:
             await delivery.ack()

@@ -89,11 +89,11 @@ class NATSConfig:
         """What goes before the event type in a subject: `gdc.events.` for `gdc.events.>`."""
         for subject in self.subjects:
             head, _, last = subject.rpartition(".")
-            if head and last in (">", "*") and "*" not in head and ">" not in head:
+            if head and last == ">" and "*" not in head and ">" not in head:
                 return head + "."
         raise ValueError(
-            f"subjects: none of {list(self.subjects)} ends in '.>' or '.*', so event types "
-            "cannot be mapped to subjects"
+            f"subjects: none of {list(self.subjects)} ends in '.>', so event types "
+            "(two tokens, as pin.requested) cannot be mapped to subjects"
         )
 
     def subject_for(self, event_type: str) -> str:
@@ -116,7 +116,7 @@ class NATSConfig:
         for f in dataclasses.fields(cls):
             key = ENV_PREFIX + f.name.upper()
             raw = env.get(key)
-            if raw is None or f.name in overrides:
+            if raw is None or overrides.get(f.name) is not None:
                 continue
             try:
                 values[f.name] = _parse(f, raw)

@@ -92,6 +92,7 @@ class Event(msgspec.Struct, kw_only=True, omit_defaults=True):
         # Go encodes a nil map as null; handlers always get a dict.
         if self.data is None:
             self.data = {}
+        _require_aware("timestamp", self.timestamp)
 
     @classmethod
     def new(cls, type: str, source: str, subject: str, data: Mapping[str, Any]) -> Event:
@@ -183,6 +184,10 @@ class ExecProgressEvent(Payload):
     message: str = ""
     completed_at: datetime | None = None
 
+    def __post_init__(self) -> None:
+        if self.completed_at is not None:
+            _require_aware("completed_at", self.completed_at)
+
 
 class HealthChangedEvent(Payload):
     """Data of `health.changed`: a resource moved from one health status to another."""
@@ -222,13 +227,24 @@ class AlertTriggeredEvent(Payload):
     threshold: float = 0.0
 
 
+def _require_aware(name: str, value: datetime) -> None:
+    # Go cannot decode a timestamp without a zone, and naive times do not compare with aware ones.
+    if value.tzinfo is None:
+        raise ValueError(f"{name}: a timestamp needs a timezone (use UTC), got {value.isoformat()}")
+
+
 P = TypeVar("P", bound=msgspec.Struct)
 
 
 def parse_event_data(event: Event, payload_type: type[P]) -> P:
-    """Decode `event.data` into `payload_type`; raises `EventDataError` on a mistyped value."""
+    """Decode `event.data` into `payload_type`; raises `EventDataError` on a mistyped value.
+
+    As in Go, unknown keys are ignored and missing or null values take their zero value (Go
+    writes a nil list or map as null).
+    """
+    data = {key: value for key, value in (event.data or {}).items() if value is not None}
     try:
-        return msgspec.convert(event.data, payload_type)
+        return msgspec.convert(data, payload_type)
     except msgspec.ValidationError as exc:
         raise EventDataError(
             f"data of {event.type} event {event.id} does not fit {payload_type.__name__}: {exc}"
@@ -295,17 +311,13 @@ def new_exec_completed_event(
     return _event(EventType.EXEC_COMPLETED, source, f"workflow.{workflow_id}", data, trace_id)
 
 
-def new_exec_failed_event(
-    source: str, workflow_id: str, reason: str, trace_id: str = ""
-) -> Event:
+def new_exec_failed_event(source: str, workflow_id: str, reason: str, trace_id: str = "") -> Event:
     """An `exec.failed` event for the workflow."""
     data = {"workflow_id": workflow_id, "reason": reason, "failed_at": _now()}
     return _event(EventType.EXEC_FAILED, source, f"workflow.{workflow_id}", data, trace_id)
 
 
-def new_health_changed_event(
-    source: str, data: HealthChangedEvent, trace_id: str = ""
-) -> Event:
+def new_health_changed_event(source: str, data: HealthChangedEvent, trace_id: str = "") -> Event:
     """A `health.changed` event; its subject is `<resource_type>.<resource_id>`."""
     subject = f"{data.resource_type}.{data.resource_id}"
     return _event(EventType.HEALTH_CHANGED, source, subject, data.to_data(), trace_id)
@@ -335,9 +347,7 @@ def new_zone_up_event(source: str, zone_id: str, trace_id: str = "") -> Event:
     return _event(EventType.ZONE_UP, source, zone_id, data, trace_id)
 
 
-def new_policy_updated_event(
-    source: str, data: PolicyUpdatedEvent, trace_id: str = ""
-) -> Event:
+def new_policy_updated_event(source: str, data: PolicyUpdatedEvent, trace_id: str = "") -> Event:
     """A `policy.updated` event; its subject is the policy id."""
     return _event(EventType.POLICY_UPDATED, source, data.policy_id, data.to_data(), trace_id)
 
@@ -350,9 +360,7 @@ def new_policy_deleted_event(
     return _event(EventType.POLICY_DELETED, source, policy_id, data, trace_id)
 
 
-def new_alert_triggered_event(
-    source: str, data: AlertTriggeredEvent, trace_id: str = ""
-) -> Event:
+def new_alert_triggered_event(source: str, data: AlertTriggeredEvent, trace_id: str = "") -> Event:
     """An `alert.triggered` event; its subject is the alert id."""
     return _event(EventType.ALERT_TRIGGERED, source, data.alert_id, data.to_data(), trace_id)
 

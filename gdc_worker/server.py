@@ -118,7 +118,8 @@ class NATSServer:
         return self
 
     def _wait_ready(self, timeout: float) -> int:
-        assert self._process is not None and self._log_path is not None
+        assert self._process is not None
+        assert self._log_path is not None
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             log = self._log_path.read_text() if self._log_path.exists() else ""
@@ -149,6 +150,11 @@ class NATSServer:
                 process.stderr.close()
         self.port = None
         self._cleanup()
+
+    def terminate(self) -> None:
+        """Ask the server to shut down (SIGTERM) without waiting; safe in a signal handler."""
+        if self._process is not None and self._process.poll() is None:
+            self._process.send_signal(signal.SIGTERM)
 
     def kill(self) -> None:
         """Kill the server at once (SIGKILL), keeping its port and store for a `start()` again."""

@@ -1,0 +1,296 @@
+"""NATSConfig: the Go bus's defaults, subjects, validation and `GDC_NATS_*` overrides."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import pytest
+
+from gdc_worker.config import NATSConfig, subjects_overlap
+from gdc_worker.events import EventType
+
+
+def _matches(subject: str, pattern: str) -> bool:
+    """Whether the literal NATS `subject` is matched by `pattern` (`*` one token, `>` the rest)."""
+    tokens, wanted = subject.split("."), pattern.split(".")
+    for i, want in enumerate(wanted):
+        if want == ">":
+            return len(tokens) > i
+        if i >= len(tokens) or want not in ("*", tokens[i]):
+            return False
+    return len(tokens) == len(wanted)
+
+
+# --- defaults and subjects -------------------------------------------------------------------
+
+
+def test_defaults_equal_the_go_default_nats_config() -> None:
+    """Given no arguments, the config is the Go bus's `DefaultNATSConfig()` (durations in s)."""
+    config = NATSConfig()
+
+    assert {
+        "url": config.url,
+        "stream_name": config.stream_name,
+        "subjects": config.subjects,
+        "max_age": config.max_age,
+        "max_bytes": config.max_bytes,
+        "max_msgs": config.max_msgs,
+        "replicas": config.replicas,
+        "connect_timeout": config.connect_timeout,
+        "reconnect_wait": config.reconnect_wait,
+        "max_reconnect_attempts": config.max_reconnect_attempts,
+        "duplicate_window": config.duplicate_window,
+    } == {
+        "url": "nats://localhost:4222",
+        "stream_name": "GDC_EVENTS",
+        "subjects": ("gdc.events.>",),
+        "max_age": 86400.0,
+        "max_bytes": 1024 * 1024 * 1024,
+        "max_msgs": 1_000_000,
+        "replicas": 1,
+        "connect_timeout": 10.0,
+        "reconnect_wait": 2.0,
+        "max_reconnect_attempts": 10,
+        "duplicate_window": 300.0,
+    }
+
+
+@pytest.mark.parametrize(
+    ("subjects", "prefix", "subject"),
+    [
+        (None, "gdc.events.", "gdc.events.pin.requested"),
+        (["test.events.>"], "test.events.", "test.events.pin.requested"),
+        ("test.events.>", "test.events.", "test.events.pin.requested"),
+        (("audit.>", "test.events.>"), "audit.", "audit.pin.requested"),
+    ],
+    ids=["default", "list", "one-string", "first-wildcard-wins"],
+)
+def test_subject_for_puts_the_event_type_after_the_stream_prefix(
+    subjects: Any, prefix: str, subject: str
+) -> None:
+    """When an event is published, its subject is the stream's prefix plus the event type."""
+    config = NATSConfig() if subjects is None else NATSConfig(subjects=subjects)
+
+    assert config.subject_prefix == prefix
+    assert config.subject_for(EventType.PIN_REQUESTED) == subject
+    assert config.subject_for("pin.requested") == subject
+    assert isinstance(config.subjects, tuple)
+
+
+def _uncaptured(config: NATSConfig) -> list[str]:
+    """The subjects of event types that none of the config's stream subjects match."""
+    return [
+        config.subject_for(t)
+        for t in EventType
+        if not any(_matches(config.subject_for(t), pattern) for pattern in config.subjects)
+    ]
+
+
+@pytest.mark.parametrize(
+    "subjects",
+    [("gdc.events.>",), ("test.events.>",), ("other.>", "test.events.>")],
+    ids=lambda s: s[0],
+)
+def test_every_event_type_is_published_on_a_subject_the_stream_captures(
+    subjects: tuple[str, ...],
+) -> None:
+    """Given valid stream subjects, each event type's subject falls inside the stream."""
+    assert _uncaptured(NATSConfig(subjects=subjects)) == []
+
+
+def test_stream_subjects_that_cannot_hold_event_types_are_refused() -> None:
+    """Given `gdc.events.*` (one token), the config refuses it, or else captures every type."""
+    try:
+        config = NATSConfig(subjects=("gdc.events.*",))
+    except ValueError:
+        return  # refused up front: the right outcome
+    assert _uncaptured(config) == []
+
+
+# --- validation ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("changes", "field"),
+    [
+        pytest.param({"url": " "}, "url", id="blank-url"),
+        pytest.param({"subjects": ()}, "subjects", id="no-subjects"),
+        pytest.param({"subjects": []}, "subjects", id="empty-list"),
+        pytest.param({"subjects": ("gdc.events",)}, "subjects", id="no-wildcard"),
+        pytest.param({"subjects": ("gdc.events.>", "a b.>")}, "subjects", id="space-in-subject"),
+        pytest.param({"subjects": ("gdc..>",)}, "subjects", id="empty-token"),
+        pytest.param({"replicas": 0}, "replicas", id="replicas-0"),
+        pytest.param({"max_age": -1.0}, "max_age", id="negative-max_age"),
+        pytest.param({"max_bytes": -1}, "max_bytes", id="negative-max_bytes"),
+        pytest.param({"max_msgs": -1}, "max_msgs", id="negative-max_msgs"),
+        pytest.param({"connect_timeout": -1.0}, "connect_timeout", id="negative-timeout"),
+        pytest.param({"connect_timeout": 0.0}, "connect_timeout", id="zero-timeout"),
+        pytest.param({"reconnect_wait": -0.5}, "reconnect_wait", id="negative-reconnect_wait"),
+        pytest.param({"duplicate_window": -1.0}, "duplicate_window", id="negative-dup-window"),
+        pytest.param(
+            {"max_age": 60.0, "duplicate_window": 120.0}, "duplicate_window", id="window>age"
+        ),
+        pytest.param({"stream_name": ""}, "stream_name", id="empty-stream"),
+        pytest.param({"stream_name": "GDC.EVENTS"}, "stream_name", id="dot-in-stream"),
+        pytest.param({"stream_name": "GDC*"}, "stream_name", id="star-in-stream"),
+        pytest.param({"stream_name": "GDC>"}, "stream_name", id="gt-in-stream"),
+        pytest.param({"stream_name": "GDC EVENTS"}, "stream_name", id="space-in-stream"),
+        pytest.param({"dlq_stream_name": "GDC.DLQ"}, "dlq_stream_name", id="dot-in-dlq-stream"),
+        pytest.param(
+            {"dlq_subject_prefix": "gdc.events"}, "dlq_subject_prefix", id="dlq-equals-events"
+        ),
+        pytest.param({"dlq_subject_prefix": "gdc"}, "dlq_subject_prefix", id="dlq-above-events"),
+        pytest.param(
+            {"dlq_subject_prefix": "gdc.events.dead"}, "dlq_subject_prefix", id="dlq-inside-events"
+        ),
+        pytest.param({"dlq_subject_prefix": "gdc.dlq.>"}, "dlq_subject_prefix", id="dlq-wildcard"),
+        pytest.param({"dlq_subject_prefix": ""}, "dlq_subject_prefix", id="dlq-empty"),
+    ],
+)
+def test_invalid_setting_raises_value_error_starting_with_the_field(
+    changes: dict[str, Any], field: str
+) -> None:
+    """Given one bad setting, the config refuses it and the message starts with its name."""
+    with pytest.raises(ValueError, match=rf"^{field}: "):
+        NATSConfig(**changes)
+
+
+def test_replace_validates_the_copy() -> None:
+    """When a copy is made with a bad setting, it is refused like a fresh config."""
+    config = NATSConfig()
+
+    with pytest.raises(ValueError, match=r"^replicas: "):
+        config.replace(replicas=0)
+    assert config.replace(replicas=3).replicas == 3
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        pytest.param({"max_age": 300.0, "duplicate_window": 300.0}, id="window==age"),
+        pytest.param({"max_age": 0.0}, id="unlimited-age"),
+        pytest.param({"max_bytes": 0, "max_msgs": 0, "duplicate_window": 0.0}, id="zeros"),
+        pytest.param({"max_reconnect_attempts": -1}, id="reconnect-forever"),
+        pytest.param({"dlq_subject_prefix": "gdc.eventsdlq"}, id="dlq-sibling-token"),
+        pytest.param({"subjects": ("gdc.events.>",), "stream_name": "GDC-EVENTS_2"}, id="names"),
+    ],
+)
+def test_edge_values_that_nats_accepts_are_accepted(changes: dict[str, Any]) -> None:
+    """Given settings at the edge of valid (0 = unlimited, equal limits), the config is built."""
+    config = NATSConfig(**changes)
+
+    for name, value in changes.items():
+        assert getattr(config, name) == value
+
+
+# --- from_env --------------------------------------------------------------------------------
+
+
+def test_from_env_reads_the_gdc_nats_variables() -> None:
+    """Given GDC_NATS_* variables, `from_env` parses each into its field's type."""
+    env = {
+        "GDC_NATS_URL": "nats://nats.internal:4222",
+        "GDC_NATS_STREAM_NAME": "TEST_EVENTS",
+        "GDC_NATS_SUBJECTS": "test.events.>, audit.events.> ,",
+        "GDC_NATS_REPLICAS": "3",
+        "GDC_NATS_DUPLICATE_WINDOW": "60.5",
+        "OTHER_URL": "nats://ignored:1",
+    }
+
+    config = NATSConfig.from_env(env=env)
+
+    assert config.url == "nats://nats.internal:4222"
+    assert config.stream_name == "TEST_EVENTS"
+    assert config.subjects == ("test.events.>", "audit.events.>")
+    assert config.replicas == 3
+    assert config.duplicate_window == 60.5
+    assert config.max_age == NATSConfig().max_age
+
+
+def test_from_env_with_no_variables_is_the_default() -> None:
+    """Given an environment without GDC_NATS_* variables, `from_env` equals `NATSConfig()`."""
+    assert NATSConfig.from_env(env={"PATH": "/usr/bin"}) == NATSConfig()
+
+
+def test_from_env_reads_os_environ_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    """When no mapping is passed, the process environment is read."""
+    for key in [k for k in os.environ if k.startswith("GDC_NATS_")]:
+        monkeypatch.delenv(key)
+    monkeypatch.setenv("GDC_NATS_STREAM_NAME", "FROM_OS")
+
+    assert NATSConfig.from_env().stream_name == "FROM_OS"
+
+
+def test_explicit_overrides_beat_the_environment() -> None:
+    """Given both a variable and an explicit value, the explicit value wins; others still apply."""
+    env = {"GDC_NATS_URL": "nats://from-env:4222", "GDC_NATS_REPLICAS": "3"}
+
+    config = NATSConfig.from_env(env=env, url="nats://explicit:4222")
+
+    assert config.url == "nats://explicit:4222"
+    assert config.replicas == 3
+
+
+def test_none_override_falls_back_to_the_environment() -> None:
+    """Given an override of None (an option not given), the variable still applies."""
+    config = NATSConfig.from_env(env={"GDC_NATS_URL": "nats://from-env:4222"}, url=None)
+
+    assert config.url == "nats://from-env:4222"
+
+
+@pytest.mark.parametrize(
+    ("env", "named"),
+    [
+        ({"GDC_NATS_REPLICAS": "abc"}, "GDC_NATS_REPLICAS"),
+        ({"GDC_NATS_REPLICAS": "1.5"}, "GDC_NATS_REPLICAS"),
+        ({"GDC_NATS_MAX_AGE": "1d"}, "GDC_NATS_MAX_AGE"),
+        ({"GDC_NATS_DUPLICATE_WINDOW": ""}, "GDC_NATS_DUPLICATE_WINDOW"),
+    ],
+    ids=["replicas-abc", "replicas-float", "max-age-unit", "window-empty"],
+)
+def test_badly_typed_variable_raises_value_error_naming_it(env: dict[str, str], named: str) -> None:
+    """Given a variable that does not parse as its field's type, the error names the variable."""
+    with pytest.raises(ValueError, match=rf"^{named}: "):
+        NATSConfig.from_env(env=env)
+
+
+@pytest.mark.parametrize(
+    ("env", "field"),
+    [
+        ({"GDC_NATS_REPLICAS": "0"}, "replicas"),
+        ({"GDC_NATS_SUBJECTS": " , "}, "subjects"),
+        ({"GDC_NATS_STREAM_NAME": "GDC.EVENTS"}, "stream_name"),
+    ],
+    ids=["replicas-0", "no-subjects", "dotted-stream"],
+)
+def test_well_typed_but_invalid_variable_is_validated(env: dict[str, str], field: str) -> None:
+    """Given a variable of the right type but an invalid value, the field's check refuses it."""
+    with pytest.raises(ValueError, match=rf"^{field}: "):
+        NATSConfig.from_env(env=env)
+
+
+# --- subjects_overlap ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("a", "b", "overlap"),
+    [
+        ("gdc.events.>", "gdc.events.>", True),
+        ("gdc.dlq.>", "gdc.events.>", False),
+        ("gdc.>", "gdc.events.pin.requested", True),
+        ("gdc.>", "gdc", False),
+        ("gdc.*", "gdc.events", True),
+        ("gdc.*", "gdc.events.>", False),
+        ("*.events.>", "gdc.*.pin.requested", True),
+        ("a.*.c", "a.b.d", False),
+        ("a.b", "a.b", True),
+        ("a.b", "a.b.c", False),
+        (">", "anything.at.all", True),
+        ("gdc.events.>", "gdc.eventsdlq.>", False),
+    ],
+)
+def test_subjects_overlap_when_some_subject_matches_both(a: str, b: str, overlap: bool) -> None:
+    """Given two subject patterns, they overlap iff one concrete subject matches both."""
+    assert subjects_overlap(a, b) is overlap
+    assert subjects_overlap(b, a) is overlap
