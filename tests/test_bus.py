@@ -9,7 +9,7 @@ import threading
 import time
 import uuid
 import warnings
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,15 +52,7 @@ from gdc_worker import (
     parse_event_data,
 )
 
-# Every subscription leaves an unclosed anyio receive stream behind (PullConsumer in pull.py, see
-# test_closing_the_bus_leaves_no_unclosed_streams); with `filterwarnings = error` its
-# ResourceWarning would fail whichever test the garbage collector happens to run in.
-UNCLOSED_STREAM = "ignore:Unclosed <MemoryObjectReceiveStream:ResourceWarning"
-# NATSServer.kill() leaves the killed process's stderr pipe unclosed (NATSServer.kill in server.py, see
-# test_server.py::test_kill_then_start_closes_the_old_stderr_pipe).
-UNCLOSED_PIPE = "ignore:unclosed file <_io.BufferedReader:ResourceWarning"
-
-pytestmark = [pytest.mark.anyio, pytest.mark.filterwarnings(UNCLOSED_STREAM)]
+pytestmark = pytest.mark.anyio
 
 #: Deadline for an event that should arrive at once; generous for a loaded CI machine.
 ARRIVAL_TIMEOUT = 10.0
@@ -100,13 +92,6 @@ class Collector:
     async def wait_for_event(self, event: Event, timeout: float = ARRIVAL_TIMEOUT) -> list[Event]:
         """Wait until `event` (by id) arrived."""
         return await self.wait_until(lambda events: event.id in {e.id for e in events}, timeout)
-
-
-@pytest.fixture(autouse=True)
-def _collect_leaked_streams() -> Iterator[None]:
-    """Collect this test's garbage while UNCLOSED_STREAM applies, not in a later test."""
-    yield
-    gc.collect()
 
 
 @pytest.fixture
@@ -509,7 +494,7 @@ async def test_invalid_pattern_is_refused(event_bus: NATSEventBus, pattern: str)
     [
         ("pin.requested", "gdc-consumer-pin-requested"),
         ("pin.*", "gdc-consumer-pin-all"),
-        (">", "gdc-consumer-all"),
+        (">", "gdc-consumer-rest"),
     ],
 )
 async def test_default_durable_name_is_derived_from_the_pattern(
@@ -529,11 +514,6 @@ async def test_default_durable_name_is_derived_from_the_pattern(
     assert info.config.filter_subject == nats_config.subject_prefix + pattern
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bus.py safe_name/subscribe_to_pattern: safe_name maps both 'pin.*' and 'pin.>' to gdc-consumer-pin-all, "
-    "and ensure_consumer silently re-points that consumer to the second filter",
-)
 async def test_default_durables_of_different_patterns_do_not_collide(
     event_bus: NATSEventBus, jetstream: JetStreamContext, nats_config: NATSConfig
 ) -> None:
@@ -550,11 +530,6 @@ async def test_default_durables_of_different_patterns_do_not_collide(
     assert filters == [prefix + "pin.*", prefix + "pin.>"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="pull.py PullConsumer.close: it closes only its send stream; the receive stream "
-    "`deliveries` is never closed and warns when collected",
-)
 async def test_closing_the_bus_leaves_no_unclosed_streams(nats_config: NATSConfig) -> None:
     """Given a bus with a subscription,
     when it is closed and dropped,
@@ -617,11 +592,6 @@ async def test_publishing_without_a_stream_raises_publish_error(
         await event_bus.publish_event(node_up("node-3"))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bus.py _on_publish_ack: an ack is taken for an error whenever its JSON contains the token "
-    '"error", so every async publish to a stream named `error` is reported as failed',
-)
 async def test_async_publish_to_a_stream_named_error_is_not_reported_failed(
     nats_config: NATSConfig, jetstream: JetStreamContext
 ) -> None:
@@ -653,11 +623,6 @@ async def test_close_twice_is_harmless(nats_config: NATSConfig) -> None:
     assert not bus.connected
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bus.py NATSEventBus.connect: nats-py 2.16 retries the first connect in _select_next_server "
-    "(allow_reconnect=False does not stop it): 10 x reconnect_wait, or forever for 0 and -1",
-)
 @pytest.mark.parametrize("max_reconnect_attempts", [10, 0])
 async def test_unreachable_server_fails_fast_naming_the_url(max_reconnect_attempts: int) -> None:
     """Given a URL with nothing listening,
@@ -674,7 +639,6 @@ async def test_unreachable_server_fails_fast_naming_the_url(max_reconnect_attemp
     assert time.monotonic() - started < bound
 
 
-@pytest.mark.filterwarnings(UNCLOSED_PIPE)
 async def test_delivery_resumes_after_the_server_restarts(tmp_path: Path) -> None:
     """Given a subscriber that got an event from a server with a persistent store,
     when the server is killed and started again on the same port and store,

@@ -23,10 +23,6 @@ from nats.js.api import RawStreamMsg, StreamInfo
 from gdc_worker import NATSServer, NATSServerError
 from gdc_worker.server import find_nats_server
 
-# kill() leaves the killed process's stderr pipe open and start() drops it (NATSServer.kill,
-# see test_kill_then_start_closes_the_old_stderr_pipe); ignore only that ResourceWarning.
-UNCLOSED_PIPE = "ignore:unclosed file <_io.BufferedReader:ResourceWarning"
-
 
 @asynccontextmanager
 async def jetstream(url: str) -> AsyncIterator[JetStreamContext]:
@@ -120,7 +116,6 @@ def test_context_manager_stops_the_server() -> None:
 
 
 @pytest.mark.anyio
-@pytest.mark.filterwarnings(UNCLOSED_PIPE)
 async def test_kill_then_start_keeps_port_and_stream() -> None:
     """Given a server with a stream holding three messages,
     when it is killed and started again,
@@ -144,11 +139,6 @@ async def test_kill_then_start_keeps_port_and_stream() -> None:
     assert last.data == b"message 2"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="server.py NATSServer.kill: it waits for the process but leaves its stderr pipe open, and "
-    "start() replaces _process, so the pipe is dropped unclosed (ResourceWarning)",
-)
 def test_kill_then_start_closes_the_old_stderr_pipe() -> None:
     """Given a killed server,
     when it is started again,
@@ -243,15 +233,7 @@ def directory(path: Path) -> Path:
     [
         pytest.param(plain_file, id="not-executable"),
         pytest.param(nothing, id="missing"),
-        pytest.param(
-            directory,
-            id="directory",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="server.py find_nats_server: os.access(path, X_OK) is true for a directory, so "
-                "find_nats_server returns it; also check os.path.isfile",
-            ),
-        ),
+        pytest.param(directory, id="directory"),
     ],
 )
 def test_gdc_nats_server_that_cannot_run_is_refused(
