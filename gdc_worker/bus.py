@@ -148,7 +148,7 @@ class NATSEventBus:
                 await nc.connect(
                     config.url,
                     name=name,
-                    connect_timeout=config.connect_timeout,
+                    connect_timeout=config.connect_timeout,  # type: ignore[arg-type]  # float works
                     # The first connect fails fast, as the Go client's does: nats-py would
                     # otherwise retry it per the reconnect settings (forever for 0 or -1).
                     allow_reconnect=False,
