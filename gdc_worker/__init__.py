@@ -1,7 +1,9 @@
 """gdc-worker: typed GDC events and event-driven workers on NATS JetStream."""
 
+from .app import App, Context, HandlerDefinitionError
 from .bus import NATSEventBus
 from .config import NATSConfig
+from .dlq import DeadLetterEntry, DeadLetterNotFound, DeadLetterQueue, DeadLetterRecord
 from .errors import (
     ConnectionFailed,
     EventBusError,
@@ -42,12 +44,20 @@ from .events import (
     new_zone_up_event,
     parse_event_data,
 )
+from .retry import Reject, Retry, RetryPolicy
 from .server import NATSServer
+from .worker import Worker, WorkerError
 
 __all__ = [
     "AlertTriggeredEvent",
+    "App",
     "Assignment",
     "ConnectionFailed",
+    "Context",
+    "DeadLetterEntry",
+    "DeadLetterNotFound",
+    "DeadLetterQueue",
+    "DeadLetterRecord",
     "Event",
     "EventBusError",
     "EventDataError",
@@ -56,6 +66,7 @@ __all__ = [
     "EventType",
     "ExecProgressEvent",
     "GDCWorkerError",
+    "HandlerDefinitionError",
     "HealthChangedEvent",
     "NATSConfig",
     "NATSEventBus",
@@ -65,7 +76,12 @@ __all__ = [
     "PlanReadyEvent",
     "PolicyUpdatedEvent",
     "PublishError",
+    "Reject",
+    "Retry",
+    "RetryPolicy",
     "SubscriptionError",
+    "Worker",
+    "WorkerError",
     "new_alert_resolved_event",
     "new_alert_triggered_event",
     "new_exec_completed_event",

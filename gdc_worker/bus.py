@@ -7,10 +7,11 @@ methods and `Delivery` objects.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import logging
 import re
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
@@ -27,17 +28,24 @@ from nats.js.api import (
     AckPolicy,
     ConsumerConfig,
     DeliverPolicy,
+    RawStreamMsg,
     RetentionPolicy,
     StorageType,
     StreamConfig,
 )
 
 from .config import NATSConfig
-from .errors import ConnectionFailed, EventDecodeError, PublishError, SubscriptionError
+from .errors import (
+    ConnectionFailed,
+    EventBusError,
+    EventDecodeError,
+    PublishError,
+    SubscriptionError,
+)
 from .events import Event
 from .pull import Delivery, PullConsumer
 
-__all__ = ["EventHandler", "NATSEventBus"]
+__all__ = ["EventHandler", "NATSEventBus", "StoredMessage"]
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +97,22 @@ _ack_decoder = msgspec.json.Decoder(_PubAckReply)
 
 
 @dataclass(frozen=True)
+class StoredMessage:
+    """A message as a stream keeps it."""
+
+    seq: int
+    subject: str
+    data: bytes
+    headers: dict[str, str]
+
+
+def _stored(raw: RawStreamMsg) -> StoredMessage:
+    return StoredMessage(
+        seq=raw.seq or 0, subject=raw.subject or "", data=raw.data or b"", headers=raw.headers or {}
+    )
+
+
+@dataclass(frozen=True)
 class _PendingPublish:
     event_id: str
     subject: str
@@ -122,15 +146,18 @@ class NATSEventBus:
 
     @classmethod
     async def connect(
-        cls, config: NATSConfig | None = None, *, name: str | None = None
+        cls, config: NATSConfig | None = None, *, name: str | None = None, setup_stream: bool = True
     ) -> NATSEventBus:
-        """Connect, then create or update the event stream; raises `ConnectionFailed`."""
+        """Connect, then create or update the event stream; raises `ConnectionFailed`.
+
+        `setup_stream=False` leaves the stream as it is, for tools that only read.
+        """
         config = config or NATSConfig.from_env()
         holder: list[NATSEventBus] = []
         errors: list[BaseException] = []
 
         async def disconnected() -> None:
-            if not (holder and holder[0]._closed):
+            if holder and not holder[0]._closed:
                 log.warning("disconnected from NATS at %s", config.url)
 
         async def reconnected() -> None:
@@ -170,6 +197,8 @@ class NATSEventBus:
         nc.options["reconnect_time_wait"] = config.reconnect_wait
         bus = cls(nc, config)
         holder.append(bus)
+        if not setup_stream:
+            return bus
         try:
             await bus.ensure_stream(
                 config.stream_name,
@@ -200,6 +229,8 @@ class NATSEventBus:
             if self._nc.is_connected:
                 with anyio.move_on_after(self.config.connect_timeout):
                     await self._drained.wait()
+                    with contextlib.suppress(nats.errors.Error):
+                        await self._nc.flush()  # acks and naks are plain publishes: send them
             await self._nc.close()
 
     async def __aenter__(self) -> NATSEventBus:
@@ -295,6 +326,50 @@ class NATSEventBus:
     def forget_consumer(self, consumer: PullConsumer) -> None:
         """Stop tracking a consumer returned by `pull_consumer` (after closing it)."""
         self._consumers.discard(consumer)
+
+    async def stream_messages(
+        self, stream: str, subject: str | None = None, start_seq: int = 1
+    ) -> AsyncIterator[StoredMessage]:
+        """The messages stored in `stream` (only those on `subject`, a pattern, if given)."""
+        seq = start_seq
+        while True:
+            try:
+                raw = await self._js.get_msg(stream, seq=seq, subject=subject or ">", next=True)
+            except nats.js.errors.NotFoundError:
+                return
+            except (nats.errors.Error, TimeoutError) as exc:
+                raise EventBusError(f"cannot read stream {stream}: {_describe(exc)}") from None
+            message = _stored(raw)
+            yield message
+            seq = message.seq + 1
+
+    async def get_message(self, stream: str, seq: int) -> StoredMessage | None:
+        """The message at `seq` in `stream`, or None if there is none (deleted or never stored)."""
+        try:
+            return _stored(await self._js.get_msg(stream, seq=seq))
+        except nats.js.errors.NotFoundError:
+            return None
+        except (nats.errors.Error, TimeoutError) as exc:
+            raise EventBusError(f"cannot read {stream} #{seq}: {_describe(exc)}") from None
+
+    async def delete_message(self, stream: str, seq: int) -> bool:
+        """Remove the message at `seq` from `stream`; False if it was not there."""
+        try:
+            return await self._js.delete_msg(stream, seq)
+        except nats.js.errors.NotFoundError:
+            return False
+        except (nats.errors.Error, TimeoutError) as exc:
+            raise EventBusError(f"cannot delete {stream} #{seq}: {_describe(exc)}") from None
+
+    async def stream_exists(self, stream: str) -> bool:
+        """Whether the stream exists on the server."""
+        try:
+            await self._js.stream_info(stream)
+        except nats.js.errors.NotFoundError:
+            return False
+        except (nats.errors.Error, TimeoutError) as exc:
+            raise EventBusError(f"cannot look up stream {stream}: {_describe(exc)}") from None
+        return True
 
     # -- publishing ---------------------------------------------------------------------------
 
@@ -481,7 +556,8 @@ def as_async(handler: Callable[..., Any]) -> Callable[..., Awaitable[Any]]:
         return call  # type: ignore[no-any-return]
 
     async def in_thread(*args: Any) -> Any:
-        return await anyio.to_thread.run_sync(handler, *args)
+        # On cancellation (a timeout) stop waiting; the thread itself cannot be interrupted.
+        return await anyio.to_thread.run_sync(handler, *args, abandon_on_cancel=True)
 
     return in_thread
 

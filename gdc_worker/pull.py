@@ -156,13 +156,20 @@ class PullConsumer:
             self._send.close()
 
     async def close(self) -> None:
-        """Unsubscribe; deliveries sent after this come back after the consumer's ack wait."""
+        """Nak what was delivered but never taken, unsubscribe; later arrivals come back after
+        the consumer's ack wait."""
         self.stop()
         self._send.close()
-        self.deliveries.close()
-        if self._sub is not None:
-            sub, self._sub = self._sub, None
-            with anyio.CancelScope(shield=True):
+        with anyio.CancelScope(shield=True):
+            while True:
+                try:
+                    delivery = self.deliveries.receive_nowait()
+                except (anyio.WouldBlock, anyio.EndOfStream, anyio.ClosedResourceError):
+                    break
+                await delivery.nak()
+            self.deliveries.close()
+            if self._sub is not None:
+                sub, self._sub = self._sub, None
                 await sub.unsubscribe()
 
     def stop(self) -> None:

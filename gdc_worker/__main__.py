@@ -1,0 +1,5 @@
+"""`python -m gdc_worker` is the `gdc-worker` command."""
+
+from .cli import main
+
+main()

@@ -1,0 +1,169 @@
+"""What happens after a handler fails: in-process retries (tenacity) and the settle decision.
+
+`decide()` is a pure function from (outcome, delivery count, options) to one settlement: ack,
+nak with a delay, or dead-letter. `run_with_retry()` runs one delivery's attempts.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+from tenacity import (
+    AsyncRetrying,
+    DoAttempt,
+    DoSleep,
+    RetryCallState,
+    retry_if_exception,
+    stop_after_attempt,
+    wait_exponential_jitter,
+)
+
+__all__ = [
+    "DEFAULT_BACKOFF",
+    "DEFAULT_RETRY",
+    "Ack",
+    "DeadLetter",
+    "Decision",
+    "Nak",
+    "Reject",
+    "Retry",
+    "RetryPolicy",
+    "decide",
+]
+
+#: Nak delays in seconds after failed deliveries 1, 2, 3, 4 (and beyond).
+DEFAULT_BACKOFF: tuple[float, ...] = (1.0, 5.0, 30.0, 60.0)
+
+
+class Retry(Exception):
+    """Raise in a handler to have the event redelivered after `delay` seconds, no retries here."""
+
+    def __init__(self, delay: float = 0.0, reason: str = "") -> None:
+        super().__init__(reason or f"retry requested in {delay:g}s")
+        self.delay = max(0.0, delay)
+
+
+class Reject(Exception):
+    """Raise in a handler for a permanent failure: the event goes to the dead-letter stream now."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def _retryable(exc: BaseException) -> bool:
+    return not isinstance(exc, Retry | Reject)
+
+
+class RetryPolicy:
+    """In-process attempts for one delivery, as a tenacity `AsyncRetrying`.
+
+    `Retry` and `Reject` are never retried here, whatever `retrying` says.
+    """
+
+    def __init__(self, retrying: AsyncRetrying) -> None:
+        self.retrying = retrying.copy(retry=retry_if_exception(_retryable) & retrying.retry)
+
+    @classmethod
+    def attempts(cls, n: int, *, initial: float = 0.05, maximum: float = 1.0) -> RetryPolicy:
+        """`n` attempts with exponential backoff and jitter between them."""
+        return cls(
+            AsyncRetrying(
+                stop=stop_after_attempt(n),
+                wait=wait_exponential_jitter(initial=initial, max=maximum),
+                reraise=True,
+            )
+        )
+
+    def __repr__(self) -> str:
+        return f"RetryPolicy(stop={self.retrying.stop!r}, wait={self.retrying.wait!r})"
+
+
+#: Three quick attempts (about 50 ms and 100 ms apart, with jitter) before a nak.
+DEFAULT_RETRY = RetryPolicy.attempts(3)
+
+
+async def run_with_retry(
+    policy: RetryPolicy | None,
+    attempt: Callable[[], Awaitable[Any]],
+) -> None:
+    """Run `attempt` until it succeeds or `policy` gives up; re-raises the last error.
+
+    The first attempt runs outside tenacity, so a handler that succeeds pays nothing for it.
+    """
+    try:
+        await attempt()
+        return
+    except Exception:
+        if policy is None:
+            raise
+        failure = sys.exc_info()
+    retrying = policy.retrying.copy()
+    retrying.begin()
+    state = RetryCallState(retry_object=retrying, fn=None, args=(), kwargs={})
+    state.set_exception(failure)  # type: ignore[arg-type]
+    while True:
+        action = await retrying.iter(retry_state=state)
+        if isinstance(action, DoAttempt):
+            try:
+                await attempt()
+            except Exception:
+                state.set_exception(sys.exc_info())  # type: ignore[arg-type]
+            else:
+                return
+        elif isinstance(action, DoSleep):
+            state.prepare_for_next_attempt()
+            await anyio.sleep(float(action))
+        else:  # stop reached with reraise=True raises above; a result means success
+            return
+
+
+@dataclass(frozen=True)
+class Ack:
+    """Handled: acknowledge."""
+
+
+@dataclass(frozen=True)
+class Nak:
+    """Failed for now: redeliver after `delay` seconds."""
+
+    delay: float
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    """Failed for good: record it in the dead-letter stream, then terminate the message."""
+
+    reason: str
+
+
+Decision = Ack | Nak | DeadLetter
+
+
+def decide(
+    error: BaseException | None, deliveries: int, max_deliver: int, backoff: Sequence[float]
+) -> Decision:
+    """How to settle a delivery after the handler returned (`error` None) or failed."""
+    if error is None:
+        return Ack()
+    if isinstance(error, Reject):
+        return DeadLetter(f"rejected: {error.reason}")
+    if deliveries >= max_deliver:
+        return DeadLetter(f"failed on delivery {deliveries} of {max_deliver}")
+    if isinstance(error, Retry):
+        return Nak(error.delay)
+    return Nak(backoff[min(deliveries, len(backoff)) - 1])
+
+
+def exhausted(deliveries: int, max_deliver: int) -> DeadLetter | None:
+    """A delivery past `max_deliver`: an earlier attempt ended without settling (a crash)."""
+    if deliveries > max_deliver:
+        return DeadLetter(
+            f"delivered {deliveries} times, more than max_deliver={max_deliver}: earlier "
+            "attempts ended without a result (worker killed or ack_wait exceeded)"
+        )
+    return None

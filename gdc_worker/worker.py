@@ -1,0 +1,306 @@
+"""Running an `App`: one durable pull consumer per handler, a bounded pool of workers each.
+
+Every delivery is settled exactly once, in `_HandlerRunner._settle`: ack, nak with a delay, or
+dead-letter then terminate (nak instead if the dead letter cannot be written).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import signal
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+import anyio
+import anyio.abc
+
+from .app import App, Context, HandlerSpec
+from .bus import NATSEventBus
+from .config import NATSConfig
+from .dlq import DeadLetterQueue
+from .errors import EventDecodeError, GDCWorkerError
+from .events import Event
+from .pull import Delivery
+from .retry import Ack, DeadLetter, Decision, Nak, decide, exhausted, run_with_retry
+
+__all__ = ["Worker", "WorkerError", "serve"]
+
+log = logging.getLogger(__name__)
+
+
+class WorkerError(GDCWorkerError):
+    """The worker cannot run as asked (e.g. an unknown handler name)."""
+
+
+class Worker:
+    """Runs an app's handlers against JetStream until `stop()`.
+
+    `concurrency` is the default number of handler calls in flight per handler in this process;
+    `handlers` picks a subset by function name; `grace` is how long `stop()` lets running
+    handlers finish before cancelling them (and nak'ing their events for another replica).
+    """
+
+    def __init__(
+        self,
+        app: App,
+        *,
+        config: NATSConfig | None = None,
+        concurrency: int | None = None,
+        handlers: Sequence[str] = (),
+        grace: float = 30.0,
+    ) -> None:
+        unknown = sorted(set(handlers) - set(app.handlers))
+        if unknown:
+            raise WorkerError(
+                f"app {app.name!r} has no handler named {', '.join(unknown)}; "
+                f"it has: {', '.join(app.handlers) or 'none'}"
+            )
+        self.specs = (
+            [app.handlers[n] for n in handlers] if handlers else list(app.handlers.values())
+        )
+        if not self.specs:
+            raise WorkerError(f"app {app.name!r} has no handlers: decorate functions with @app.on")
+        if concurrency is not None and concurrency < 1:
+            raise WorkerError(f"concurrency must be at least 1, got {concurrency}")
+        self.app = app
+        self.config = config or app.config
+        self.concurrency = concurrency or app.concurrency
+        self.grace = grace
+        self._stopping = anyio.Event()
+        self._forced = anyio.Event()
+
+    def stop(self) -> None:
+        """Stop fetching and finish what runs (within `grace`); a second call cancels it now."""
+        if self._stopping.is_set():
+            self._forced.set()
+        self._stopping.set()
+
+    async def run(
+        self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Connect, create the consumers and work until stopped; `started` once consuming."""
+        async with await NATSEventBus.connect(
+            self.config, name=f"gdc-worker:{self.app.name}"
+        ) as bus:
+            dlq = DeadLetterQueue(bus)
+            await dlq.ensure()
+            runners = [
+                _HandlerRunner(bus, dlq, spec, spec.concurrency or self.concurrency)
+                for spec in self.specs
+            ]
+            for runner in runners:
+                await runner.prepare()
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._shut_down, runners)
+                async with anyio.create_task_group() as work:
+                    for runner in runners:
+                        work.start_soon(runner.run)
+                    log.info(
+                        "worker ready: app %s, handlers %s, on %s",
+                        self.app.name,
+                        ", ".join(f"{r.spec.name} ({r.spec.durable})" for r in runners),
+                        self.config.url,
+                    )
+                    task_status.started()
+                tg.cancel_scope.cancel()
+        log.info("worker stopped")
+
+    async def _shut_down(self, runners: list[_HandlerRunner]) -> None:
+        await self._stopping.wait()
+        running = sum(r.running for r in runners)
+        log.info(
+            "stopping: no more fetching; %d handler call(s) running, grace %gs", running, self.grace
+        )
+        for runner in runners:
+            runner.stop()
+        with anyio.move_on_after(self.grace):
+            await self._forced.wait()
+        log.warning("cancelling running handlers; their events go back for another replica")
+        for runner in runners:
+            runner.force()
+
+
+class _HandlerRunner:
+    """One handler's consumer, its worker tasks and the in-progress keep-alive."""
+
+    def __init__(
+        self, bus: NATSEventBus, dlq: DeadLetterQueue, spec: HandlerSpec, capacity: int
+    ) -> None:
+        self.spec = spec
+        self._bus = bus
+        self._dlq = dlq
+        self._capacity = capacity
+        self._consumer = bus.pull_consumer(spec.durable, capacity=capacity)
+        self._inflight: dict[int, tuple[Delivery, float]] = {}
+        self._stopping = False
+        self._scope = anyio.CancelScope()
+
+    @property
+    def running(self) -> int:
+        """Handler calls in progress."""
+        return len(self._inflight)
+
+    async def prepare(self) -> None:
+        """Create or update the durable consumer, then start pulling."""
+        spec = self.spec
+        await self._bus.ensure_consumer(
+            spec.durable,
+            self._bus.config.subject_for(spec.pattern),
+            ack_wait=spec.ack_wait,
+            # Unlimited on the server: the worker itself dead-letters a delivery past
+            # max_deliver (one whose earlier attempt died unsettled) without running it, and if
+            # that dead letter cannot be written it naks, so the event comes back, not strands.
+            max_deliver=-1,
+            # Counts across replicas and includes nak'd events waiting for their backoff.
+            max_ack_pending=spec.max_ack_pending or max(1000, 4 * self._capacity),
+        )
+        await self._consumer.start()
+
+    def stop(self) -> None:
+        self._stopping = True
+        self._consumer.stop()
+
+    def force(self) -> None:
+        self._scope.cancel()
+
+    async def run(self) -> None:
+        try:
+            with self._scope:
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(self._consumer.watch)
+                    tg.start_soon(self._keep_alive)
+                    async with anyio.create_task_group() as workers:
+                        for _ in range(self._capacity):
+                            workers.start_soon(self._work)
+                    tg.cancel_scope.cancel()
+        finally:
+            await self._consumer.close()  # naks what was fetched and never started
+            self._bus.forget_consumer(self._consumer)
+
+    async def _work(self) -> None:
+        async for delivery in self._consumer.deliveries:
+            if self._stopping:
+                with anyio.CancelScope(shield=True):
+                    await delivery.nak()  # fetched but not started: another replica takes it
+            else:
+                await self._process(delivery)
+            await self._consumer.release()
+
+    async def _keep_alive(self) -> None:
+        """Tell JetStream that long-running handlers are still working (+WPI)."""
+        interval = self.spec.ack_wait / 3
+        while True:
+            await anyio.sleep(interval)
+            now = time.monotonic()
+            for delivery, started in list(self._inflight.values()):
+                if now - started >= interval:
+                    await delivery.in_progress()
+
+    async def _process(self, delivery: Delivery) -> None:
+        spec = self.spec
+        event: Event | None = None
+        error: BaseException | None = None
+        decision: Decision
+        try:
+            event = Event.from_json(delivery.data)
+        except EventDecodeError as exc:
+            error, decision = exc, DeadLetter(f"not a valid event: {exc}")
+        else:
+            decision = exhausted(delivery.deliveries, spec.max_deliver) or Ack()
+            if isinstance(decision, Ack):
+                error = await self._call(delivery, event)
+                decision = decide(error, delivery.deliveries, spec.max_deliver, spec.backoff)
+        with anyio.CancelScope(shield=True):
+            await self._settle(delivery, event, decision, error)
+
+    async def _call(self, delivery: Delivery, event: Event) -> Exception | None:
+        """Run the handler with its retries and timeout; the error it ended with, if any."""
+        spec = self.spec
+        args: tuple[Any, ...] = (event,)
+        if spec.takes_context:
+            args = (event, Context(self._bus, event, delivery, spec.name))
+        attempt: Callable[[], Awaitable[Any]] = functools.partial(spec.call, *args)
+        if spec.timeout is not None:
+            attempt = functools.partial(_with_timeout, spec.timeout, attempt)
+        key = id(delivery)
+        self._inflight[key] = (delivery, time.monotonic())
+        try:
+            await run_with_retry(spec.retry, attempt)
+        except anyio.get_cancelled_exc_class():
+            with anyio.CancelScope(shield=True):
+                await delivery.nak()  # cancelled by a forced stop: let another replica have it
+            raise
+        except Exception as exc:
+            return exc
+        finally:
+            del self._inflight[key]
+        return None
+
+    async def _settle(
+        self,
+        delivery: Delivery,
+        event: Event | None,
+        decision: Decision,
+        error: BaseException | None,
+    ) -> None:
+        spec = self.spec
+        what = f"event {event.id}" if event is not None else f"message #{delivery.stream_seq}"
+        if isinstance(decision, Ack):
+            await delivery.ack()
+        elif isinstance(decision, Nak):
+            await delivery.nak(decision.delay)
+            log.warning(
+                "%s: %s failed on delivery %d (%s: %s); redelivery in %gs",
+                spec.name,
+                what,
+                delivery.deliveries,
+                type(error).__name__,
+                error,
+                decision.delay,
+            )
+        else:
+            try:
+                entry_id = await self._dlq.record(
+                    reason=decision.reason,
+                    consumer=spec.durable,
+                    handler=spec.name,
+                    stream=delivery.stream,
+                    stream_seq=delivery.stream_seq,
+                    subject=delivery.subject,
+                    deliveries=delivery.deliveries,
+                    data=delivery.data,
+                    headers=delivery.headers,
+                    event=event,
+                    error=error,
+                )
+            except GDCWorkerError as exc:
+                delay = spec.backoff[-1]
+                log.error(
+                    "%s: cannot dead-letter %s (%s); redelivery in %gs", spec.name, what, exc, delay
+                )
+                await delivery.nak(delay)
+                return
+            await delivery.term(decision.reason)
+            log.error("%s: %s dead-lettered as #%d: %s", spec.name, what, entry_id, decision.reason)
+
+
+async def _with_timeout(seconds: float, attempt: Callable[[], Awaitable[Any]]) -> Any:
+    with anyio.fail_after(seconds):
+        return await attempt()
+
+
+async def serve(worker: Worker) -> None:
+    """Run `worker` until SIGINT or SIGTERM (a second one cancels running handlers)."""
+    async with anyio.create_task_group() as tg:
+        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+
+            async def on_signals() -> None:
+                async for signum in signals:
+                    log.info("received %s", signal.Signals(signum).name)
+                    worker.stop()
+
+            tg.start_soon(on_signals)
+            await worker.run()
+            tg.cancel_scope.cancel()
