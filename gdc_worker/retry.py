@@ -66,7 +66,9 @@ class RetryPolicy:
     """
 
     def __init__(self, retrying: AsyncRetrying) -> None:
-        self.retrying = retrying.copy(retry=retry_if_exception(_retryable) & retrying.retry)
+        self.retrying = retrying.copy(
+            retry=retry_if_exception(_retryable) & retrying.retry, reraise=True
+        )
 
     @classmethod
     def attempts(cls, n: int, *, initial: float = 0.05, maximum: float = 1.0) -> RetryPolicy:
@@ -74,7 +76,7 @@ class RetryPolicy:
         return cls(
             AsyncRetrying(
                 stop=stop_after_attempt(n),
-                wait=wait_exponential_jitter(initial=initial, max=maximum),
+                wait=wait_exponential_jitter(multiplier=initial, max=maximum, jitter=initial),
                 reraise=True,
             )
         )
@@ -83,7 +85,7 @@ class RetryPolicy:
         return f"RetryPolicy(stop={self.retrying.stop!r}, wait={self.retrying.wait!r})"
 
 
-#: Three quick attempts (about 50 ms and 100 ms apart, with jitter) before a nak.
+#: Three quick attempts (about 0.1 s and 0.2 s apart, plus up to 50 ms of jitter) before a nak.
 DEFAULT_RETRY = RetryPolicy.attempts(3)
 
 
