@@ -538,7 +538,7 @@ class _Subscription:
             log.error("subscription %s stopped: %s", self._consumer.name, task.exception())
 
     async def stop(self) -> None:
-        self._consumer.stop()
+        await self._consumer.stop()
         if self._task is not None:
             self._task.cancel()
             with anyio.CancelScope(shield=True):

@@ -6,6 +6,7 @@ message was not an event) in the `dlq_stream_name` stream; its stream sequence i
 
 from __future__ import annotations
 
+import re
 import traceback
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ from .events import Event
 __all__ = ["DeadLetterEntry", "DeadLetterNotFound", "DeadLetterQueue", "DeadLetterRecord"]
 
 INVALID_TYPE = "invalid"
+_LITERAL_SUBJECT = re.compile(r"^[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*$")
 
 
 class DeadLetterNotFound(GDCWorkerError, LookupError):
@@ -97,8 +99,9 @@ class DeadLetterQueue:
     ) -> int:
         """Store a record and wait for the ack; returns its id.
 
-        Its message id is `<stream>:<seq>`, so the same failure recorded twice (a worker that
-        died between recording and terminating) is stored once within the duplicate window.
+        Its message id is `<stream>:<seq>:<consumer>`, so the same failure recorded twice (a
+        worker that died between recording and terminating) is stored once within the
+        duplicate window, while two consumers failing the same event get a record each.
         """
         record = DeadLetterRecord(
             failed_at=datetime.now(UTC),
@@ -117,8 +120,10 @@ class DeadLetterQueue:
             event=event,
         )
         event_type = event.type if event is not None else INVALID_TYPE
+        if not _LITERAL_SUBJECT.match(event_type):
+            event_type = INVALID_TYPE  # a type that is no subject would make the record unstorable
         subject_out = f"{self.prefix}.{safe_name(consumer)}.{event_type}"
-        msg_id = {MSG_ID_HEADER: f"{stream}:{stream_seq}"}
+        msg_id = {MSG_ID_HEADER: f"{stream}:{stream_seq}:{consumer}"}
         return await self._bus.publish_raw(
             subject_out, msgspec.json.encode(record), msg_id, what=f"dead letter of {subject}"
         )
@@ -169,5 +174,6 @@ class DeadLetterQueue:
 
     async def purge(self, entry_id: int) -> None:
         """Delete one record; raises `DeadLetterNotFound`."""
+        await self.get(entry_id)  # the server's answer for a missing sequence varies
         if not await self._bus.delete_message(self.stream, entry_id):
             raise DeadLetterNotFound(f"no dead letter with id {entry_id} in {self.stream}")

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 import anyio
 import msgspec
+import nats.errors
 
 from .errors import SubscriptionError
 
@@ -91,8 +92,7 @@ class PullConsumer:
     """Deliveries of one durable consumer, with at most `capacity` of them unsettled.
 
     `start()` it, run `watch()` in a task group, read `deliveries`, and call `release()` once
-    per delivery after settling it. `stop()` asks for no more messages; what
-    the server had already sent still arrives, so keep reading until the stream closes.
+    per delivery after settling it. After `stop()` the stream ends once what it holds is read.
     """
 
     def __init__(
@@ -155,10 +155,26 @@ class PullConsumer:
         finally:
             self._send.close()
 
+    async def stop(self) -> None:
+        """Ask for no more messages.
+
+        Dropping interest in the inbox makes the server discard our open pull requests, so
+        nothing more comes to this consumer; what was already on its way is nak'd at once for
+        another replica. Deliveries already handed out stay valid.
+        """
+        self._stopping.set()
+        sub, self._sub = self._sub, None
+        if sub is None:
+            return
+        with anyio.CancelScope(shield=True):
+            try:
+                await sub.drain()  # type: ignore[no-untyped-call]  # queued ones reach _on_msg: nak
+            except (nats.errors.Error, TimeoutError):
+                await sub.unsubscribe()  # disconnected: the server drops the requests anyway
+
     async def close(self) -> None:
-        """Nak what was delivered but never taken, unsubscribe; later arrivals come back after
-        the consumer's ack wait."""
-        self.stop()
+        """Stop, and nak the deliveries that were never taken from `deliveries`."""
+        await self.stop()
         self._send.close()
         with anyio.CancelScope(shield=True):
             while True:
@@ -168,13 +184,6 @@ class PullConsumer:
                     break
                 await delivery.nak()
             self.deliveries.close()
-            if self._sub is not None:
-                sub, self._sub = self._sub, None
-                await sub.unsubscribe()
-
-    def stop(self) -> None:
-        """Ask for no more messages; what arrives from now on is nak'd for another replica."""
-        self._stopping.set()
 
     async def reset(self) -> None:
         """Forget outstanding requests (they are gone after a reconnect) and ask again."""

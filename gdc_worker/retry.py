@@ -66,8 +66,11 @@ class RetryPolicy:
     """
 
     def __init__(self, retrying: AsyncRetrying) -> None:
+        # The worker needs the last error to settle the delivery: always re-raise it.
         self.retrying = retrying.copy(
-            retry=retry_if_exception(_retryable) & retrying.retry, reraise=True
+            retry=retry_if_exception(_retryable) & retrying.retry,
+            reraise=True,
+            retry_error_callback=None,
         )
 
     @classmethod

@@ -42,6 +42,9 @@ def nats_config(nats_server: NATSServer) -> NATSConfig:
         connect_timeout=5.0,
         reconnect_wait=0.2,
         max_reconnect_attempts=-1,
+        # JetStream reserves a stream's max_bytes up front: with many test streams a limit
+        # would exhaust the store, so leave them unlimited.
+        max_bytes=0,
     )
 
 

@@ -114,7 +114,7 @@ class Worker:
             "stopping: no more fetching; %d handler call(s) running, grace %gs", running, self.grace
         )
         for runner in runners:
-            runner.stop()
+            await runner.stop()
         with anyio.move_on_after(self.grace):
             await self._forced.wait()
         log.warning("cancelling running handlers; their events go back for another replica")
@@ -158,9 +158,9 @@ class _HandlerRunner:
         )
         await self._consumer.start()
 
-    def stop(self) -> None:
+    async def stop(self) -> None:
         self._stopping = True
-        self._consumer.stop()
+        await self._consumer.stop()
 
     def force(self) -> None:
         self._scope.cancel()

@@ -1,0 +1,148 @@
+"""One consumer implementation, run in its own process so its time and peak memory are its own.
+
+    python -m bench.consumers gdc|raw|faststream --url URL --stream S --subject SUBJ \
+        --durable D --n N [--fail-ratio 0.1]
+
+Consumes until N events were handled (each decoded as an `Event`), then prints one JSON line:
+{"elapsed": seconds from start (connect included) to the N-th handled, "peak_rss_kb": ...}.
+With `--fail-ratio`, that share of events fails once (nak, no delay) before succeeding.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+import zlib
+from collections.abc import Callable
+from typing import Any
+
+import anyio
+import msgspec
+import nats
+
+from gdc_worker import App, Event, NATSConfig, Retry, Worker
+
+
+class Progress:
+    """Counts handled events and notes when the N-th one was handled."""
+
+    def __init__(self, n: int, fail_ratio: float) -> None:
+        self.n = n
+        self.handled = 0
+        self.done = anyio.Event()
+        self.finished_at = 0.0
+        self._fail_below = int(fail_ratio * 1000)
+
+    def fails_first(self, event_id: str) -> bool:
+        """Whether this event is one of the `fail_ratio` share that fails its first delivery."""
+        return zlib.crc32(event_id.encode()) % 1000 < self._fail_below
+
+    def handled_one(self) -> None:
+        self.handled += 1
+        if self.handled == self.n:
+            self.finished_at = time.perf_counter()
+            self.done.set()
+
+
+async def run_gdc(args: argparse.Namespace, progress: Progress) -> None:
+    """gdc-worker's runner with default settings and a no-op handler."""
+    config = NATSConfig(
+        url=args.url, stream_name=args.stream, subjects=(f"{args.subject_prefix}>",)
+    )
+    app = App("bench", config)
+
+    @app.on(">", durable=args.durable)
+    async def handle(event: Event, ctx: Any) -> None:
+        if ctx.deliveries == 1 and progress.fails_first(event.id):
+            raise Retry(delay=0)
+        progress.handled_one()
+
+    worker = Worker(app)
+    async with anyio.create_task_group() as tg:
+        await tg.start(worker.run)
+        await progress.done.wait()
+        worker.stop()
+
+
+async def run_raw(args: argparse.Namespace, progress: Progress) -> None:
+    """A hand-written nats-py durable pull loop: fetch(batch=100), decode, ack."""
+    nc = await nats.connect(args.url)
+    js = nc.jetstream()
+    sub = await js.pull_subscribe_bind(args.durable, args.stream)
+    while not progress.done.is_set():
+        try:
+            msgs = await sub.fetch(batch=100, timeout=5)
+        except nats.errors.TimeoutError:
+            continue
+        for msg in msgs:
+            event = Event.from_json(msg.data)
+            if msg.metadata.num_delivered == 1 and progress.fails_first(event.id):
+                await msg.nak()
+                continue
+            await msg.ack()
+            progress.handled_one()
+    await nc.drain()
+
+
+async def run_faststream(args: argparse.Namespace, progress: Progress) -> None:
+    """FastStream's NatsBroker JetStream pull subscriber (batch 100) doing the same work."""
+    from faststream.nats import JStream, NatsBroker, PullSub
+    from faststream.nats.annotations import NatsMessage
+
+    broker = NatsBroker(args.url, log_level=int(os.environ.get("BENCH_FS_LOG", "40")))
+
+    @broker.subscriber(
+        f"{args.subject_prefix}>",
+        stream=JStream(name=args.stream, declare=False),
+        durable=args.durable,
+        pull_sub=PullSub(batch_size=100),
+    )
+    async def handle(body: dict[str, Any], msg: NatsMessage) -> None:
+        # FastStream has already parsed the JSON; validating it as an Event is the same work.
+        event = msgspec.convert(body, Event)
+        if msg.raw_message.metadata.num_delivered == 1 and progress.fails_first(event.id):
+            await msg.nack()
+            return
+        progress.handled_one()
+
+    await broker.start()
+    await progress.done.wait()
+    await broker.stop()
+
+
+IMPLEMENTATIONS: dict[str, Callable[[argparse.Namespace, Progress], Any]] = {
+    "gdc": run_gdc,
+    "raw": run_raw,
+    "faststream": run_faststream,
+}
+
+
+def peak_rss_kb() -> int:
+    """This process's peak resident memory (VmHWM), in KiB."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    return 0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("impl", choices=sorted(IMPLEMENTATIONS))
+    parser.add_argument("--url", required=True)
+    parser.add_argument("--stream", required=True)
+    parser.add_argument("--subject-prefix", required=True)
+    parser.add_argument("--durable", required=True)
+    parser.add_argument("--n", type=int, required=True)
+    parser.add_argument("--fail-ratio", type=float, default=0.0)
+    args = parser.parse_args()
+    progress = Progress(args.n, args.fail_ratio)
+    started = time.perf_counter()
+    anyio.run(IMPLEMENTATIONS[args.impl], args, progress)
+    print(json.dumps({"elapsed": progress.finished_at - started, "peak_rss_kb": peak_rss_kb()}))
+
+
+if __name__ == "__main__":
+    main()

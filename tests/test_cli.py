@@ -1,0 +1,980 @@
+"""The `gdc-worker` command: user mistakes, signals, crashes, replicas, the DLQ tools, the server.
+
+`gdc-worker run` and `gdc-worker server` run as real subprocesses on the session's nats-server,
+each on the test's own stream (passed as `GDC_NATS_*` variables, see `worker_env`). The worker
+apps live in `tests/apps/` and report each handler call by appending to `$GDC_TEST_OUT`. The
+`dlq` commands run in-process through click's `CliRunner`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sysconfig
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any, Protocol, TypeVar
+
+import anyio
+import anyio.from_thread
+import nats
+import pytest
+from anyio.from_thread import BlockingPortal
+from click.testing import CliRunner, Result
+from nats.js.api import ConsumerInfo
+
+from gdc_worker import (
+    App,
+    Event,
+    NATSConfig,
+    NATSEventBus,
+    Reject,
+    Worker,
+    new_node_down_event,
+    new_node_up_event,
+)
+from gdc_worker.cli import main
+
+ROOT = Path(__file__).resolve().parent.parent
+GDC_WORKER = str(Path(sysconfig.get_path("scripts")) / "gdc-worker")
+#: Deadline for a subprocess to start, connect and log `worker ready:`; generous for a busy CI.
+READY_TIMEOUT = 20.0
+#: Deadline for a process to exit once it should.
+EXIT_TIMEOUT = 10.0
+#: Deadline for something that should happen at once.
+SOON = 10.0
+POLL = 0.02
+READY = re.compile(r"\[(\d+)\] gdc_worker\.worker: worker ready:")
+#: The durable consumers of `tests.apps.recorder`'s apps.
+RECORDER_DURABLE = "recorder-record"
+SHORT_ACK_DURABLE = "recorder-short-ack-record"
+
+T = TypeVar("T")
+
+
+def clean_env() -> dict[str, str]:
+    """This process's environment without `GDC_*` variables."""
+    return {key: value for key, value in os.environ.items() if not key.startswith("GDC_")}
+
+
+def worker_env(config: NATSConfig, **extra: str) -> dict[str, str]:
+    """`clean_env()` plus `config` as `GDC_NATS_*` variables, plus `extra`."""
+    env = clean_env()
+    env.update(
+        GDC_NATS_URL=config.url,
+        GDC_NATS_STREAM_NAME=config.stream_name,
+        GDC_NATS_SUBJECTS=",".join(config.subjects),
+        GDC_NATS_DLQ_STREAM_NAME=config.dlq_stream_name,
+        GDC_NATS_DLQ_SUBJECT_PREFIX=config.dlq_subject_prefix,
+    )
+    env.update(extra)
+    return env
+
+
+def free_port() -> int:
+    """A loopback port with nothing listening on it."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port
+
+
+def alive(pid: int) -> bool:
+    """Whether a process with this pid exists (and is not a zombie)."""
+    try:
+        status = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return status.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+async def eventually(check: Callable[[], T], what: str, timeout: float = SOON) -> T:
+    """Poll `check` until it returns something truthy; fail the test after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not (result := check()):
+        if time.monotonic() > deadline:
+            pytest.fail(f"{what}: not within {timeout:g}s")
+        await anyio.sleep(POLL)
+    return result
+
+
+def wait_until(check: Callable[[], T], what: str, timeout: float = SOON) -> T:
+    """`eventually` for synchronous tests."""
+    deadline = time.monotonic() + timeout
+    while not (result := check()):
+        if time.monotonic() > deadline:
+            pytest.fail(f"{what}: not within {timeout:g}s")
+        time.sleep(POLL)
+    return result
+
+
+# -- subprocesses -----------------------------------------------------------------------------
+
+
+class Process:
+    """A `gdc-worker` subprocess in the repository root, its stdout and stderr in files."""
+
+    def __init__(self, args: Sequence[str], env: dict[str, str], logs: Path) -> None:
+        self.stdout_path = logs.with_suffix(".out")
+        self.stderr_path = logs.with_suffix(".err")
+        with self.stdout_path.open("wb") as out, self.stderr_path.open("wb") as err:
+            # Its own process group, so cleanup can reach a nats-server it started.
+            self.popen = subprocess.Popen(
+                [GDC_WORKER, *args],
+                cwd=ROOT,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=err,
+                start_new_session=True,
+            )
+        self.pid = self.popen.pid
+
+    @property
+    def stdout(self) -> str:
+        return self.stdout_path.read_text()
+
+    @property
+    def stderr(self) -> str:
+        return self.stderr_path.read_text()
+
+    def send(self, signum: int) -> None:
+        self.popen.send_signal(signum)
+
+    async def wait_for(
+        self, pattern: re.Pattern[str], count: int = 1, timeout: float = READY_TIMEOUT
+    ) -> list[re.Match[str]]:
+        """The first `count` matches of `pattern` in stderr, once there are that many."""
+
+        def matches() -> list[re.Match[str]]:
+            found = list(pattern.finditer(self.stderr))
+            if len(found) < count and self.popen.poll() is not None:
+                pytest.fail(f"exited with {self.popen.returncode} first; stderr:\n{self.stderr}")
+            return found[:count] if len(found) >= count else []
+
+        return await eventually(matches, f"{count} x {pattern.pattern!r} in stderr", timeout)
+
+    async def ready(self, count: int = 1) -> list[int]:
+        """Wait for `count` `worker ready` lines; the pids that logged them."""
+        return [int(m.group(1)) for m in await self.wait_for(READY, count)]
+
+    async def exit_code(self, timeout: float = EXIT_TIMEOUT) -> int:
+        """Wait for the process to exit; its exit code."""
+        with anyio.move_on_after(timeout):
+            while self.popen.poll() is None:
+                await anyio.sleep(POLL)
+        if self.popen.returncode is None:
+            pytest.fail(f"still running after {timeout:g}s; stderr:\n{self.stderr}")
+        return self.popen.returncode
+
+    def _replica_pids(self) -> list[int]:
+        return [int(p) for p in re.findall(r"replica \d+ started \(pid (\d+)\)", self.stderr)]
+
+    def close(self) -> None:
+        """Kill what is left: the process's group and any replica it started."""
+        if self.popen.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.pid, signal.SIGKILL)
+            self.popen.wait()
+        for pid in self._replica_pids():
+            cmdline = Path(f"/proc/{pid}/cmdline")
+            if alive(pid) and b"gdc_worker" in cmdline.read_bytes():
+                os.kill(pid, signal.SIGKILL)
+
+
+class Spawn(Protocol):
+    def __call__(self, *args: str, env: dict[str, str]) -> Process: ...
+
+
+@pytest.fixture
+def spawn(tmp_path: Path) -> Iterator[Spawn]:
+    """Start `gdc-worker ARGS...` subprocesses; whatever still runs is killed afterwards."""
+    started: list[Process] = []
+
+    def start(*args: str, env: dict[str, str]) -> Process:
+        process = Process(args, env, tmp_path / f"process-{len(started)}")
+        started.append(process)
+        return process
+
+    yield start
+    for process in started:
+        process.close()
+
+
+@dataclass(frozen=True)
+class Report:
+    """One line a `tests.apps.recorder` handler wrote: it started or finished an event."""
+
+    phase: str
+    event_id: str
+    pid: int
+
+
+def reports(path: Path) -> list[Report]:
+    if not path.exists():
+        return []
+    lines = [line.split() for line in path.read_text().splitlines()]
+    return [Report(phase, event_id, int(pid)) for phase, event_id, pid in lines]
+
+
+def ids(path: Path, phase: str, pid: int | None = None) -> list[str]:
+    """Event ids reported in `phase` (by `pid`, if given), in reporting order."""
+    return [r.event_id for r in reports(path) if r.phase == phase and pid in (None, r.pid)]
+
+
+def node_ups(n: int) -> list[Event]:
+    return [new_node_up_event("health-monitor", f"node-{i}") for i in range(n)]
+
+
+async def publish(bus: NATSEventBus, events: list[Event]) -> None:
+    for event in events:
+        await bus.publish_event_async(event)
+    await bus.flush()
+
+
+async def consumer_info(config: NATSConfig, durable: str) -> ConsumerInfo:
+    nc = await nats.connect(config.url)
+    try:
+        info: ConsumerInfo = await nc.jetstream().consumer_info(config.stream_name, durable)
+    finally:
+        await nc.close()
+    return info
+
+
+async def settled(config: NATSConfig, durable: str, timeout: float = SOON) -> ConsumerInfo:
+    """The consumer's info once nothing is pending or unacknowledged (or after `timeout`).
+
+    Acks are applied by the server asynchronously, so this polls.
+    """
+    info = await consumer_info(config, durable)
+    with anyio.move_on_after(timeout):
+        while info.num_pending or info.num_ack_pending:
+            await anyio.sleep(POLL)
+            info = await consumer_info(config, durable)
+    return info
+
+
+# -- user mistakes ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        pytest.param(
+            ["nocolon"], "target 'nocolon' must look like module:app or module.app", id="bad-target"
+        ),
+        pytest.param(
+            ["tests.apps.missing:app"],
+            "cannot import 'tests.apps.missing': no module named 'tests.apps.missing'",
+            id="missing-module",
+        ),
+        pytest.param(
+            ["tests.apps.recorder:nope"],
+            "module 'tests.apps.recorder' has no attribute 'nope'",
+            id="missing-attribute",
+        ),
+        pytest.param(
+            ["tests.apps.recorder:record"],
+            "tests.apps.recorder:record is a function, not a gdc_worker.App",
+            id="not-an-app",
+        ),
+        pytest.param(
+            ["tests.apps.broken:app"],
+            "importing 'tests.apps.broken' failed: RuntimeError: GDC_TEST_SETTING is not set",
+            id="import-raises",
+        ),
+        pytest.param(
+            ["tests.apps.recorder:app", "--handler", "nope"],
+            "app 'recorder' has no handler named nope; it has: record",
+            id="unknown-handler",
+        ),
+        pytest.param(
+            ["tests.apps.recorder:app", "--url", "nats://127.0.0.1:{port}"],
+            "cannot connect to NATS at nats://127.0.0.1:{port}: ConnectionRefusedError",
+            id="unreachable-server",
+        ),
+    ],
+)
+def test_run_mistake_exits_1_with_one_error_line(
+    nats_config: NATSConfig, args: list[str], message: str
+) -> None:
+    """Given a `gdc-worker run` command with a user mistake in it,
+    when it runs,
+    then it exits 1 with one `Error:` line on stderr that names the problem, no traceback."""
+    port = str(free_port())
+    args = [arg.replace("{port}", port) for arg in args]
+
+    result = subprocess.run(
+        [GDC_WORKER, "run", *args],
+        cwd=ROOT,
+        env=worker_env(nats_config),
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    [line] = result.stderr.splitlines()
+    assert line.startswith("Error: " + message.replace("{port}", port))
+
+
+# -- signals ----------------------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_sigterm_lets_running_handlers_finish_then_exits_0(
+    spawn: Spawn, event_bus: NATSEventBus, nats_config: NATSConfig, tmp_path: Path
+) -> None:
+    """Given a worker whose handler takes 1.5 s, running three events at once,
+    when it gets SIGTERM while all three run,
+    then all three finish, it exits 0 and its consumer has nothing pending or unacknowledged."""
+    out = tmp_path / "reports"
+    env = worker_env(nats_config, GDC_TEST_OUT=str(out), GDC_TEST_SLEEP="1.5")
+    worker = spawn("run", "tests.apps.recorder:app", "--concurrency", "8", env=env)
+    await worker.ready()
+    events = node_ups(3)
+    await publish(event_bus, events)
+    await eventually(lambda: len(ids(out, "start")) == 3, "three handler calls started")
+
+    worker.send(signal.SIGTERM)
+
+    assert await worker.exit_code() == 0, worker.stderr
+    assert "stopping: no more fetching; 3 handler call(s) running" in worker.stderr
+    assert sorted(ids(out, "done", worker.pid)) == sorted(e.id for e in events)
+    info = await settled(nats_config, RECORDER_DURABLE)
+    assert (info.num_pending, info.num_ack_pending, info.num_redelivered) == (0, 0, 0)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    "concurrency",
+    [
+        pytest.param("3", id="no-idle-capacity"),
+        # Idle capacity leaves an open pull request with free slots: events nak'd into it must
+        # not come back to the stopping worker.
+        pytest.param("32", id="idle-capacity"),
+    ],
+)
+async def test_second_sigterm_cancels_handlers_and_their_events_come_back_at_once(
+    spawn: Spawn,
+    event_bus: NATSEventBus,
+    nats_config: NATSConfig,
+    tmp_path: Path,
+    concurrency: str,
+) -> None:
+    """Given a worker with a 60 s grace whose three handler calls would each run 60 s,
+    with no idle capacity (concurrency 3) or plenty of it (32),
+    when it gets SIGTERM, then SIGTERM again,
+    then it exits promptly, by itself, and a worker started afterwards gets the three events
+    right away, not after the consumer's 30 s ack wait."""
+    out = tmp_path / "reports"
+    env = worker_env(nats_config, GDC_TEST_OUT=str(out), GDC_TEST_SLEEP="60")
+    args = ["--grace", "60", "--concurrency", concurrency]
+    first = spawn("run", "tests.apps.recorder:app", *args, env=env)
+    await first.ready()
+    events = node_ups(3)
+    await publish(event_bus, events)
+    await eventually(lambda: len(ids(out, "start")) == 3, "three handler calls started")
+
+    first.send(signal.SIGTERM)
+    await first.wait_for(re.compile(r"stopping: no more fetching; 3 handler call\(s\) running"))
+    first.send(signal.SIGTERM)
+
+    code = await first.exit_code(timeout=10.0)
+    exited = time.monotonic()
+    assert code >= 0, f"killed by signal {-code}, not shut down by itself"
+    assert ids(out, "done") == []
+    env["GDC_TEST_SLEEP"] = "0"
+    second = spawn("run", "tests.apps.recorder:app", env=env)
+    await eventually(
+        lambda: sorted(ids(out, "done", second.pid)) == sorted(e.id for e in events),
+        "the three events handled by the second worker",
+        timeout=exited + 8.0 - time.monotonic(),
+    )
+
+
+@pytest.mark.anyio
+async def test_event_published_while_a_worker_drains_is_handled_by_the_next_worker(
+    spawn: Spawn, event_bus: NATSEventBus, nats_config: NATSConfig, tmp_path: Path
+) -> None:
+    """Given a worker (default concurrency) draining after SIGTERM, one 1.5 s call running,
+    when an event is published during the drain, and another worker starts after it exited,
+    then the new worker's handler gets that event (it is not dead-lettered unrun for having
+    been "delivered" more than max_deliver times to the draining worker)."""
+    out = tmp_path / "reports"
+    env = worker_env(nats_config, GDC_TEST_OUT=str(out), GDC_TEST_SLEEP="1.5")
+    first = spawn("run", "tests.apps.recorder:app", env=env)
+    await first.ready()
+    [early, late] = node_ups(2)
+    await event_bus.publish_event(early)
+    await eventually(lambda: ids(out, "start") == [early.id], "the first call started")
+    first.send(signal.SIGTERM)
+    await first.wait_for(re.compile(r"stopping: no more fetching; 1 handler call\(s\) running"))
+
+    await event_bus.publish_event(late)
+
+    assert await first.exit_code() == 0, first.stderr
+    assert ids(out, "done") == [early.id]
+    env["GDC_TEST_SLEEP"] = "0"
+    second = spawn("run", "tests.apps.recorder:app", env=env)
+
+    def outcome() -> str:
+        if late.id in ids(out, "done", second.pid):
+            return "handled"
+        return "dead-lettered" if f"event {late.id} dead-lettered" in second.stderr else ""
+
+    assert await eventually(outcome, "the late event handled or dead-lettered") == "handled", (
+        second.stderr
+    )
+
+
+@pytest.mark.anyio
+async def test_kill_9_mid_batch_loses_no_event(
+    spawn: Spawn, event_bus: NATSEventBus, nats_config: NATSConfig, tmp_path: Path
+) -> None:
+    """Given 200 events and a worker (2 s ack wait) whose handler takes 10 ms,
+    when the worker is killed with SIGKILL after about 50 of them,
+    then a worker started afterwards handles the rest: every event is handled at least once."""
+    out = tmp_path / "reports"
+    events = node_ups(200)
+    await publish(event_bus, events)
+    env = worker_env(nats_config, GDC_TEST_OUT=str(out), GDC_TEST_SLEEP="0.01")
+    target = "tests.apps.recorder:short_ack_wait"
+    first = spawn("run", target, "--concurrency", "2", env=env)
+    await eventually(lambda: len(ids(out, "done")) >= 50, "50 events handled", READY_TIMEOUT)
+
+    first.send(signal.SIGKILL)
+
+    assert await first.exit_code() == -signal.SIGKILL
+    handled_first = set(ids(out, "done"))
+    assert len(handled_first) < len(events), "the first worker finished before the kill"
+    second = spawn("run", target, "--concurrency", "8", env=env)
+    await eventually(
+        lambda: set(ids(out, "done")) >= {e.id for e in events},
+        "every event handled",
+        timeout=READY_TIMEOUT,
+    )
+    assert set(ids(out, "done", second.pid)) >= {e.id for e in events} - handled_first
+    info = await settled(nats_config, SHORT_ACK_DURABLE)
+    assert (info.num_pending, info.num_ack_pending) == (0, 0)
+
+
+# -- replicas ---------------------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_processes_2_share_the_events_and_replace_a_killed_replica(
+    spawn: Spawn, event_bus: NATSEventBus, nats_config: NATSConfig, tmp_path: Path
+) -> None:
+    """Given `gdc-worker run --processes 2`,
+    when 100 events are published, a replica is killed with SIGKILL, then the supervisor gets
+    SIGTERM,
+    then each event is handled exactly once and both replicas handled some, a new replica
+    replaces the killed one, and the supervisor exits 0 with every replica stopped."""
+    out = tmp_path / "reports"
+    env = worker_env(nats_config, GDC_TEST_OUT=str(out), GDC_TEST_SLEEP="0.02")
+    supervisor = spawn(
+        "run", "tests.apps.recorder:app", "--processes", "2", "--concurrency", "8", env=env
+    )
+    replicas = await supervisor.ready(2)
+    assert len(set(replicas)) == 2
+    assert supervisor.pid not in replicas
+    events = node_ups(100)
+
+    await publish(event_bus, events)
+
+    await eventually(lambda: len(set(ids(out, "done"))) == 100, "100 events handled")
+    info = await settled(nats_config, RECORDER_DURABLE)
+    assert (info.num_pending, info.num_ack_pending) == (0, 0)
+    done = [r for r in reports(out) if r.phase == "done"]
+    assert Counter(r.event_id for r in done) == Counter(e.id for e in events)
+    assert {r.pid for r in done} == set(replicas)
+
+    os.kill(replicas[0], signal.SIGKILL)
+
+    [*_, replacement] = await supervisor.ready(3)
+    assert replacement not in replicas
+    assert not alive(replicas[0])
+
+    supervisor.send(signal.SIGTERM)
+
+    assert await supervisor.exit_code() == 0, supervisor.stderr
+    for pid in (replicas[1], replacement):
+        assert not alive(pid)
+
+
+# -- the dead-letter tools --------------------------------------------------------------------
+
+COLUMNS = ["id", "failed_at", "consumer", "event_type", "event_id", "deliveries", "error"]
+INSPECT = "nodes-inspect_nodes"
+AUDIT = "nodes-audit_downs"
+
+
+class NodeChecks:
+    """App `nodes`: two handlers that dead-letter the events of the nodes they refuse.
+
+    `inspect_nodes` (consumer nodes-inspect_nodes) gets every `node.*` event, `audit_downs`
+    (nodes-audit_downs) every `node.down`. Each raises `Reject` for a node in its `refuse` set
+    and records `(handler, event id)` of each event it accepts.
+    """
+
+    def __init__(self, config: NATSConfig, refuse: dict[str, set[str]]) -> None:
+        self.refuse = refuse
+        self.accepted: list[tuple[str, str]] = []
+        self.app = App("nodes", config=config)
+        self.app.on("node.*")(self.inspect_nodes)
+        self.app.on("node.down")(self.audit_downs)
+
+    async def inspect_nodes(self, event: Event) -> None:
+        self._check("inspect_nodes", event)
+
+    async def audit_downs(self, event: Event) -> None:
+        self._check("audit_downs", event)
+
+    def _check(self, handler: str, event: Event) -> None:
+        if event.subject in self.refuse.get(handler, ()):
+            raise Reject(f"{handler} refuses node {event.subject}")
+        self.accepted.append((handler, event.id))
+
+    def accept_all(self) -> None:
+        for nodes in self.refuse.values():
+            nodes.clear()
+
+
+@contextlib.contextmanager
+def running(app: App) -> Iterator[BlockingPortal]:
+    """An in-process `Worker` for `app`, running in a thread until the block ends."""
+    worker = Worker(app, grace=1.0)
+    with anyio.from_thread.start_blocking_portal("asyncio") as portal:
+        work, _ = portal.start_task(worker.run)
+        try:
+            yield portal
+        finally:
+            portal.call(worker.stop)
+            work.result(timeout=EXIT_TIMEOUT)
+
+
+def publish_through(portal: BlockingPortal, config: NATSConfig, events: list[Event]) -> None:
+    async def go() -> None:
+        async with await NATSEventBus.connect(config) as bus:
+            await publish(bus, events)
+
+    portal.call(go)
+
+
+def dlq(config: NATSConfig, *args: str, input: str | None = None, url: str = "") -> Result:
+    """`gdc-worker dlq ARGS...` in-process, configured by `GDC_NATS_*` for the test's streams
+    (`url` replaces GDC_NATS_URL)."""
+    env = worker_env(config)
+    if url:
+        env["GDC_NATS_URL"] = url
+    runner = CliRunner()
+    return runner.invoke(main, ["dlq", *args], env=env, input=input, catch_exceptions=False)
+
+
+def dlq_rows(config: NATSConfig, *args: str) -> list[dict[str, Any]]:
+    """`dlq list --json ARGS...`, parsed."""
+    result = dlq(config, "list", "--json", *args)
+    assert result.exit_code == 0, result.output
+    return [json.loads(line) for line in result.stdout.splitlines()]
+
+
+class DeadLetters:
+    """Three dead letters from a `NodeChecks` worker that keeps running in a thread.
+
+    inspect_nodes refuses bad-1 (node.up) and bad-2 (node.down), audit_downs refuses bad-3
+    (node.down); good-1 (node.up) is accepted, and so are bad-3 by inspect_nodes and bad-2 by
+    audit_downs.
+    """
+
+    def __init__(self, config: NATSConfig) -> None:
+        self.config = config
+        refuse = {"inspect_nodes": {"bad-1", "bad-2"}, "audit_downs": {"bad-3"}}
+        self.checks = NodeChecks(config, refuse)
+        self.events = {
+            "bad-1": new_node_up_event("health-monitor", "bad-1"),
+            "good-1": new_node_up_event("health-monitor", "good-1"),
+            "bad-2": new_node_down_event("health-monitor", "bad-2", "heartbeat lost"),
+            "bad-3": new_node_down_event("health-monitor", "bad-3", "disk failed"),
+        }
+        self.node_of = {event.id: node for node, event in self.events.items()}
+
+    def cli(self, *args: str, input: str | None = None) -> Result:
+        return dlq(self.config, *args, input=input)
+
+    def rows(self, *args: str) -> list[dict[str, Any]]:
+        return dlq_rows(self.config, *args)
+
+    def pairs(self, rows: list[dict[str, Any]]) -> set[tuple[str, str]]:
+        """(consumer, node) of each row."""
+        return {(row["consumer"], self.node_of[row["event_id"]]) for row in rows}
+
+    def entry_id(self, consumer: str, node: str) -> int:
+        [entry] = [r["id"] for r in self.rows() if self.pairs([r]) == {(consumer, node)}]
+        assert isinstance(entry, int)
+        return entry
+
+    def accepted(self, handler: str, node: str) -> bool:
+        return (handler, self.events[node].id) in self.checks.accepted
+
+
+ALL_DEAD = {(INSPECT, "bad-1"), (INSPECT, "bad-2"), (AUDIT, "bad-3")}
+
+
+@pytest.fixture
+def dead_letters(nats_config: NATSConfig) -> Iterator[DeadLetters]:
+    """The three dead letters of `DeadLetters`, with the worker still running."""
+    scenario = DeadLetters(nats_config)
+    with running(scenario.checks.app) as portal:
+        publish_through(portal, nats_config, list(scenario.events.values()))
+        wait_until(lambda: len(scenario.rows()) == 3, "three dead letters")
+        accepted = [
+            ("inspect_nodes", "good-1"),
+            ("inspect_nodes", "bad-3"),
+            ("audit_downs", "bad-2"),
+        ]
+        wait_until(lambda: all(scenario.accepted(*a) for a in accepted), "the rest accepted")
+        yield scenario
+
+
+def test_dlq_list_shows_a_table_of_the_dead_letters_oldest_first(
+    dead_letters: DeadLetters,
+) -> None:
+    """Given three dead letters of two consumers,
+    when `dlq list` runs,
+    then it prints a table with a header and one row per dead letter, in id order,
+    naming consumer, event type and id, delivery count and the rejection message."""
+    result = dead_letters.cli("list")
+
+    assert result.exit_code == 0, result.output
+    header, *lines = result.stdout.splitlines()
+    assert header.split() == COLUMNS
+    rows = [dict(zip(COLUMNS, re.split(r"\s{2,}", line), strict=True)) for line in lines]
+    assert len(rows) == 3
+    assert [int(row["id"]) for row in rows] == sorted(int(row["id"]) for row in rows)
+    now = datetime.now(UTC)
+    for row in rows:
+        assert now - timedelta(minutes=1) < datetime.fromisoformat(row["failed_at"]) <= now
+    node_of = dead_letters.node_of
+    got = {
+        (r["consumer"], r["event_type"], node_of[r["event_id"]], r["deliveries"], r["error"])
+        for r in rows
+    }
+    assert got == {
+        (INSPECT, "node.up", "bad-1", "1", "inspect_nodes refuses node bad-1"),
+        (INSPECT, "node.down", "bad-2", "1", "inspect_nodes refuses node bad-2"),
+        (AUDIT, "node.down", "bad-3", "1", "audit_downs refuses node bad-3"),
+    }
+
+
+def test_dlq_list_json_prints_one_object_per_line(dead_letters: DeadLetters) -> None:
+    """Given three dead letters,
+    when `dlq list --json` runs,
+    then each line is a JSON object with the table's columns, in id order."""
+    rows = dead_letters.rows()
+
+    assert len(rows) == 3
+    assert all(set(COLUMNS) <= row.keys() for row in rows)
+    assert [row["id"] for row in rows] == sorted(row["id"] for row in rows)
+    assert dead_letters.pairs(rows) == ALL_DEAD
+    assert {row["deliveries"] for row in rows} == {1}
+    assert {(row["event_type"], row["error"]) for row in rows} == {
+        ("node.up", "inspect_nodes refuses node bad-1"),
+        ("node.down", "inspect_nodes refuses node bad-2"),
+        ("node.down", "audit_downs refuses node bad-3"),
+    }
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        pytest.param(["--type", "node.down"], {(INSPECT, "bad-2"), (AUDIT, "bad-3")}, id="type"),
+        pytest.param(["--type", "node.up"], {(INSPECT, "bad-1")}, id="other-type"),
+        pytest.param(["--consumer", AUDIT], {(AUDIT, "bad-3")}, id="consumer"),
+        pytest.param(
+            ["--consumer", INSPECT, "--type", "node.down"], {(INSPECT, "bad-2")}, id="both"
+        ),
+        pytest.param(["--consumer", AUDIT, "--type", "node.up"], set(), id="none-match"),
+    ],
+)
+def test_dlq_list_filters_by_type_and_consumer(
+    dead_letters: DeadLetters, args: list[str], expected: set[tuple[str, str]]
+) -> None:
+    """Given three dead letters of two consumers and two event types,
+    when `dlq list` runs with `--type` and/or `--consumer`,
+    then it lists exactly the matching ones."""
+    assert dead_letters.pairs(dead_letters.rows(*args)) == expected
+
+
+def test_dlq_list_limit_gives_the_oldest(dead_letters: DeadLetters) -> None:
+    """Given three dead letters,
+    when `dlq list --limit 2` runs (and with `--type node.down --limit 1`),
+    then it lists the two oldest (the oldest node.down one)."""
+    everything = dead_letters.rows()
+    downs = [row for row in everything if row["event_type"] == "node.down"]
+
+    assert dead_letters.rows("--limit", "2") == everything[:2]
+    assert dead_letters.rows("--type", "node.down", "--limit", "1") == downs[:1]
+
+
+def test_dlq_list_url_option_overrides_the_environment(dead_letters: DeadLetters) -> None:
+    """Given GDC_NATS_URL naming a port where nothing listens,
+    when `dlq list --url` names the real server,
+    then the option wins and the dead letters are listed."""
+    dead = f"nats://127.0.0.1:{free_port()}"
+
+    config = dead_letters.config
+
+    result = dlq(config, "list", "--json", "--url", config.url, url=dead)
+
+    assert result.exit_code == 0, result.output
+    assert dead_letters.pairs([json.loads(line) for line in result.stdout.splitlines()]) == (
+        ALL_DEAD
+    )
+
+
+def test_dlq_list_without_a_dlq_stream_says_so(nats_config: NATSConfig) -> None:
+    """Given a server where no worker ever created the dead-letter stream,
+    when `dlq list` runs,
+    then it says there are no dead letters and exits 0."""
+    result = dlq(nats_config, "list")
+
+    assert (result.exit_code, result.stdout) == (0, "no dead letters\n")
+
+
+def test_dlq_show_prints_event_error_and_traceback(dead_letters: DeadLetters) -> None:
+    """Given the dead letter of bad-1's node.up event,
+    when `dlq show ID` runs,
+    then it shows the consumer, the deliveries, the error, the event as JSON and the
+    traceback of the rejection."""
+    entry = dead_letters.entry_id(INSPECT, "bad-1")
+    original = dead_letters.events["bad-1"]
+
+    result = dead_letters.cli("show", str(entry))
+
+    assert result.exit_code == 0, result.output
+    text = result.stdout
+    assert f"id:          {entry}\n" in text
+    assert "reason:      rejected: inspect_nodes refuses node bad-1\n" in text
+    assert f"consumer:    {INSPECT} (handler inspect_nodes)\n" in text
+    assert "deliveries:  1\n" in text
+    assert "error:       Reject: inspect_nodes refuses node bad-1\n" in text
+    event_json, traceback = text.split("event:\n", 1)[1].split("traceback:\n", 1)
+    event = json.loads(event_json)
+    assert (event["id"], event["type"], event["subject"]) == (original.id, "node.up", "bad-1")
+    assert event["data"] == original.data
+    assert traceback.startswith("Traceback (most recent call last):")
+    assert "in _check" in traceback
+    assert traceback.rstrip().endswith("Reject: inspect_nodes refuses node bad-1")
+
+
+@pytest.mark.parametrize("gone", ["never-stored", "purged"])
+@pytest.mark.parametrize(
+    "command", [["show"], ["replay"], ["purge", "--yes"]], ids=["show", "replay", "purge"]
+)
+def test_dlq_unknown_id_exits_1_with_one_error_line(
+    dead_letters: DeadLetters, command: list[str], gone: str
+) -> None:
+    """Given three dead letters,
+    when a dlq command names an id with no dead letter (never stored, or already purged),
+    then it exits 1 with one `Error:` line saying there is no dead letter with that id."""
+    left = ALL_DEAD
+    entry = 999
+    if gone == "purged":
+        entry = dead_letters.entry_id(AUDIT, "bad-3")
+        assert dead_letters.cli("purge", str(entry), "--yes").exit_code == 0
+        left = ALL_DEAD - {(AUDIT, "bad-3")}
+
+    result = dead_letters.cli(command[0], str(entry), *command[1:])
+
+    assert result.exit_code == 1, result.output
+    stream = dead_letters.config.dlq_stream_name
+    assert result.stderr.splitlines() == [f"Error: no dead letter with id {entry} in {stream}"]
+    assert dead_letters.pairs(dead_letters.rows()) == left
+
+
+def test_dlq_unreachable_server_exits_1_with_one_error_line(nats_config: NATSConfig) -> None:
+    """Given GDC_NATS_URL naming a port where nothing listens,
+    when `dlq list` runs,
+    then it exits 1 with one `Error:` line naming the URL, no traceback."""
+    url = f"nats://127.0.0.1:{free_port()}"
+
+    result = dlq(nats_config, "list", url=url)
+
+    assert result.exit_code == 1, result.output
+    [line] = result.stderr.splitlines()
+    assert line.startswith(f"Error: cannot connect to NATS at {url}: ")
+
+
+def test_dlq_replay_redelivers_the_same_event_at_once_and_removes_the_entry(
+    dead_letters: DeadLetters,
+) -> None:
+    """Given the dead letter of bad-1's node.up event, well inside the stream's 5 minute
+    duplicate window, and a handler that now accepts bad-1,
+    when `dlq replay ID` runs,
+    then the handler gets the event with the same id right away, and the entry is gone while
+    the other two stay."""
+    assert dead_letters.config.duplicate_window >= 60
+    entry = dead_letters.entry_id(INSPECT, "bad-1")
+    event = dead_letters.events["bad-1"]
+    dead_letters.checks.accept_all()
+
+    result = dead_letters.cli("replay", str(entry))
+
+    assert result.exit_code == 0, result.output
+    subject = dead_letters.config.subject_for("node.up")
+    assert result.stdout == f"replayed #{entry}: event {event.id} to {subject}\n"
+    wait_until(
+        lambda: dead_letters.accepted("inspect_nodes", "bad-1"),
+        "the replayed event accepted",
+        timeout=5.0,
+    )
+    assert dead_letters.pairs(dead_letters.rows()) == ALL_DEAD - {(INSPECT, "bad-1")}
+
+
+def test_dlq_replay_all_of_a_type(dead_letters: DeadLetters) -> None:
+    """Given dead letters of node.up and node.down events, and handlers that now accept them,
+    when `dlq replay --all --type node.down` runs,
+    then both node.down entries are replayed and removed, and the node.up one stays."""
+    downs = [row["id"] for row in dead_letters.rows("--type", "node.down")]
+    dead_letters.checks.accept_all()
+
+    result = dead_letters.cli("replay", "--all", "--type", "node.down")
+
+    assert result.exit_code == 0, result.output
+    assert [int(n) for n in re.findall(r"^replayed #(\d+): ", result.stdout, re.M)] == downs
+    assert dead_letters.pairs(dead_letters.rows()) == {(INSPECT, "bad-1")}
+    wait_until(
+        lambda: (
+            dead_letters.accepted("inspect_nodes", "bad-2")
+            and dead_letters.accepted("audit_downs", "bad-3")
+        ),
+        "the replayed events accepted by the handlers that refused them",
+        timeout=5.0,
+    )
+
+
+@pytest.mark.parametrize("command", ["replay", "purge"])
+@pytest.mark.parametrize("selection", [[], ["1", "--all"]], ids=["neither", "both"])
+def test_dlq_replay_and_purge_need_ids_or_all(
+    dead_letters: DeadLetters, command: str, selection: list[str]
+) -> None:
+    """Given three dead letters,
+    when `dlq replay`/`dlq purge` runs with neither IDs nor --all (or with both),
+    then it is a usage error (exit 2) that says what to give, and nothing changes."""
+    result = dead_letters.cli(command, *selection)
+
+    assert result.exit_code == 2, result.output
+    assert "give entry IDs or --all" in result.stderr
+    assert dead_letters.pairs(dead_letters.rows()) == ALL_DEAD
+
+
+@pytest.mark.parametrize(
+    ("answer", "code", "said", "left"),
+    [
+        pytest.param("n", 1, "nothing deleted", ALL_DEAD, id="no"),
+        pytest.param("y", 0, "purged #{entry}", ALL_DEAD - {(AUDIT, "bad-3")}, id="yes"),
+    ],
+)
+def test_dlq_purge_asks_first(
+    dead_letters: DeadLetters, answer: str, code: int, said: str, left: set[tuple[str, str]]
+) -> None:
+    """Given three dead letters,
+    when `dlq purge ID` runs and the user answers the confirmation prompt,
+    then "n" deletes nothing and "y" deletes just that entry."""
+    entry = dead_letters.entry_id(AUDIT, "bad-3")
+
+    result = dead_letters.cli("purge", str(entry), input=answer + "\n")
+
+    assert result.exit_code == code, result.output
+    assert f"Delete 1 dead letter(s) (#{entry}) for good? [y/N]" in result.stdout
+    assert said.format(entry=entry) in result.stdout
+    assert dead_letters.pairs(dead_letters.rows()) == left
+
+
+@pytest.mark.parametrize(
+    ("filters", "left"),
+    [
+        pytest.param([], set(), id="everything"),
+        pytest.param(["--consumer", INSPECT], {(AUDIT, "bad-3")}, id="one-consumer"),
+    ],
+)
+def test_dlq_purge_all_yes_deletes_without_asking(
+    dead_letters: DeadLetters, filters: list[str], left: set[tuple[str, str]]
+) -> None:
+    """Given three dead letters,
+    when `dlq purge --all --yes` runs (with or without a filter),
+    then it deletes every matching entry without a prompt."""
+    result = dead_letters.cli("purge", "--all", "--yes", *filters)
+
+    assert result.exit_code == 0, result.output
+    assert "for good?" not in result.stdout
+    assert len(re.findall(r"^purged #\d+$", result.stdout, re.M)) == len(ALL_DEAD - left)
+    assert dead_letters.pairs(dead_letters.rows()) == left
+    if not left:
+        assert dead_letters.cli("list").stdout == "no dead letters\n"
+
+
+def test_event_refused_by_two_consumers_has_a_dead_letter_for_each(
+    nats_config: NATSConfig, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Given two handlers (two consumers) that both refuse node bad-2,
+    when its node.down event is published and both dead-letter it,
+    then `dlq list` shows one dead letter of it per consumer."""
+    refuse = {"inspect_nodes": {"bad-2"}, "audit_downs": {"bad-2"}}
+    event = new_node_down_event("health-monitor", "bad-2", "heartbeat lost")
+    with running(NodeChecks(nats_config, refuse).app) as portal:
+        publish_through(portal, nats_config, [event])
+        wait_until(
+            lambda: sum("dead-lettered" in r.getMessage() for r in caplog.records) == 2,
+            "both handlers dead-lettered the event",
+        )
+
+    rows = dlq_rows(nats_config)
+
+    assert sorted((r["consumer"], r["event_id"]) for r in rows) == [
+        (AUDIT, event.id),
+        (INSPECT, event.id),
+    ]
+
+
+# -- the development server -------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+async def test_server_prints_its_url_serves_jetstream_and_stops_on_signal(
+    spawn: Spawn, signum: signal.Signals
+) -> None:
+    """Given `gdc-worker server --port 0`,
+    when it has started, and later gets SIGTERM or SIGINT,
+    then it printed the URL of a server with JetStream on a free port, then it exits 0 and
+    the port no longer accepts connections."""
+    server = spawn("server", "--port", "0", env=clean_env())
+    started = re.compile(r"nats-server with JetStream at (nats://127\.0\.0\.1:(\d+)) ")
+    match = await eventually(lambda: started.search(server.stdout), "the URL printed")
+    assert match is not None
+    url, port = match.group(1), int(match.group(2))
+    nc = await nats.connect(url)
+    try:
+        account = await nc.jetstream().account_info()
+    finally:
+        await nc.close()
+    assert account.streams == 0
+
+    server.send(signum)
+
+    assert await server.exit_code() == 0, server.stderr
+    assert server.stdout.endswith("nats-server stopped\n")
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", port), timeout=5.0).close()
