@@ -22,7 +22,7 @@ import anyio
 import msgspec
 import nats
 
-from gdc_worker import App, Event, NATSConfig, Retry, Worker
+from gdc_worker import App, Context, Event, NATSConfig, Retry, Worker
 
 
 class Progress:
@@ -53,11 +53,19 @@ async def run_gdc(args: argparse.Namespace, progress: Progress) -> None:
     )
     app = App("bench", config)
 
-    @app.on(">", durable=args.durable)
-    async def handle(event: Event, ctx: Any) -> None:
-        if ctx.deliveries == 1 and progress.fails_first(event.id):
-            raise Retry(delay=0)
-        progress.handled_one()
+    if args.fail_ratio:
+
+        @app.on(">", durable=args.durable)
+        async def failing_once(event: Event, ctx: Context) -> None:
+            if ctx.deliveries == 1 and progress.fails_first(event.id):
+                raise Retry(delay=0)
+            progress.handled_one()
+
+    else:
+
+        @app.on(">", durable=args.durable)
+        async def handle(event: Event) -> None:
+            progress.handled_one()
 
     worker = Worker(app)
     async with anyio.create_task_group() as tg:
@@ -78,7 +86,11 @@ async def run_raw(args: argparse.Namespace, progress: Progress) -> None:
             continue
         for msg in msgs:
             event = Event.from_json(msg.data)
-            if msg.metadata.num_delivered == 1 and progress.fails_first(event.id):
+            if (
+                args.fail_ratio
+                and msg.metadata.num_delivered == 1
+                and progress.fails_first(event.id)
+            ):
                 await msg.nak()
                 continue
             await msg.ack()
@@ -102,7 +114,8 @@ async def run_faststream(args: argparse.Namespace, progress: Progress) -> None:
     async def handle(body: dict[str, Any], msg: NatsMessage) -> None:
         # FastStream has already parsed the JSON; validating it as an Event is the same work.
         event = msgspec.convert(body, Event)
-        if msg.raw_message.metadata.num_delivered == 1 and progress.fails_first(event.id):
+        first = args.fail_ratio and msg.raw_message.metadata.num_delivered == 1
+        if first and progress.fails_first(event.id):
             await msg.nack()
             return
         progress.handled_one()

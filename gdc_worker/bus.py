@@ -507,7 +507,11 @@ class _Subscription:
     async def _main(self) -> None:
         async with anyio.create_task_group() as tg:
             tg.start_soon(self._consumer.watch)
-            async for delivery in self._consumer.deliveries:
+            while True:
+                try:
+                    delivery = await self._consumer.next()
+                except anyio.EndOfStream:
+                    break
                 await self._handle(delivery)
                 await self._consumer.release()
 

@@ -96,35 +96,48 @@ async def run_with_retry(
     policy: RetryPolicy | None,
     attempt: Callable[[], Awaitable[Any]],
 ) -> None:
-    """Run `attempt` until it succeeds or `policy` gives up; re-raises the last error.
-
-    The first attempt runs outside tenacity, so a handler that succeeds pays nothing for it.
-    """
+    """Run `attempt` until it succeeds or `policy` gives up; re-raises the last error."""
     try:
         await attempt()
-        return
-    except Exception:
-        if policy is None:
-            raise
-        failure = sys.exc_info()
+    except Exception as exc:
+        error = await retry_failed(policy, attempt, exc)
+        if error is not None:
+            raise error from None
+
+
+async def retry_failed(
+    policy: RetryPolicy | None,
+    attempt: Callable[[], Awaitable[Any]],
+    failure: Exception,
+) -> Exception | None:
+    """After a first attempt failed with `failure`, retry as `policy` says.
+
+    Returns None once an attempt succeeds, else the error the last attempt ended with. The
+    first attempt runs outside tenacity, so a handler that succeeds pays nothing for it.
+    """
+    if policy is None or not _retryable(failure):
+        return failure
     retrying = policy.retrying.copy()
     retrying.begin()
     state = RetryCallState(retry_object=retrying, fn=None, args=(), kwargs={})
-    state.set_exception(failure)  # type: ignore[arg-type]
+    state.set_exception((type(failure), failure, failure.__traceback__))
     while True:
-        action = await retrying.iter(retry_state=state)
+        try:
+            action = await retrying.iter(retry_state=state)
+        except Exception as exc:  # the policy gave up and re-raised the last error
+            return exc
         if isinstance(action, DoAttempt):
             try:
                 await attempt()
             except Exception:
                 state.set_exception(sys.exc_info())  # type: ignore[arg-type]
             else:
-                return
+                return None
         elif isinstance(action, DoSleep):
             state.prepare_for_next_attempt()
             await anyio.sleep(float(action))
-        else:  # stop reached with reraise=True raises above; a result means success
-            return
+        else:  # a policy that returns a value instead of raising
+            return None
 
 
 @dataclass(frozen=True)
@@ -147,6 +160,7 @@ class DeadLetter:
 
 
 Decision = Ack | Nak | DeadLetter
+ACK = Ack()
 
 
 def decide(
@@ -154,7 +168,7 @@ def decide(
 ) -> Decision:
     """How to settle a delivery after the handler returned (`error` None) or failed."""
     if error is None:
-        return Ack()
+        return ACK
     if isinstance(error, Reject):
         return DeadLetter(f"rejected: {error.reason}")
     if deliveries >= max_deliver:

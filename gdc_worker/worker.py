@@ -23,7 +23,7 @@ from .dlq import DeadLetterQueue
 from .errors import EventDecodeError, GDCWorkerError
 from .events import Event
 from .pull import Delivery
-from .retry import Ack, DeadLetter, Decision, Nak, decide, exhausted, run_with_retry
+from .retry import Ack, DeadLetter, Decision, Nak, Retry, decide, exhausted, retry_failed
 
 __all__ = ["Worker", "WorkerError", "serve"]
 
@@ -180,7 +180,11 @@ class _HandlerRunner:
             self._bus.forget_consumer(self._consumer)
 
     async def _work(self) -> None:
-        async for delivery in self._consumer.deliveries:
+        while True:
+            try:
+                delivery = await self._consumer.next()
+            except anyio.EndOfStream:
+                return
             if self._stopping:
                 with anyio.CancelScope(shield=True):
                     await delivery.nak()  # fetched but not started: another replica takes it
@@ -200,20 +204,18 @@ class _HandlerRunner:
 
     async def _process(self, delivery: Delivery) -> None:
         spec = self.spec
-        event: Event | None = None
-        error: BaseException | None = None
-        decision: Decision
         try:
             event = Event.from_json(delivery.data)
         except EventDecodeError as exc:
-            error, decision = exc, DeadLetter(f"not a valid event: {exc}")
-        else:
-            decision = exhausted(delivery.deliveries, spec.max_deliver) or Ack()
-            if isinstance(decision, Ack):
-                error = await self._call(delivery, event)
-                decision = decide(error, delivery.deliveries, spec.max_deliver, spec.backoff)
-        with anyio.CancelScope(shield=True):
-            await self._settle(delivery, event, decision, error)
+            await self._settle(delivery, None, DeadLetter(f"not a valid event: {exc}"), exc)
+            return
+        dead = exhausted(delivery.deliveries, spec.max_deliver)
+        if dead is not None:
+            await self._settle(delivery, event, dead, None)
+            return
+        error = await self._call(delivery, event)
+        decision = decide(error, delivery.deliveries, spec.max_deliver, spec.backoff)
+        await self._settle(delivery, event, decision, error)
 
     async def _call(self, delivery: Delivery, event: Event) -> Exception | None:
         """Run the handler with its retries and timeout; the error it ended with, if any."""
@@ -227,13 +229,13 @@ class _HandlerRunner:
         key = id(delivery)
         self._inflight[key] = (delivery, time.monotonic())
         try:
-            await run_with_retry(spec.retry, attempt)
+            await attempt()
         except anyio.get_cancelled_exc_class():
             with anyio.CancelScope(shield=True):
                 await delivery.nak()  # cancelled by a forced stop: let another replica have it
             raise
         except Exception as exc:
-            return exc
+            return await retry_failed(spec.retry, attempt, exc)
         finally:
             del self._inflight[key]
         return None
@@ -245,13 +247,19 @@ class _HandlerRunner:
         decision: Decision,
         error: BaseException | None,
     ) -> None:
-        spec = self.spec
-        what = f"event {event.id}" if event is not None else f"message #{delivery.stream_seq}"
+        # Ack and nak need no shield: nats-py queues the command before it can suspend, so a
+        # cancellation cannot drop it half-way. Dead-lettering waits for replies: shielded.
         if isinstance(decision, Ack):
             await delivery.ack()
-        elif isinstance(decision, Nak):
+            return
+        spec = self.spec
+        what = f"event {event.id}" if event is not None else f"message #{delivery.stream_seq}"
+        if isinstance(decision, Nak):
             await delivery.nak(decision.delay)
-            log.warning(
+            # A Retry is the handler's own decision, not a failure worth a warning.
+            level = logging.DEBUG if isinstance(error, Retry) else logging.WARNING
+            log.log(
+                level,
                 "%s: %s failed on delivery %d (%s: %s); redelivery in %gs",
                 spec.name,
                 what,
@@ -261,29 +269,41 @@ class _HandlerRunner:
                 decision.delay,
             )
         else:
-            try:
-                entry_id = await self._dlq.record(
-                    reason=decision.reason,
-                    consumer=spec.durable,
-                    handler=spec.name,
-                    stream=delivery.stream,
-                    stream_seq=delivery.stream_seq,
-                    subject=delivery.subject,
-                    deliveries=delivery.deliveries,
-                    data=delivery.data,
-                    headers=delivery.headers,
-                    event=event,
-                    error=error,
-                )
-            except GDCWorkerError as exc:
-                delay = spec.backoff[-1]
-                log.error(
-                    "%s: cannot dead-letter %s (%s); redelivery in %gs", spec.name, what, exc, delay
-                )
-                await delivery.nak(delay)
-                return
-            await delivery.term(decision.reason)
-            log.error("%s: %s dead-lettered as #%d: %s", spec.name, what, entry_id, decision.reason)
+            with anyio.CancelScope(shield=True):
+                await self._dead_letter(delivery, event, decision, error, what)
+
+    async def _dead_letter(
+        self,
+        delivery: Delivery,
+        event: Event | None,
+        decision: DeadLetter,
+        error: BaseException | None,
+        what: str,
+    ) -> None:
+        spec = self.spec
+        try:
+            entry_id = await self._dlq.record(
+                reason=decision.reason,
+                consumer=spec.durable,
+                handler=spec.name,
+                stream=delivery.stream,
+                stream_seq=delivery.stream_seq,
+                subject=delivery.subject,
+                deliveries=delivery.deliveries,
+                data=delivery.data,
+                headers=delivery.headers,
+                event=event,
+                error=error,
+            )
+        except GDCWorkerError as exc:
+            delay = spec.backoff[-1]
+            log.error(
+                "%s: cannot dead-letter %s (%s); redelivery in %gs", spec.name, what, exc, delay
+            )
+            await delivery.nak(delay)
+            return
+        await delivery.term(decision.reason)
+        log.error("%s: %s dead-lettered as #%d: %s", spec.name, what, entry_id, decision.reason)
 
 
 async def _with_timeout(seconds: float, attempt: Callable[[], Awaitable[Any]]) -> Any:
