@@ -513,7 +513,7 @@ class _Subscription:
                 except anyio.EndOfStream:
                     break
                 await self._handle(delivery)
-                await self._consumer.release()
+                await self._consumer.release(delivery)
 
     async def _handle(self, delivery: Delivery) -> None:
         name = self._consumer.name

@@ -118,7 +118,8 @@ class PullConsumer:
         self._heartbeat = heartbeat
         self._heartbeat_ns = int(heartbeat * 1e9)
         self._requested = 0  # asked for and not yet arrived or expired
-        self._held = 0  # arrived and not yet released
+        # Arrived and not yet released, with when they arrived (for keep-alives).
+        self._held: dict[int, tuple[Delivery, float]] = {}
         self._last_seen = time.monotonic()
         self._stopping = anyio.Event()
         self._failure: SubscriptionError | None = None
@@ -129,10 +130,9 @@ class PullConsumer:
         self._queue: asyncio.Queue[Delivery | None] = asyncio.Queue()  # None: end of stream
         self._ended = False
 
-    @property
-    def held(self) -> int:
-        """Deliveries handed out and not yet released."""
-        return self._held
+    def held_since(self, before: float) -> list[Delivery]:
+        """Unsettled deliveries that arrived before `before` (a `time.monotonic()` value)."""
+        return [delivery for delivery, arrived in self._held.values() if arrived < before]
 
     async def next(self) -> Delivery:
         """The next delivery; raises `anyio.EndOfStream` once stopped and drained.
@@ -212,13 +212,13 @@ class PullConsumer:
         self._last_seen = time.monotonic()
         await self._top_up()
 
-    async def release(self) -> None:
-        """One delivery is settled: its slot is free again."""
-        self._held -= 1
+    async def release(self, delivery: Delivery) -> None:
+        """`delivery` is settled: its slot is free again."""
+        del self._held[id(delivery)]
         await self._top_up()
 
     async def _top_up(self) -> None:
-        free = self._capacity - self._held - self._requested
+        free = self._capacity - len(self._held) - self._requested
         if self._stopping.is_set() or free < self._threshold or not self._nc.is_connected:
             return
         self._requested += free
@@ -235,7 +235,7 @@ class PullConsumer:
                 await delivery.nak()
                 return
             self._requested = max(0, self._requested - 1)
-            self._held += 1
+            self._held[id(delivery)] = (delivery, self._last_seen)
             self._queue.put_nowait(delivery)
             return
         assert headers is not None

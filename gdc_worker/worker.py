@@ -126,21 +126,23 @@ class _HandlerRunner:
     """One handler's consumer, its worker tasks and the in-progress keep-alive."""
 
     def __init__(
-        self, bus: NATSEventBus, dlq: DeadLetterQueue, spec: HandlerSpec, capacity: int
+        self, bus: NATSEventBus, dlq: DeadLetterQueue, spec: HandlerSpec, concurrency: int
     ) -> None:
         self.spec = spec
         self._bus = bus
         self._dlq = dlq
-        self._capacity = capacity
-        self._consumer = bus.pull_consumer(spec.durable, capacity=capacity)
-        self._inflight: dict[int, tuple[Delivery, float]] = {}
+        self._concurrency = concurrency
+        # Room for one more delivery per worker, so the next is there when one finishes.
+        self._capacity = 2 * concurrency
+        self._consumer = bus.pull_consumer(spec.durable, capacity=self._capacity)
+        self._running = 0
         self._stopping = False
         self._scope = anyio.CancelScope()
 
     @property
     def running(self) -> int:
         """Handler calls in progress."""
-        return len(self._inflight)
+        return self._running
 
     async def prepare(self) -> None:
         """Create or update the durable consumer, then start pulling."""
@@ -172,7 +174,7 @@ class _HandlerRunner:
                     tg.start_soon(self._consumer.watch)
                     tg.start_soon(self._keep_alive)
                     async with anyio.create_task_group() as workers:
-                        for _ in range(self._capacity):
+                        for _ in range(self._concurrency):
                             workers.start_soon(self._work)
                     tg.cancel_scope.cancel()
         finally:
@@ -190,17 +192,18 @@ class _HandlerRunner:
                     await delivery.nak()  # fetched but not started: another replica takes it
             else:
                 await self._process(delivery)
-            await self._consumer.release()
+            await self._consumer.release(delivery)
 
     async def _keep_alive(self) -> None:
-        """Tell JetStream that long-running handlers are still working (+WPI)."""
+        """Tell JetStream that deliveries held a while are still being worked on (+WPI).
+
+        Covers running handlers and the deliveries waiting for a free worker behind them.
+        """
         interval = self.spec.ack_wait / 3
         while True:
             await anyio.sleep(interval)
-            now = time.monotonic()
-            for delivery, started in list(self._inflight.values()):
-                if now - started >= interval:
-                    await delivery.in_progress()
+            for delivery in self._consumer.held_since(time.monotonic() - interval):
+                await delivery.in_progress()
 
     async def _process(self, delivery: Delivery) -> None:
         spec = self.spec
@@ -226,8 +229,7 @@ class _HandlerRunner:
         attempt: Callable[[], Awaitable[Any]] = functools.partial(spec.call, *args)
         if spec.timeout is not None:
             attempt = functools.partial(_with_timeout, spec.timeout, attempt)
-        key = id(delivery)
-        self._inflight[key] = (delivery, time.monotonic())
+        self._running += 1
         try:
             await attempt()
         except anyio.get_cancelled_exc_class():
@@ -237,7 +239,7 @@ class _HandlerRunner:
         except Exception as exc:
             return await retry_failed(spec.retry, attempt, exc)
         finally:
-            del self._inflight[key]
+            self._running -= 1
         return None
 
     async def _settle(
