@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 import zlib
 from collections.abc import Callable
@@ -103,7 +102,7 @@ async def run_faststream(args: argparse.Namespace, progress: Progress) -> None:
     from faststream.nats import JStream, NatsBroker, PullSub
     from faststream.nats.annotations import NatsMessage
 
-    broker = NatsBroker(args.url, log_level=int(os.environ.get("BENCH_FS_LOG", "40")))
+    broker = NatsBroker(args.url, logger=None)  # no per-message log lines, as for the others
 
     @broker.subscriber(
         f"{args.subject_prefix}>",

@@ -284,7 +284,7 @@ async def _latency_consumer(
     else:
         from faststream.nats import JStream, NatsBroker, PullSub
 
-        broker = NatsBroker(bench.url, log_level=40)
+        broker = NatsBroker(bench.url, logger=None)
 
         @broker.subscriber(
             prefix + ">",

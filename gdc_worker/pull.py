@@ -175,6 +175,10 @@ class PullConsumer:
         finally:
             self._end()
 
+    def stop_fetching(self) -> None:
+        """Issue no more pull requests and nak what arrives from now on; `stop()` finishes it."""
+        self._stopping.set()
+
     async def stop(self) -> None:
         """Ask for no more messages.
 
@@ -182,7 +186,7 @@ class PullConsumer:
         nothing more comes to this consumer; what was already on its way is nak'd at once for
         another replica. Deliveries already handed out stay valid.
         """
-        self._stopping.set()
+        self.stop_fetching()
         sub, self._sub = self._sub, None
         if sub is None:
             return
@@ -215,7 +219,8 @@ class PullConsumer:
     async def release(self, delivery: Delivery) -> None:
         """`delivery` is settled: its slot is free again."""
         del self._held[id(delivery)]
-        await self._top_up()
+        if self._capacity - len(self._held) - self._requested >= self._threshold:
+            await self._top_up()
 
     async def _top_up(self) -> None:
         free = self._capacity - len(self._held) - self._requested
@@ -234,7 +239,8 @@ class PullConsumer:
             if self._stopping.is_set():
                 await delivery.nak()
                 return
-            self._requested = max(0, self._requested - 1)
+            if self._requested:
+                self._requested -= 1
             self._held[id(delivery)] = (delivery, self._last_seen)
             self._queue.put_nowait(delivery)
             return

@@ -70,12 +70,15 @@ class Worker:
         self.grace = grace
         self._stopping = anyio.Event()
         self._forced = anyio.Event()
+        self._runners: list[_HandlerRunner] = []
 
     def stop(self) -> None:
         """Stop fetching and finish what runs (within `grace`); a second call cancels it now."""
         if self._stopping.is_set():
             self._forced.set()
         self._stopping.set()
+        for runner in self._runners:  # at once: what a worker takes from now on goes back
+            runner.stop_fetching()
 
     async def run(
         self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
@@ -86,7 +89,7 @@ class Worker:
         ) as bus:
             dlq = DeadLetterQueue(bus)
             await dlq.ensure()
-            runners = [
+            self._runners = runners = [
                 _HandlerRunner(bus, dlq, spec, spec.concurrency or self.concurrency)
                 for spec in self.specs
             ]
@@ -160,8 +163,12 @@ class _HandlerRunner:
         )
         await self._consumer.start()
 
-    async def stop(self) -> None:
+    def stop_fetching(self) -> None:
         self._stopping = True
+        self._consumer.stop_fetching()
+
+    async def stop(self) -> None:
+        self.stop_fetching()
         await self._consumer.stop()
 
     def force(self) -> None:
@@ -226,17 +233,20 @@ class _HandlerRunner:
         args: tuple[Any, ...] = (event,)
         if spec.takes_context:
             args = (event, Context(self._bus, event, delivery, spec.name))
-        attempt: Callable[[], Awaitable[Any]] = functools.partial(spec.call, *args)
-        if spec.timeout is not None:
-            attempt = functools.partial(_with_timeout, spec.timeout, attempt)
         self._running += 1
         try:
-            await attempt()
+            if spec.timeout is None:
+                await spec.call(*args)
+            else:
+                await _with_timeout(spec.timeout, spec.call, args)
         except anyio.get_cancelled_exc_class():
             with anyio.CancelScope(shield=True):
                 await delivery.nak()  # cancelled by a forced stop: let another replica have it
             raise
         except Exception as exc:
+            attempt: Callable[[], Awaitable[Any]] = functools.partial(spec.call, *args)
+            if spec.timeout is not None:
+                attempt = functools.partial(_with_timeout, spec.timeout, spec.call, args)
             return await retry_failed(spec.retry, attempt, exc)
         finally:
             self._running -= 1
@@ -308,9 +318,11 @@ class _HandlerRunner:
         log.error("%s: %s dead-lettered as #%d: %s", spec.name, what, entry_id, decision.reason)
 
 
-async def _with_timeout(seconds: float, attempt: Callable[[], Awaitable[Any]]) -> Any:
+async def _with_timeout(
+    seconds: float, call: Callable[..., Awaitable[Any]], args: tuple[Any, ...]
+) -> Any:
     with anyio.fail_after(seconds):
-        return await attempt()
+        return await call(*args)
 
 
 async def serve(worker: Worker) -> None:
