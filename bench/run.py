@@ -342,6 +342,41 @@ async def scale_once(bench: Bench, processes: int, work_ms: float, events: list[
         await bench.js.delete_stream(stream + "_DLQ")
 
 
+# -- machine baseline ----------------------------------------------------------------------------
+
+_SPIN = """
+import time
+count, end = 0, time.perf_counter() + {seconds}
+while time.perf_counter() < end:
+    for _ in range(1000):
+        count += 1
+print(count)
+"""
+
+
+async def machine_parallelism(seconds: float = 2.0) -> float:
+    """How much CPU-bound work two processes get done here, relative to one.
+
+    2.0 on two idle, independent cores; less where the cores are shared. The ceiling for
+    `--processes 2` with CPU-bound handlers.
+    """
+
+    async def spin(processes: int) -> int:
+        command = [sys.executable, "-c", _SPIN.format(seconds=seconds)]
+        counts: list[int] = []
+
+        async def one() -> None:
+            result = await anyio.run_process(command)
+            counts.append(int(result.stdout))
+
+        async with anyio.create_task_group() as tg:
+            for _ in range(processes):
+                tg.start_soon(one)
+        return sum(counts)
+
+    return await spin(2) / await spin(1)
+
+
 # -- driver --------------------------------------------------------------------------------------
 
 
@@ -361,6 +396,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         retry: dict[str, list[float]] = {"gdc": [], "raw": []}
         lat: dict[str, list[dict[str, float]]] = {impl: [] for impl in impls}
         scale: dict[str, list[float]] = {}
+        parallelism: list[float] = []
         for run in range(args.runs):
             print(f"run {run + 1}/{args.runs}", file=sys.stderr)
             for name, rate in (await bench_publish(bench, events, args.sync_n)).items():
@@ -372,6 +408,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                 retry[impl].append(failing["rate"])
             for impl in impls:
                 lat[impl].append(await latency(bench, impl, events[: args.latency_n]))
+            parallelism.append(await machine_parallelism())
             for work_ms, n in ((0.0, args.n), (1.0, args.cpu_n)):
                 for processes in (1, 2):
                     key = f"{'cpu1ms' if work_ms else 'noop'} x{processes}"
@@ -392,6 +429,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         for impl, samples in lat.items()
     }
     results["scale_msgs_per_s"] = {k: median(v) for k, v in scale.items()}
+    results["machine_two_process_cpu_ratio"] = median(parallelism)
     results["peak_rss_kb"] = memory
     c, p, s, lt = (
         results["consume_msgs_per_s"],
@@ -406,6 +444,10 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         "publish sync gdc/raw": p["gdc publish_event"] / p["raw js.publish"],
         "p99 latency gdc/raw (target <= 1.5)": lt["gdc"]["p99_ms"] / lt["raw"]["p99_ms"],
         "cpu1ms x2/x1 (target >= 1.7)": s["cpu1ms x2"] / s["cpu1ms x1"],
+        "machine: 2 CPU-bound processes / 1": results["machine_two_process_cpu_ratio"],
+        "cpu1ms x2/x1 / machine ratio": s["cpu1ms x2"]
+        / s["cpu1ms x1"]
+        / results["machine_two_process_cpu_ratio"],
         "noop x2/x1": s["noop x2"] / s["noop x1"],
         "gdc 10% failing/no failures": results["retry_10pct_msgs_per_s"]["gdc"] / c["gdc"],
         "raw 10% failing/no failures": results["retry_10pct_msgs_per_s"]["raw"] / c["raw"],

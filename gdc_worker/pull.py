@@ -9,6 +9,7 @@ of one message that the rest of gdc-worker settles: ack, nak with a delay, in-pr
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import time
 from typing import TYPE_CHECKING
@@ -125,30 +126,15 @@ class PullConsumer:
         self._failure: SubscriptionError | None = None
         self._sub: Subscription | None = None
         self._inbox = nc.new_inbox()
-        # A plain asyncio queue: nats-py runs on asyncio only, and handing a message to a
-        # waiting worker costs far less here than through an anyio memory stream.
-        self._queue: asyncio.Queue[Delivery | None] = asyncio.Queue()  # None: end of stream
-        self._ended = False
+        self._handoff = _Handoff()
 
     def held_since(self, before: float) -> list[Delivery]:
         """Unsettled deliveries that arrived before `before` (a `time.monotonic()` value)."""
         return [delivery for delivery, arrived in self._held.values() if arrived < before]
 
     async def next(self) -> Delivery:
-        """The next delivery; raises `anyio.EndOfStream` once stopped and drained.
-
-        Takes a waiting delivery without a trip through the event loop (which
-        `deliveries.receive()` always makes): at high rates that trip is a large share of the
-        cost of a message.
-        """
-        try:
-            delivery = self._queue.get_nowait()
-        except asyncio.QueueEmpty:
-            delivery = await self._queue.get()
-        if delivery is None:
-            self._queue.put_nowait(None)  # for the other readers
-            raise anyio.EndOfStream
-        return delivery
+        """The next delivery; raises `anyio.EndOfStream` once stopped and drained."""
+        return await self._handoff.get()
 
     async def start(self) -> None:
         """Subscribe to the inbox and send the first pull request."""
@@ -201,14 +187,11 @@ class PullConsumer:
         await self.stop()
         self._end()
         with anyio.CancelScope(shield=True):
-            while (delivery := self._queue.get_nowait()) is not None:
+            for delivery in self._handoff.take_all():
                 await delivery.nak()
-            self._queue.put_nowait(None)
 
     def _end(self) -> None:
-        if not self._ended:
-            self._ended = True
-            self._queue.put_nowait(None)
+        self._handoff.end()
 
     async def reset(self) -> None:
         """Forget outstanding requests (they are gone after a reconnect) and ask again."""
@@ -242,7 +225,7 @@ class PullConsumer:
             if self._requested:
                 self._requested -= 1
             self._held[id(delivery)] = (delivery, self._last_seen)
-            self._queue.put_nowait(delivery)
+            self._handoff.put(delivery)
             return
         assert headers is not None
         if status == "100":  # idle heartbeat
@@ -257,3 +240,69 @@ class PullConsumer:
         if status not in ("404", "408"):
             log.debug("pull request for %s ended: %s %s", self.name, status, description)
         await self._top_up()
+
+
+class _Handoff:
+    """Deliveries waiting for a worker, and the workers waiting for a delivery.
+
+    Unlike a queue, it wakes one more waiting worker only when the one that took a delivery
+    yields to the event loop with deliveries still left: while handlers return without
+    suspending, one worker takes a whole burst with no task switch per message (the largest
+    cost at high rates), and as soon as handlers wait on I/O, more workers join in.
+    """
+
+    def __init__(self) -> None:
+        self._ready: collections.deque[Delivery] = collections.deque()
+        self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+        self._check_scheduled = False
+        self._ended = False
+
+    def put(self, delivery: Delivery) -> None:
+        self._ready.append(delivery)
+        if len(self._ready) == 1:
+            self._wake_one()
+
+    def end(self) -> None:
+        """No more puts: waiting and later `get()`s raise `EndOfStream` once it is empty."""
+        self._ended = True
+        while self._waiters:
+            self._wake_one()
+
+    def take_all(self) -> list[Delivery]:
+        taken = list(self._ready)
+        self._ready.clear()
+        return taken
+
+    async def get(self) -> Delivery:
+        while True:
+            if self._ready:
+                delivery = self._ready.popleft()
+                if self._ready and self._waiters and not self._check_scheduled:
+                    self._check_scheduled = True
+                    asyncio.get_running_loop().call_soon(self._check)
+                return delivery
+            if self._ended:
+                raise anyio.EndOfStream
+            waiter = asyncio.get_running_loop().create_future()
+            self._waiters.append(waiter)
+            try:
+                await waiter
+            except BaseException:
+                if waiter.done() and not waiter.cancelled():
+                    self._wake_one()  # we were woken but will not take: pass it on
+                else:
+                    waiter.cancel()
+                raise
+
+    def _check(self) -> None:
+        # The worker that took the last delivery yielded with more left: wake another.
+        self._check_scheduled = False
+        if self._ready:
+            self._wake_one()
+
+    def _wake_one(self) -> None:
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return

@@ -18,6 +18,7 @@ import anyio.from_thread
 import msgspec
 import nats
 import pytest
+from nats.aio.client import Client
 from nats.js import JetStreamContext
 from nats.js.api import ConsumerInfo, RawStreamMsg, StreamInfo
 
@@ -51,6 +52,7 @@ from gdc_worker import (
     new_policy_updated_event,
     parse_event_data,
 )
+from gdc_worker.bus import _Client as FastClient
 
 pytestmark = pytest.mark.anyio
 
@@ -662,3 +664,20 @@ async def test_delivery_resumes_after_the_server_restarts(tmp_path: Path) -> Non
             await collector.wait_for_event(after, timeout=15.0)
             # At least once: an ack lost in the kill may bring `before` again, nothing else.
             assert set(collector.ids) == {before.id, after.id}
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"Nats-Msg-Id: 6f1c2a4e\r\nGdc-Trace-Id: trace-1\r\n\r\n",
+        b"A:1\r\nB:\t2 \r\n",
+        b": empty name\r\nno colon\r\n\r\n",
+        b"Bad Name: x\r\n\x1cLead: y\r\nTab\tIn: z\r\n",
+        b"Caf\xc3\xa9: non-ascii name\r\nOk: caf\xc3\xa9 \xff\r\n",
+        b"Dup: 1\r\nDup: 2\r\n",
+        b"",
+    ],
+)
+def test_header_parsing_matches_nats_py(raw: bytes) -> None:
+    """Given raw header lines, the bus's faster parser yields exactly what nats-py's does."""
+    assert FastClient._parse_header_lines(raw) == Client._parse_header_lines(raw)
