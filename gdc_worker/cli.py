@@ -181,7 +181,11 @@ def server(port: int, store_dir: str | None) -> None:
     show_default=True,
     help="Seconds running handlers get to finish on shutdown.",
 )
-@click.option("--embedded", is_flag=True, help="Start a nats-server with a store in ./.gdc-nats.")
+@click.option(
+    "--embedded",
+    is_flag=True,
+    help="Start a nats-server on 127.0.0.1:4222 with its store in ./.gdc-nats.",
+)
 def run(
     target: str,
     url: str | None,
@@ -196,7 +200,8 @@ def run(
     configure_logging(log_level)
     with reported_errors():
         app = load_app(target)
-        server = NATSServer(store_dir=Path(".gdc-nats")) if embedded else None
+        # The standard port, so that other processes find it without being told.
+        server = NATSServer(port=4222, store_dir=Path(".gdc-nats")) if embedded else None
         if server is not None:
             server.start()
             click.echo(f"embedded nats-server at {server.url} (store .gdc-nats)", err=True)

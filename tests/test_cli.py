@@ -123,14 +123,16 @@ def wait_until(check: Callable[[], T], what: str, timeout: float = SOON) -> T:
 class Process:
     """A `gdc-worker` subprocess in the repository root, its stdout and stderr in files."""
 
-    def __init__(self, args: Sequence[str], env: dict[str, str], logs: Path) -> None:
+    def __init__(
+        self, args: Sequence[str], env: dict[str, str], logs: Path, cwd: Path = ROOT
+    ) -> None:
         self.stdout_path = logs.with_suffix(".out")
         self.stderr_path = logs.with_suffix(".err")
         with self.stdout_path.open("wb") as out, self.stderr_path.open("wb") as err:
             # Its own process group, so cleanup can reach a nats-server it started.
             self.popen = subprocess.Popen(
                 [GDC_WORKER, *args],
-                cwd=ROOT,
+                cwd=cwd,
                 env=env,
                 stdin=subprocess.DEVNULL,
                 stdout=out,
@@ -192,7 +194,7 @@ class Process:
 
 
 class Spawn(Protocol):
-    def __call__(self, *args: str, env: dict[str, str]) -> Process: ...
+    def __call__(self, *args: str, env: dict[str, str], cwd: Path = ROOT) -> Process: ...
 
 
 @pytest.fixture
@@ -200,8 +202,8 @@ def spawn(tmp_path: Path) -> Iterator[Spawn]:
     """Start `gdc-worker ARGS...` subprocesses; whatever still runs is killed afterwards."""
     started: list[Process] = []
 
-    def start(*args: str, env: dict[str, str]) -> Process:
-        process = Process(args, env, tmp_path / f"process-{len(started)}")
+    def start(*args: str, env: dict[str, str], cwd: Path = ROOT) -> Process:
+        process = Process(args, env, tmp_path / f"process-{len(started)}", cwd)
         started.append(process)
         return process
 
@@ -326,6 +328,35 @@ def test_run_mistake_exits_1_with_one_error_line(
     assert "Traceback" not in result.stderr
     [line] = result.stderr.splitlines()
     assert line.startswith("Error: " + message.replace("{port}", port))
+
+
+@pytest.mark.anyio
+async def test_embedded_starts_a_server_on_4222_with_its_store_in_the_working_directory(
+    spawn: Spawn, tmp_path: Path
+) -> None:
+    """Given no NATS server and an empty working directory,
+    when a worker runs with --embedded,
+    then it serves on nats://127.0.0.1:4222 with its store in ./.gdc-nats, handles an event
+    published there, and SIGTERM stops it with exit 0 and frees the port."""
+    out, workdir = tmp_path / "reports", tmp_path / "work"
+    workdir.mkdir()
+    env = clean_env() | {"GDC_TEST_OUT": str(out), "PYTHONPATH": str(ROOT)}
+    worker = spawn("run", "tests.apps.recorder:app", "--embedded", env=env, cwd=workdir)
+    await worker.ready()
+    assert "embedded nats-server at nats://127.0.0.1:4222" in worker.stderr
+
+    config = NATSConfig(url="nats://127.0.0.1:4222", connect_timeout=5.0)
+    event = node_ups(1)[0]
+    async with await NATSEventBus.connect(config) as bus:
+        await bus.publish_event(event)
+    await eventually(lambda: ids(out, "done") == [event.id], "the event handled")
+
+    worker.send(signal.SIGTERM)
+
+    assert await worker.exit_code() == 0, worker.stderr
+    assert (workdir / ".gdc-nats" / "jetstream").is_dir()
+    with socket.socket() as sock:
+        assert sock.connect_ex(("127.0.0.1", 4222)) != 0
 
 
 # -- signals ----------------------------------------------------------------------------------
