@@ -1,6 +1,6 @@
 """One consumer implementation, run in its own process so its time and peak memory are its own.
 
-    python -m bench.consumers gdc|raw|faststream --url URL --stream S --subject SUBJ \
+    python -m bench.consumers gdc|raw|faststream --url URL --stream S --subject-prefix P \
         --durable D --n N [--fail-ratio 0.1]
 
 Consumes until N events were handled (each decoded as an `Event`), then prints one JSON line:

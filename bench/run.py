@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import itertools
 import json
 import os
@@ -205,7 +206,7 @@ async def consume_once(
     args += ["--n", str(len(events)), "--fail-ratio", str(fail_ratio)]
     result = await anyio.run_process(args, cwd=ROOT, check=False)
     if result.returncode != 0:
-        raise RuntimeError(f"{impl} consumer failed:\n{result.stderr.decode()[-2000:]}")
+        raise Lost(f"{impl} consumer failed:\n{result.stderr.decode()[-2000:]}")
     figures: dict[str, float] = json.loads(result.stdout.decode().strip().splitlines()[-1])
     await bench.settled(stream, durable)
     await bench.drop(stream)
@@ -339,7 +340,8 @@ async def scale_once(bench: Bench, processes: int, work_ms: float, events: list[
         process.send_signal(signal.SIGTERM)
         await anyio.to_thread.run_sync(process.wait)
         await bench.drop(stream)
-        await bench.js.delete_stream(stream + "_DLQ")
+        with contextlib.suppress(nats.js.errors.NotFoundError):  # the worker may not have made it
+            await bench.js.delete_stream(stream + "_DLQ")
 
 
 # -- machine baseline ----------------------------------------------------------------------------

@@ -3,8 +3,15 @@
 from .app import App, Context, HandlerDefinitionError
 from .bus import NATSEventBus
 from .config import NATSConfig
-from .dlq import DeadLetterEntry, DeadLetterNotFound, DeadLetterQueue, DeadLetterRecord
+from .dlq import (
+    DeadLetterEntry,
+    DeadLetterNotFound,
+    DeadLetterQueue,
+    DeadLetterRecord,
+    DeadLetterUnreadable,
+)
 from .errors import (
+    ConfigError,
     ConnectionFailed,
     EventBusError,
     EventDataError,
@@ -52,12 +59,14 @@ __all__ = [
     "AlertTriggeredEvent",
     "App",
     "Assignment",
+    "ConfigError",
     "ConnectionFailed",
     "Context",
     "DeadLetterEntry",
     "DeadLetterNotFound",
     "DeadLetterQueue",
     "DeadLetterRecord",
+    "DeadLetterUnreadable",
     "Event",
     "EventBusError",
     "EventDataError",

@@ -24,6 +24,8 @@ __all__ = ["App", "Context", "HandlerDefinitionError", "HandlerSpec"]
 HandlerFunc = Callable[..., Awaitable[None] | None]
 F = TypeVar("F", bound=HandlerFunc)
 _DURABLE = re.compile(r"^[A-Za-z0-9_-]+$")
+_APP_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
+_APP_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 
 
 class HandlerDefinitionError(GDCWorkerError, TypeError):
@@ -33,12 +35,12 @@ class HandlerDefinitionError(GDCWorkerError, TypeError):
 class Context:
     """What a handler may use besides the event: publishing, delivery facts and a logger."""
 
-    __slots__ = ("_bus", "delivery", "event", "handler")
+    __slots__ = ("_bus", "_delivery", "event", "handler")
 
     def __init__(self, bus: NATSEventBus, event: Event, delivery: Delivery, handler: str) -> None:
         self._bus = bus
+        self._delivery = delivery  # the worker settles it: handlers must not
         self.event = event
-        self.delivery = delivery
         self.handler = handler
 
     @property
@@ -49,12 +51,12 @@ class Context:
     @property
     def deliveries(self) -> int:
         """How many times this consumer has had the event delivered (1 the first time)."""
-        return self.delivery.deliveries
+        return self._delivery.deliveries
 
     @property
     def stream_seq(self) -> int:
         """The event's sequence number in the stream."""
-        return self.delivery.stream_seq
+        return self._delivery.stream_seq
 
     async def publish(self, event: Event) -> int:
         """Publish `event`, waiting for the ack; without a trace id it takes this event's."""
@@ -105,9 +107,9 @@ class App:
     def __init__(
         self, name: str, config: NATSConfig | None = None, *, concurrency: int = 32
     ) -> None:
-        if not name or not _DURABLE.match(safe_name(name)):
+        if not _APP_NAME.match(name):
             raise HandlerDefinitionError(
-                f"app name {name!r} must be letters, digits, '-', '_' or '.'"
+                f"app name {name!r} must be letters, digits, '-', '_' or '.' (a dot becomes '-')"
             )
         if concurrency < 1:
             raise HandlerDefinitionError(f"concurrency must be at least 1, got {concurrency}")

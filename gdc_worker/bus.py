@@ -191,8 +191,16 @@ class NATSEventBus:
                 await holder[0]._on_reconnect()
 
         async def error(exc: Exception) -> None:
-            errors.append(exc)
+            if not holder:  # the first connect reports its cause from these
+                errors.append(exc)
             log.debug("NATS client error: %r", exc)
+
+        async def closed() -> None:
+            if holder and not holder[0]._closed:
+                # Reconnects are exhausted: nothing will arrive any more. Fail the consumers
+                # so the worker exits (and a supervisor restarts it) instead of idling.
+                log.error("connection to NATS at %s is closed for good", config.url)
+                holder[0]._on_closed()
 
         nc = _Client()
         try:
@@ -209,6 +217,7 @@ class NATSEventBus:
                     disconnected_cb=disconnected,
                     reconnected_cb=reconnected,
                     error_cb=error,
+                    closed_cb=closed,
                 )
         except (OSError, TimeoutError, nats.errors.Error) as exc:
             await nc.close()
@@ -244,19 +253,28 @@ class NATSEventBus:
         return self._nc.is_connected
 
     async def close(self) -> None:
-        """Stop the subscriptions, wait briefly for async publishes, close. Idempotent."""
+        """Stop the subscriptions, wait briefly for async publishes, close. Idempotent.
+
+        Async publishes that failed or got no ack by then are logged (`flush()` first to get
+        them as a `PublishError`).
+        """
         if self._closed:
             return
         self._closed = True
         with anyio.CancelScope(shield=True):
             for event_type in list(self._subscriptions):
                 await self.unsubscribe_from_event_type(event_type)
+            for consumer in list(self._consumers):  # e.g. left by a worker that failed to start
+                await consumer.close()
             if self._nc.is_connected:
                 with anyio.move_on_after(self.config.connect_timeout):
                     await self._drained.wait()
                     with contextlib.suppress(nats.errors.Error):
                         await self._nc.flush()  # acks and naks are plain publishes: send them
             await self._nc.close()
+        lost = self._failed + [f"event {p.event_id} to {p.subject}" for p in self._pending.values()]
+        if lost:
+            log.error("closed with %d async publish(es) not stored: %s", len(lost), "; ".join(lost))
 
     async def __aenter__(self) -> NATSEventBus:
         return self
@@ -268,6 +286,11 @@ class NATSEventBus:
         tb: TracebackType | None,
     ) -> None:
         await self.close()
+
+    def _on_closed(self) -> None:
+        failure = ConnectionFailed(f"the connection to NATS at {self.config.url} was lost")
+        for consumer in list(self._consumers):
+            consumer.fail(failure)
 
     async def _on_reconnect(self) -> None:
         # Pull requests die with the connection (nats-py #504/#544): issue them again.
@@ -586,7 +609,10 @@ def as_async(handler: Callable[..., Any]) -> Callable[..., Awaitable[Any]]:
 
     async def in_thread(*args: Any) -> Any:
         # On cancellation (a timeout) stop waiting; the thread itself cannot be interrupted.
-        return await anyio.to_thread.run_sync(handler, *args, abandon_on_cancel=True)
+        result = await anyio.to_thread.run_sync(handler, *args, abandon_on_cancel=True)
+        if inspect.isawaitable(result):  # a plain wrapper around a coroutine function
+            result = await result
+        return result
 
     return in_thread
 

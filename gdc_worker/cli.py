@@ -8,6 +8,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
@@ -31,7 +32,6 @@ __all__ = ["main"]
 #: Exit codes, as named in `gdc-worker --help`.
 EXIT_OK = 0
 EXIT_FAILURE = 1  # a known error: the message says what went wrong
-EXIT_USAGE = 2  # click's own code for bad options
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -208,19 +208,40 @@ def run(
             url = server.url
         try:
             config = app.config.replace(url=url) if url else app.config
+            # Built here even for --processes, so a bad --handler fails once, not per replica.
+            worker = Worker(
+                app, config=config, concurrency=concurrency, handlers=handlers, grace=grace
+            )
             if processes > 1:
                 command = [sys.executable, "-m", "gdc_worker", "run", target, "--url", config.url]
                 command += ["--log-level", log_level, "--grace", str(grace)]
                 command += [f"--concurrency={concurrency}"] if concurrency else []
                 command += [f"--handler={name}" for name in handlers]
                 sys.exit(supervise(command, processes))
-            worker = Worker(
-                app, config=config, concurrency=concurrency, handlers=handlers, grace=grace
-            )
             anyio.run(serve, worker)
         finally:
             if server is not None:
                 server.stop()
+    _leave_stuck_threads()
+
+
+def _leave_stuck_threads() -> None:
+    """Exit now if a timed-out or cancelled plain-function handler still runs in its thread.
+
+    Python would wait for such a thread at exit, keeping a stopped worker alive indefinitely.
+    """
+    stuck = [
+        t
+        for t in threading.enumerate()
+        if t is not threading.main_thread() and not t.daemon and t.is_alive()
+    ]
+    if stuck:
+        logging.getLogger(__name__).warning(
+            "%d handler thread(s) still running after shutdown; exiting without them", len(stuck)
+        )
+        logging.shutdown()
+        sys.stdout.flush()
+        os._exit(EXIT_OK)
 
 
 @main.group()
@@ -329,9 +350,11 @@ def dlq_show(url: str | None, entry_id: int) -> None:
     _run_dlq(url, action)
 
 
-def _select(ids: tuple[int, ...], select_all: bool) -> None:
+def _select(ids: tuple[int, ...], select_all: bool, *filters: str | None) -> None:
     if bool(ids) == select_all:
         raise click.UsageError("give entry IDs or --all, not both and not neither")
+    if ids and any(filters):
+        raise click.UsageError("--type and --consumer go with --all, not with entry IDs")
 
 
 async def _targets(
@@ -355,7 +378,7 @@ def dlq_replay(
     consumer: str | None,
 ) -> None:
     """Publish dead letters again to their subjects and remove them from the DLQ."""
-    _select(ids, select_all)
+    _select(ids, select_all, event_type, consumer)
 
     async def action(queue: DeadLetterQueue) -> int:
         code = EXIT_OK
@@ -391,7 +414,7 @@ def dlq_purge(
     yes: bool,
 ) -> None:
     """Delete dead letters for good."""
-    _select(ids, select_all)
+    _select(ids, select_all, event_type, consumer)
 
     async def action(queue: DeadLetterQueue) -> int:
         targets = await _targets(queue, ids, event_type, consumer)

@@ -8,6 +8,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from .errors import ConfigError
+
 __all__ = ["NATSConfig"]
 
 ENV_PREFIX = "GDC_NATS_"
@@ -20,6 +22,7 @@ class NATSConfig:
 
     `NATSConfig()` equals the Go bus's `DefaultNATSConfig()`, plus a duplicate window of
     5 minutes (what the Go bus sets; the server's own default is 2). Durations are seconds.
+    An invalid value raises `ConfigError` (a `ValueError`) naming the field.
     Every field can also come from the environment: `GDC_NATS_<FIELD>` (see `from_env`).
     """
 
@@ -48,16 +51,16 @@ class NATSConfig:
 
     def _validate(self) -> None:
         if not self.url.strip():
-            raise ValueError("url: must not be empty")
+            raise ConfigError("url: must not be empty")
         for name in ("stream_name", "dlq_stream_name"):
             _check_stream_name(name, getattr(self, name))
         if not self.subjects:
-            raise ValueError("subjects: at least one subject is required")
+            raise ConfigError("subjects: at least one subject is required")
         for subject in self.subjects:
             if not subject or any(c.isspace() for c in subject) or ".." in subject:
-                raise ValueError(f"subjects: {subject!r} is not a valid NATS subject")
+                raise ConfigError(f"subjects: {subject!r} is not a valid NATS subject")
         if self.replicas < 1:
-            raise ValueError(f"replicas: must be at least 1, got {self.replicas}")
+            raise ConfigError(f"replicas: must be at least 1, got {self.replicas}")
         for name in (
             "max_age",
             "max_bytes",
@@ -68,19 +71,19 @@ class NATSConfig:
             "dlq_max_age",
         ):
             if getattr(self, name) < 0:
-                raise ValueError(f"{name}: must not be negative, got {getattr(self, name)}")
+                raise ConfigError(f"{name}: must not be negative, got {getattr(self, name)}")
         if self.connect_timeout == 0:
-            raise ValueError("connect_timeout: must be positive")
+            raise ConfigError("connect_timeout: must be positive")
         if self.max_age and self.duplicate_window > self.max_age:
-            raise ValueError(
+            raise ConfigError(
                 f"duplicate_window: {self.duplicate_window}s exceeds max_age {self.max_age}s"
             )
         self.subject_prefix  # noqa: B018 - raises when no subject ends in a wildcard
         prefix = self.dlq_subject_prefix
         if not prefix or any(c.isspace() or c in "*>" for c in prefix) or ".." in prefix:
-            raise ValueError(f"dlq_subject_prefix: {prefix!r} is not a valid subject prefix")
+            raise ConfigError(f"dlq_subject_prefix: {prefix!r} is not a valid subject prefix")
         if any(subjects_overlap(prefix + ".>", s) for s in self.subjects):
-            raise ValueError(
+            raise ConfigError(
                 f"dlq_subject_prefix: {prefix!r} overlaps the event subjects {list(self.subjects)}"
             )
 
@@ -91,7 +94,7 @@ class NATSConfig:
             head, _, last = subject.rpartition(".")
             if head and last == ">" and "*" not in head and ">" not in head:
                 return head + "."
-        raise ValueError(
+        raise ConfigError(
             f"subjects: none of {list(self.subjects)} ends in '.>', so event types "
             "(two tokens, as pin.requested) cannot be mapped to subjects"
         )
@@ -121,7 +124,7 @@ class NATSConfig:
             try:
                 values[f.name] = _parse(f, raw)
             except ValueError:
-                raise ValueError(f"{key}: {raw!r} is not a valid {f.name}") from None
+                raise ConfigError(f"{key}: {raw!r} is not a valid {f.name}") from None
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
 
@@ -137,7 +140,7 @@ def _parse(f: dataclasses.Field[Any], raw: str) -> Any:
 
 def _check_stream_name(field_name: str, name: str) -> None:
     if not name or any(c in _FORBIDDEN_IN_NAMES for c in name):
-        raise ValueError(
+        raise ConfigError(
             f"{field_name}: {name!r} is not a valid stream name "
             "(it must be non-empty, without '.', '*', '>' or spaces)"
         )

@@ -55,6 +55,17 @@ class DeadLetterRecord(msgspec.Struct, kw_only=True):
 _record_decoder = msgspec.json.Decoder(DeadLetterRecord)
 
 
+class DeadLetterUnreadable(GDCWorkerError, ValueError):
+    """A message in the dead-letter stream is not a record gdc-worker wrote."""
+
+
+def _entry(stream: str, seq: int, data: bytes) -> DeadLetterEntry:
+    try:
+        return DeadLetterEntry(seq, _record_decoder.decode(data))
+    except msgspec.DecodeError as exc:
+        raise DeadLetterUnreadable(f"{stream} #{seq} is not a dead-letter record: {exc}") from None
+
+
 @dataclass(frozen=True)
 class DeadLetterEntry:
     """A record and its id (its sequence in the dead-letter stream)."""
@@ -144,7 +155,7 @@ class DeadLetterQueue:
             if limit is not None and count >= limit:
                 return
             count += 1
-            yield DeadLetterEntry(message.seq, _record_decoder.decode(message.data))
+            yield _entry(self.stream, message.seq, message.data)
 
     async def get(self, entry_id: int) -> DeadLetterEntry:
         """One record by id; raises `DeadLetterNotFound`."""
@@ -153,7 +164,7 @@ class DeadLetterQueue:
             message = await self._bus.get_message(self.stream, entry_id)
         if message is None:
             raise DeadLetterNotFound(f"no dead letter with id {entry_id} in {self.stream}")
-        return DeadLetterEntry(message.seq, _record_decoder.decode(message.data))
+        return _entry(self.stream, message.seq, message.data)
 
     async def replay(self, entry_id: int) -> DeadLetterEntry:
         """Publish the original message again on its subject, then remove the record.

@@ -7,6 +7,10 @@ class GDCWorkerError(Exception):
     """Root of all errors raised by gdc-worker."""
 
 
+class ConfigError(GDCWorkerError, ValueError):
+    """Raised by `NATSConfig` for a setting that is invalid; the message names it."""
+
+
 class EventError(GDCWorkerError, ValueError):
     """An event or its payload does not have the expected shape."""
 

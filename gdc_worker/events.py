@@ -236,15 +236,23 @@ def _require_aware(name: str, value: datetime) -> None:
 P = TypeVar("P", bound=msgspec.Struct)
 
 
+def _without_nulls(value: Any) -> Any:
+    """`value` with null map entries dropped at every depth: Go reads null as the zero value."""
+    if isinstance(value, dict):
+        return {k: _without_nulls(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_without_nulls(v) for v in value]
+    return value
+
+
 def parse_event_data(event: Event, payload_type: type[P]) -> P:
     """Decode `event.data` into `payload_type`; raises `EventDataError` on a mistyped value.
 
     As in Go, unknown keys are ignored and missing or null values take their zero value (Go
     writes a nil list or map as null).
     """
-    data = {key: value for key, value in (event.data or {}).items() if value is not None}
     try:
-        return msgspec.convert(data, payload_type)
+        return msgspec.convert(_without_nulls(event.data or {}), payload_type)
     except msgspec.ValidationError as exc:
         raise EventDataError(
             f"data of {event.type} event {event.id} does not fit {payload_type.__name__}: {exc}"

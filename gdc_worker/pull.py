@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import time
 from typing import TYPE_CHECKING
@@ -18,7 +19,7 @@ import anyio
 import msgspec
 import nats.errors
 
-from .errors import SubscriptionError
+from .errors import ConnectionFailed, SubscriptionError
 
 if TYPE_CHECKING:
     from nats.aio.client import Client as NATS
@@ -70,23 +71,29 @@ class Delivery:
 
     async def ack(self) -> None:
         """The message is handled; JetStream forgets it for this consumer."""
-        await self._nc.publish(self.reply, _ACK)
+        await self._send(_ACK)
 
     async def nak(self, delay: float = 0.0) -> None:
         """Redeliver the message after `delay` seconds (at once for 0)."""
         payload = _NAK
         if delay > 0:
             payload += b" " + msgspec.json.encode({"delay": int(delay * 1e9)})
-        await self._nc.publish(self.reply, payload)
+        await self._send(payload)
 
     async def in_progress(self) -> None:
         """Still working: restart the consumer's ack wait for this message."""
-        await self._nc.publish(self.reply, _WPI)
+        await self._send(_WPI)
 
     async def term(self, reason: str = "") -> None:
         """Never redeliver; the reason shows in the server's advisory."""
-        payload = _TERM + b" " + reason.encode()[:256] if reason else _TERM
-        await self._nc.publish(self.reply, payload)
+        await self._send(_TERM + b" " + reason.encode()[:256] if reason else _TERM)
+
+    async def _send(self, payload: bytes) -> None:
+        try:
+            await self._nc.publish(self.reply, payload)
+        except nats.errors.Error as exc:
+            # Unsent, JetStream redelivers the message after the consumer's ack wait.
+            raise ConnectionFailed(f"cannot settle message #{self.stream_seq}: {exc}") from None
 
 
 class PullConsumer:
@@ -123,7 +130,7 @@ class PullConsumer:
         self._held: dict[int, tuple[Delivery, float]] = {}
         self._last_seen = time.monotonic()
         self._stopping = anyio.Event()
-        self._failure: SubscriptionError | None = None
+        self._failure: Exception | None = None
         self._sub: Subscription | None = None
         self._inbox = nc.new_inbox()
         self._handoff = _Handoff()
@@ -161,6 +168,10 @@ class PullConsumer:
         finally:
             self._end()
 
+    def fail(self, failure: Exception) -> None:
+        """Make `watch()` raise `failure` (the connection is gone for good)."""
+        self._failure = failure
+
     def stop_fetching(self) -> None:
         """Issue no more pull requests and nak what arrives from now on; `stop()` finishes it."""
         self._stopping.set()
@@ -176,11 +187,13 @@ class PullConsumer:
         sub, self._sub = self._sub, None
         if sub is None:
             return
-        with anyio.CancelScope(shield=True):
-            try:
-                await sub.drain()  # type: ignore[no-untyped-call]  # queued ones reach _on_msg: nak
-            except (nats.errors.Error, TimeoutError):
-                await sub.unsubscribe()  # disconnected: the server drops the requests anyway
+        with anyio.CancelScope(shield=True), contextlib.suppress(nats.errors.Error, TimeoutError):
+            if self._nc.is_connected:
+                with anyio.move_on_after(self._heartbeat):
+                    await sub.drain()  # type: ignore[no-untyped-call]  # queued: _on_msg naks
+                    return
+            # Disconnected (the server drops our requests anyway) or slow: just let go.
+            await sub.unsubscribe()
 
     async def close(self) -> None:
         """Stop, and nak the deliveries that were never taken with `next()`."""

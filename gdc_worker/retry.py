@@ -1,7 +1,8 @@
 """What happens after a handler fails: in-process retries (tenacity) and the settle decision.
 
 `decide()` is a pure function from (outcome, delivery count, options) to one settlement: ack,
-nak with a delay, or dead-letter. `run_with_retry()` runs one delivery's attempts.
+nak with a delay, or dead-letter. `retry_failed()` runs a delivery's attempts after a first
+one failed.
 """
 
 from __future__ import annotations
@@ -88,21 +89,8 @@ class RetryPolicy:
         return f"RetryPolicy(stop={self.retrying.stop!r}, wait={self.retrying.wait!r})"
 
 
-#: Three quick attempts (about 0.1 s and 0.2 s apart, plus up to 50 ms of jitter) before a nak.
+#: Three quick attempts (waits of 0.05-0.10 s, then 0.10-0.15 s, jitter included) before a nak.
 DEFAULT_RETRY = RetryPolicy.attempts(3)
-
-
-async def run_with_retry(
-    policy: RetryPolicy | None,
-    attempt: Callable[[], Awaitable[Any]],
-) -> None:
-    """Run `attempt` until it succeeds or `policy` gives up; re-raises the last error."""
-    try:
-        await attempt()
-    except Exception as exc:
-        error = await retry_failed(policy, attempt, exc)
-        if error is not None:
-            raise error from None
 
 
 async def retry_failed(

@@ -1,7 +1,9 @@
 """Running an `App`: one durable pull consumer per handler, a bounded pool of workers each.
 
-Every delivery is settled exactly once, in `_HandlerRunner._settle`: ack, nak with a delay, or
-dead-letter then terminate (nak instead if the dead letter cannot be written).
+A delivery that a handler ran for is settled once, in `_HandlerRunner._settle`: ack, nak with
+a delay, or dead-letter then terminate (nak instead if the dead letter cannot be written). The
+only other settlement is the immediate nak of a delivery handed back on shutdown: one taken
+after stopping, or one whose handler a forced stop cancelled.
 """
 
 from __future__ import annotations
@@ -235,22 +237,24 @@ class _HandlerRunner:
             args = (event, Context(self._bus, event, delivery, spec.name))
         self._running += 1
         try:
-            if spec.timeout is None:
-                await spec.call(*args)
-            else:
-                await _with_timeout(spec.timeout, spec.call, args)
+            try:
+                if spec.timeout is None:
+                    await spec.call(*args)
+                else:
+                    await _with_timeout(spec.timeout, spec.call, args)
+                return None
+            except Exception as exc:
+                first_error = exc
+            attempt: Callable[[], Awaitable[Any]] = functools.partial(spec.call, *args)
+            if spec.timeout is not None:
+                attempt = functools.partial(_with_timeout, spec.timeout, spec.call, args)
+            return await retry_failed(spec.retry, attempt, first_error)
         except anyio.get_cancelled_exc_class():
             with anyio.CancelScope(shield=True):
                 await delivery.nak()  # cancelled by a forced stop: let another replica have it
             raise
-        except Exception as exc:
-            attempt: Callable[[], Awaitable[Any]] = functools.partial(spec.call, *args)
-            if spec.timeout is not None:
-                attempt = functools.partial(_with_timeout, spec.timeout, spec.call, args)
-            return await retry_failed(spec.retry, attempt, exc)
         finally:
             self._running -= 1
-        return None
 
     async def _settle(
         self,
@@ -261,6 +265,7 @@ class _HandlerRunner:
     ) -> None:
         # Ack and nak need no shield: nats-py queues the command before it can suspend, so a
         # cancellation cannot drop it half-way. Dead-lettering waits for replies: shielded.
+        # (The naks on shutdown are shielded because they follow a cancellation.)
         if isinstance(decision, Ack):
             await delivery.ack()
             return

@@ -8,6 +8,7 @@ import threading
 from collections.abc import Callable
 from typing import Any, cast
 
+import anyio
 import pytest
 
 from gdc_worker import (
@@ -23,6 +24,7 @@ from gdc_worker import (
     WorkerError,
     new_node_up_event,
 )
+from gdc_worker.bus import as_async
 from gdc_worker.retry import DEFAULT_BACKOFF, DEFAULT_RETRY
 
 # -- accepted handlers ---------------------------------------------------------------------------
@@ -181,13 +183,12 @@ def test_registration_defaults() -> None:
         ("svc", "svc-handle_pin"),
         ("my.svc", "my-svc-handle_pin"),
         ("gdc.scheduler.v2", "gdc-scheduler-v2-handle_pin"),
-        ("my svc", "my-svc-handle_pin"),
     ],
 )
 def test_default_durable_is_app_dash_function_made_safe(app_name: str, durable: str) -> None:
-    """Given an app whose name may hold dots or spaces,
+    """Given an app whose name may hold dots,
     when a handler is registered without `durable=`,
-    then its durable is `<app>-<function>` with those replaced by '-' (a valid consumer name)."""
+    then its durable is `<app>-<function>` with dots replaced by '-' (a valid consumer name)."""
     app = App(app_name)
 
     @app.on("pin.requested")
@@ -408,6 +409,8 @@ def test_several_invalid_options_are_reported_together() -> None:
     [
         ("", {}, "app name '' must be letters, digits"),
         ("svc/x", {}, "app name 'svc/x' must be letters, digits"),
+        ("my svc", {}, "app name 'my svc' must be letters, digits"),
+        ("pin.*", {}, "app name 'pin.*' must be letters, digits"),
         ("svc", {"concurrency": 0}, "concurrency must be at least 1, got 0"),
     ],
 )
@@ -467,3 +470,17 @@ def test_a_worker_with_concurrency_zero_is_refused() -> None:
     then it raises WorkerError naming the value."""
     with pytest.raises(WorkerError, match="concurrency must be at least 1, got 0"):
         Worker(two_handler_app(), concurrency=0)
+
+
+async def _double(value: int) -> int:
+    return 2 * value
+
+
+def test_a_plain_function_returning_a_coroutine_is_awaited() -> None:
+    """Given a plain function that returns a coroutine (a sync decorator around an async
+    handler), when called through the worker's adapter, the coroutine is run, not dropped."""
+
+    def wrapper(value: int) -> Any:
+        return _double(value)
+
+    assert anyio.run(as_async(wrapper), 21) == 42

@@ -896,18 +896,37 @@ def test_dlq_replay_all_of_a_type(dead_letters: DeadLetters) -> None:
 
 
 @pytest.mark.parametrize("command", ["replay", "purge"])
-@pytest.mark.parametrize("selection", [[], ["1", "--all"]], ids=["neither", "both"])
+@pytest.mark.parametrize(
+    ("selection", "said"),
+    [
+        ([], "give entry IDs or --all"),
+        (["1", "--all"], "give entry IDs or --all"),
+        (["1", "--type", "node.down"], "--type and --consumer go with --all"),
+    ],
+    ids=["neither", "both", "ids-with-filter"],
+)
 def test_dlq_replay_and_purge_need_ids_or_all(
-    dead_letters: DeadLetters, command: str, selection: list[str]
+    dead_letters: DeadLetters, command: str, selection: list[str], said: str
 ) -> None:
     """Given three dead letters,
-    when `dlq replay`/`dlq purge` runs with neither IDs nor --all (or with both),
+    when `dlq replay`/`dlq purge` runs with neither IDs nor --all, with both, or with IDs and
+    a filter (which would be ignored),
     then it is a usage error (exit 2) that says what to give, and nothing changes."""
     result = dead_letters.cli(command, *selection)
 
     assert result.exit_code == 2, result.output
-    assert "give entry IDs or --all" in result.stderr
+    assert said in result.stderr
     assert dead_letters.pairs(dead_letters.rows()) == ALL_DEAD
+
+
+def test_invalid_setting_in_the_environment_is_one_error_line() -> None:
+    """Given GDC_NATS_REPLICAS=x in the environment,
+    when any command reads the config,
+    then it exits 1 with one line naming the variable, no traceback."""
+    result = CliRunner().invoke(main, ["dlq", "list"], env={"GDC_NATS_REPLICAS": "x"})
+
+    assert result.exit_code == 1, result.output
+    assert result.stderr.strip() == "Error: GDC_NATS_REPLICAS: 'x' is not a valid replicas"
 
 
 @pytest.mark.parametrize(

@@ -727,3 +727,17 @@ def test_event_type_compares_equal_to_its_wire_string(wire: str) -> None:
     assert str(member) == wire
     assert {wire: "handler"}[member] == "handler"
     assert Event.from_json(json.dumps(_valid_event(type=wire))).type == member
+
+
+def test_nested_nulls_parse_as_zero_values_as_in_go() -> None:
+    """Given a plan.ready whose assignment has a null node id (Go's zero value is ""),
+    when parsed, the assignment comes back with an empty node id instead of an error."""
+    event = Event.from_json(
+        b'{"id":"x","type":"plan.ready","source":"s","subject":"c","data":{"cid":"c",'
+        b'"assignments":[{"node_id":null,"cluster_id":"k","zone_id":"z"}]},'
+        b'"timestamp":"2026-11-26T09:30:15Z","version":"1.0"}'
+    )
+
+    plan = parse_event_data(event, PlanReadyEvent)
+
+    assert plan.assignments == [Assignment(node_id="", cluster_id="k", zone_id="z")]

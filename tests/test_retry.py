@@ -1,9 +1,10 @@
-"""Retries and settle decisions, without a server: `decide`, `exhausted`, `run_with_retry`."""
+"""Retries and settle decisions, without a server: `decide`, `exhausted`, `retry_failed`."""
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import anyio
 import pytest
@@ -25,7 +26,7 @@ from gdc_worker.retry import (
     Nak,
     decide,
     exhausted,
-    run_with_retry,
+    retry_failed,
 )
 
 #: A policy that retries fast: three attempts about a millisecond apart.
@@ -161,7 +162,17 @@ def test_a_delivery_past_max_deliver_is_dead_lettered_unrun(
     assert f"max_deliver={max_deliver}" in decision.reason
 
 
-# -- run_with_retry ------------------------------------------------------------------------------
+# -- retry_failed --------------------------------------------------------------------------------
+
+
+async def run_with_retry(policy: RetryPolicy | None, attempt: Callable[[], Awaitable[Any]]) -> None:
+    """What the worker does with a handler: one attempt, then `retry_failed` if it raised."""
+    try:
+        await attempt()
+    except Exception as exc:
+        error = await retry_failed(policy, attempt, exc)
+        if error is not None:
+            raise error from None
 
 
 @pytest.mark.anyio
