@@ -130,6 +130,7 @@ class PullConsumer:
         self._held: dict[int, tuple[Delivery, float]] = {}
         self._last_seen = time.monotonic()
         self._stopping = anyio.Event()
+        self._woken = anyio.Event()  # set on stop or failure: watch() acts at once
         self._failure: Exception | None = None
         self._sub: Subscription | None = None
         self._inbox = nc.new_inbox()
@@ -156,7 +157,7 @@ class PullConsumer:
         try:
             while not self._stopping.is_set():
                 with anyio.move_on_after(self._heartbeat):
-                    await self._stopping.wait()
+                    await self._woken.wait()
                 if self._failure is not None:
                     raise self._failure
                 silent = time.monotonic() - self._last_seen > 2 * self._heartbeat
@@ -171,10 +172,12 @@ class PullConsumer:
     def fail(self, failure: Exception) -> None:
         """Make `watch()` raise `failure` (the connection is gone for good)."""
         self._failure = failure
+        self._woken.set()
 
     def stop_fetching(self) -> None:
         """Issue no more pull requests and nak what arrives from now on; `stop()` finishes it."""
         self._stopping.set()
+        self._woken.set()
 
     async def stop(self) -> None:
         """Ask for no more messages.
@@ -245,7 +248,7 @@ class PullConsumer:
             return
         description = headers.get("Description", "")
         if status == "409" and description.startswith(_FATAL_409):
-            self._failure = SubscriptionError(f"consumer {self.name}: {description}")
+            self.fail(SubscriptionError(f"consumer {self.name}: {description}"))
             return
         # 404/408/409: a request ended; the pending count says how many it never delivered.
         pending = headers.get(_PENDING_MSGS)

@@ -9,6 +9,7 @@ from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import anyio
 import anyio.abc
@@ -21,12 +22,14 @@ from nats.js.api import ConsumerInfo
 
 from gdc_worker import (
     App,
+    ConnectionFailed,
     Context,
     DeadLetterQueue,
     DeadLetterRecord,
     Event,
     NATSConfig,
     NATSEventBus,
+    NATSServer,
     PinRequestedEvent,
     PlanReadyEvent,
     Reject,
@@ -890,3 +893,34 @@ async def test_an_event_whose_type_is_no_subject_token_can_still_be_dead_lettere
 
     assert record.event == event
     assert len(calls.items) == 1
+
+
+async def test_worker_exits_with_connection_failed_when_nats_is_gone_for_good(
+    tmp_path: Path,
+) -> None:
+    """Given a worker whose reconnects are limited (1 attempt, 0.1 s apart),
+    when its nats-server dies and stays down,
+    then `run` ends with ConnectionFailed (so a supervisor restarts the process) instead of
+    idling as if healthy."""
+    with NATSServer(store_dir=tmp_path / "store") as server:
+        config = NATSConfig(
+            url=server.url, connect_timeout=1.0, reconnect_wait=0.1, max_reconnect_attempts=1
+        )
+        app = App("svc", config)
+
+        @app.on("node.up")
+        async def handle(event: Event) -> None:
+            pass
+
+        worker = Worker(app)
+        with anyio.fail_after(15):
+            try:
+                async with anyio.create_task_group() as tg:
+                    await tg.start(worker.run)
+                    server.kill()
+            except BaseExceptionGroup as group:
+                failed, _ = group.split(ConnectionFailed)
+            else:
+                failed = None
+
+    assert failed is not None, "run ended without ConnectionFailed"
