@@ -53,7 +53,7 @@ from .events import (
 )
 from .retry import Reject, Retry, RetryPolicy
 from .server import NATSServer
-from .worker import Worker, WorkerError
+from .worker import Worker, WorkerError, serve
 
 __all__ = [
     "AlertTriggeredEvent",
@@ -109,4 +109,5 @@ __all__ = [
     "new_zone_down_event",
     "new_zone_up_event",
     "parse_event_data",
+    "serve",
 ]
