@@ -445,11 +445,16 @@ class NATSEventBus:
     async def publish_event_async(self, event: Event) -> None:
         """Publish without waiting for the ack; `flush()` reports the events that failed.
 
-        Waits only when `MAX_PENDING_PUBLISHES` acks are outstanding.
+        Waits only when `MAX_PENDING_PUBLISHES` acks are outstanding, and for at most the
+        connect timeout: acks that do not come by then count as failed.
         """
         while len(self._pending) >= MAX_PENDING_PUBLISHES:
             self._window.clear()
-            await self._window.wait()
+            with anyio.move_on_after(self.config.connect_timeout):
+                await self._window.wait()
+            if not self._window.is_set():  # acks lost (a reconnect): count those as failed
+                for token in list(self._pending):
+                    self._settle_publish(token, "no acknowledgement while the window was full")
         if not self._ack_prefix:
             self._ack_prefix = self._nc.new_inbox() + "."
             await self._nc.subscribe(self._ack_prefix + "*", cb=self._on_publish_ack)

@@ -63,7 +63,9 @@ def supervise(command: Sequence[str], processes: int, *, poll: float = 0.2) -> i
                     code,
                     delay,
                 )
-                time.sleep(delay)
+                restart_at = time.monotonic() + delay
+                while not signals and time.monotonic() < restart_at:
+                    time.sleep(poll)  # in steps, so a signal is not kept waiting
                 if not signals:
                     replicas[n] = _spawn(command, replica.index, restart_delay=delay)
         codes = [replica.process.wait() for replica in replicas]
