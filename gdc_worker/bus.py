@@ -580,7 +580,7 @@ class _Subscription:
             await self._call(event)
         except anyio.get_cancelled_exc_class():
             with anyio.CancelScope(shield=True):
-                await delivery.nak()
+                await self._consumer.hand_back(delivery)
             raise
         except Exception:
             log.exception(

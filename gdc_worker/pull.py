@@ -133,6 +133,7 @@ class PullConsumer:
         self._woken = anyio.Event()  # set on stop or failure: watch() acts at once
         self._failure: Exception | None = None
         self._sub: Subscription | None = None
+        self._returned: list[Delivery] = []  # handed back while our pull requests were open
         self._inbox = nc.new_inbox()
         self._handoff = _Handoff()
 
@@ -167,7 +168,7 @@ class PullConsumer:
                     log.info("pull requests for %s went silent; re-issuing", self.name)
                     await self.reset()
         finally:
-            self._end()
+            self._handoff.end()
 
     def fail(self, failure: Exception) -> None:
         """Make `watch()` raise `failure` (the connection is gone for good)."""
@@ -175,7 +176,7 @@ class PullConsumer:
         self._woken.set()
 
     def stop_fetching(self) -> None:
-        """Issue no more pull requests and nak what arrives from now on; `stop()` finishes it."""
+        """Issue no more pull requests and hand back what arrives; `stop()` finishes it."""
         self._stopping.set()
         self._woken.set()
 
@@ -184,30 +185,48 @@ class PullConsumer:
 
         Dropping interest in the inbox makes the server discard our open pull requests, so
         nothing more comes to this consumer; what was already on its way is nak'd at once for
-        another replica. Deliveries already handed out stay valid.
+        another replica, as are those given to `hand_back()` so far. Deliveries already handed
+        out stay valid.
         """
         self.stop_fetching()
         sub, self._sub = self._sub, None
         if sub is None:
             return
-        with anyio.CancelScope(shield=True), contextlib.suppress(nats.errors.Error, TimeoutError):
-            if self._nc.is_connected:
-                with anyio.move_on_after(self._heartbeat):
-                    await sub.drain()  # type: ignore[no-untyped-call]  # queued: _on_msg naks
-                    return
-            # Disconnected (the server drops our requests anyway) or slow: just let go.
-            await sub.unsubscribe()
+        with anyio.CancelScope(shield=True):
+            with contextlib.suppress(nats.errors.Error, TimeoutError):
+                if self._nc.is_connected:
+                    with anyio.move_on_after(self._heartbeat):
+                        # Sends the UNSUB first, then what is queued reaches _on_msg.
+                        await sub.drain()  # type: ignore[no-untyped-call]
+                        sub = None
+                if sub is not None:
+                    # Disconnected (the server drops our requests anyway) or slow: let go.
+                    await sub.unsubscribe()
+            returned, self._returned = self._returned, []
+            log.debug("%s stopped; handing back %d delivery(ies)", self.name, len(returned))
+            with contextlib.suppress(ConnectionFailed):
+                for delivery in returned:
+                    await delivery.nak()
+
+    async def hand_back(self, delivery: Delivery) -> None:
+        """Give a delivery back to JetStream at once, for another replica (not to this one).
+
+        A nak while our pull requests are open would come straight back to us, so until
+        `stop()` has dropped them, the delivery is kept and nak'd there.
+        """
+        if self._sub is not None:
+            self._returned.append(delivery)
+        else:
+            await delivery.nak()
 
     async def close(self) -> None:
         """Stop, and nak the deliveries that were never taken with `next()`."""
         await self.stop()
-        self._end()
-        with anyio.CancelScope(shield=True):
+        self._handoff.end()
+        # Without a connection the naks cannot go: those come back after the ack wait.
+        with anyio.CancelScope(shield=True), contextlib.suppress(ConnectionFailed):
             for delivery in self._handoff.take_all():
                 await delivery.nak()
-
-    def _end(self) -> None:
-        self._handoff.end()
 
     async def reset(self) -> None:
         """Forget outstanding requests (they are gone after a reconnect) and ask again."""
@@ -236,7 +255,7 @@ class PullConsumer:
         if status is None:
             delivery = Delivery(self._nc, msg)
             if self._stopping.is_set():
-                await delivery.nak()
+                await self.hand_back(delivery)
                 return
             if self._requested:
                 self._requested -= 1

@@ -198,7 +198,8 @@ class _HandlerRunner:
                 return
             if self._stopping:
                 with anyio.CancelScope(shield=True):
-                    await delivery.nak()  # fetched but not started: another replica takes it
+                    # Fetched but not started: another replica takes it.
+                    await self._consumer.hand_back(delivery)
             else:
                 await self._process(delivery)
             await self._consumer.release(delivery)
@@ -251,7 +252,8 @@ class _HandlerRunner:
             return await retry_failed(spec.retry, attempt, first_error)
         except anyio.get_cancelled_exc_class():
             with anyio.CancelScope(shield=True):
-                await delivery.nak()  # cancelled by a forced stop: let another replica have it
+                # Cancelled by a forced stop: let another replica have it.
+                await self._consumer.hand_back(delivery)
             raise
         finally:
             self._running -= 1
