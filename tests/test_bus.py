@@ -53,47 +53,26 @@ from gdc_worker import (
     parse_event_data,
 )
 from gdc_worker.bus import _Client as FastClient
+from tests.recording import ARRIVAL_TIMEOUT, Recording
 
 pytestmark = pytest.mark.anyio
 
-#: Deadline for an event that should arrive at once; generous for a loaded CI machine.
-ARRIVAL_TIMEOUT = 10.0
 TRACE_HEADER = "Gdc-Trace-Id"
 MSG_ID_HEADER = "Nats-Msg-Id"
 
 
-class Collector:
+class Collector(Recording[Event]):
     """A handler that records the events it gets; tests wait on it with a deadline."""
 
     def __init__(self) -> None:
-        self.events: list[Event] = []
-        self._arrived = anyio.Event()
+        super().__init__(lambda event: event)
 
     async def __call__(self, event: Event) -> None:
-        self.events.append(event)
-        self._arrived.set()
-        self._arrived = anyio.Event()
+        self.note(event)
 
     @property
-    def ids(self) -> list[str]:
-        return [event.id for event in self.events]
-
-    async def wait_until(
-        self, done: Callable[[list[Event]], bool], timeout: float = ARRIVAL_TIMEOUT
-    ) -> list[Event]:
-        """Wait until `done(events)` holds; fail the test after `timeout` seconds."""
-        with anyio.fail_after(timeout):
-            while not done(self.events):
-                await self._arrived.wait()
-        return self.events
-
-    async def wait_for(self, count: int, timeout: float = ARRIVAL_TIMEOUT) -> list[Event]:
-        """Wait until at least `count` events arrived."""
-        return await self.wait_until(lambda events: len(events) >= count, timeout)
-
-    async def wait_for_event(self, event: Event, timeout: float = ARRIVAL_TIMEOUT) -> list[Event]:
-        """Wait until `event` (by id) arrived."""
-        return await self.wait_until(lambda events: event.id in {e.id for e in events}, timeout)
+    def events(self) -> list[Event]:
+        return self.items
 
 
 @pytest.fixture

@@ -42,11 +42,10 @@ from gdc_worker import (
     new_plan_ready_event,
     parse_event_data,
 )
+from tests.recording import ARRIVAL_TIMEOUT, Recording
 
 pytestmark = pytest.mark.anyio
 
-#: Deadline for something that should happen at once; generous for a loaded CI machine.
-ARRIVAL_TIMEOUT = 10.0
 #: Deadline for events handed back by a stopped worker: far below their 30 s ack wait.
 HANDBACK_TIMEOUT = 5.0
 #: How long a test's workers may take to stop once asked.
@@ -74,48 +73,24 @@ class Call:
     thread: int
 
 
-class Calls:
+class Calls(Recording[Call]):
     """A record of handler calls; tests wait on it with a deadline."""
 
     def __init__(self) -> None:
-        self.items: list[Call] = []
-        self._changed = anyio.Event()
+        super().__init__(lambda call: call.event)
 
     def record(self, event: Event, ctx: Context | None = None, thread: int | None = None) -> None:
         """Note a call (on the event loop's thread; see `record_from_thread`)."""
         deliveries = ctx.deliveries if ctx is not None else 0
         thread = thread if thread is not None else threading.get_ident()
-        self.items.append(Call(event, deliveries, time.monotonic(), REPLICA.get(), thread))
-        self._changed.set()
-        self._changed = anyio.Event()
+        self.note(Call(event, deliveries, time.monotonic(), REPLICA.get(), thread))
 
     def record_from_thread(self, event: Event, ctx: Context | None = None) -> None:
         """Note a call made in a worker thread (a sync handler), with that thread's id."""
         anyio.from_thread.run_sync(self.record, event, ctx, threading.get_ident())
 
-    @property
-    def ids(self) -> list[str]:
-        return [call.event.id for call in self.items]
-
     def of(self, event: Event) -> list[Call]:
         return [call for call in self.items if call.event.id == event.id]
-
-    async def wait_until(
-        self, done: Callable[[list[Call]], bool], timeout: float = ARRIVAL_TIMEOUT
-    ) -> list[Call]:
-        """Wait until `done(calls)` holds; fail the test after `timeout` seconds."""
-        with anyio.fail_after(timeout):
-            while not done(self.items):
-                await self._changed.wait()
-        return self.items
-
-    async def wait_for(self, count: int, timeout: float = ARRIVAL_TIMEOUT) -> list[Call]:
-        """Wait until at least `count` calls were made."""
-        return await self.wait_until(lambda calls: len(calls) >= count, timeout)
-
-    async def wait_for_event(self, event: Event, timeout: float = ARRIVAL_TIMEOUT) -> list[Call]:
-        """Wait until `event` was handled (by id)."""
-        return await self.wait_until(lambda calls: event.id in {c.event.id for c in calls}, timeout)
 
 
 async def _run(
