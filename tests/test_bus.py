@@ -9,14 +9,13 @@ import threading
 import time
 import uuid
 import warnings
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import anyio
 import anyio.from_thread
 import msgspec
-import nats
 import pytest
 from nats.aio.client import Client
 from nats.js import JetStreamContext
@@ -73,16 +72,6 @@ class Collector(Recording[Event]):
     @property
     def events(self) -> list[Event]:
         return self.items
-
-
-@pytest.fixture
-async def jetstream(nats_config: NATSConfig) -> AsyncIterator[JetStreamContext]:
-    """A plain nats-py JetStream client on the test's server, to look behind the bus."""
-    nc = await nats.connect(nats_config.url)
-    try:
-        yield nc.jetstream()
-    finally:
-        await nc.close()
 
 
 async def consumer_info(js: JetStreamContext, stream: str, durable: str) -> ConsumerInfo:

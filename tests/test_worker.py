@@ -126,16 +126,6 @@ async def running(*workers: Worker) -> AsyncIterator[list[anyio.Event]]:
                     await done.wait()
 
 
-@pytest.fixture
-async def jetstream(nats_config: NATSConfig) -> AsyncIterator[JetStreamContext]:
-    """A plain nats-py JetStream client on the test's server, to look behind the worker."""
-    nc = await nats.connect(nats_config.url)
-    try:
-        yield nc.jetstream()
-    finally:
-        await nc.close()
-
-
 async def consumer_info(
     js: JetStreamContext,
     stream: str,
