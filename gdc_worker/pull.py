@@ -44,7 +44,6 @@ class Delivery:
 
     __slots__ = (
         "_nc",
-        "consumer",
         "data",
         "deliveries",
         "headers",
@@ -65,7 +64,6 @@ class Delivery:
         tokens = msg.reply.split(".")
         base = 2 if len(tokens) == 9 else 4
         self.stream: str = tokens[base]
-        self.consumer: str = tokens[base + 1]
         self.deliveries: int = int(tokens[base + 2])
         self.stream_seq: int = int(tokens[base + 3])
 
