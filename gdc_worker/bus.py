@@ -378,7 +378,10 @@ class NATSEventBus:
     async def stream_messages(
         self, stream: str, subject: str | None = None, start_seq: int = 1
     ) -> AsyncIterator[StoredMessage]:
-        """The messages stored in `stream` (only those on `subject`, a pattern, if given)."""
+        """The messages stored in `stream` (only those on `subject`, a pattern, if given).
+
+        None at all when the stream does not exist.
+        """
         seq = start_seq
         while True:
             try:
@@ -392,7 +395,7 @@ class NATSEventBus:
             seq = message.seq + 1
 
     async def get_message(self, stream: str, seq: int) -> StoredMessage | None:
-        """The message at `seq` in `stream`, or None if there is none (deleted or never stored)."""
+        """The message at `seq` in `stream`, or None if there is none (or no such stream)."""
         try:
             return _stored(await self._js.get_msg(stream, seq=seq))
         except nats.js.errors.NotFoundError:
@@ -408,16 +411,6 @@ class NATSEventBus:
             return False
         except (nats.errors.Error, TimeoutError) as exc:
             raise EventBusError(f"cannot delete {stream} #{seq}: {_describe(exc)}") from None
-
-    async def stream_exists(self, stream: str) -> bool:
-        """Whether the stream exists on the server."""
-        try:
-            await self._js.stream_info(stream)
-        except nats.js.errors.NotFoundError:
-            return False
-        except (nats.errors.Error, TimeoutError) as exc:
-            raise EventBusError(f"cannot look up stream {stream}: {_describe(exc)}") from None
-        return True
 
     # -- publishing ---------------------------------------------------------------------------
 

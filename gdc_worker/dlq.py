@@ -147,8 +147,6 @@ class DeadLetterQueue:
         limit: int | None = None,
     ) -> AsyncIterator[DeadLetterEntry]:
         """Records in id order, optionally only of one event type and/or consumer."""
-        if not await self._bus.stream_exists(self.stream):
-            return
         subject = f"{self.prefix}.{consumer or '*'}.{event_type or '>'}"
         count = 0
         async for message in self._bus.stream_messages(self.stream, subject):
@@ -159,9 +157,7 @@ class DeadLetterQueue:
 
     async def get(self, entry_id: int) -> DeadLetterEntry:
         """One record by id; raises `DeadLetterNotFound`."""
-        message = None
-        if await self._bus.stream_exists(self.stream):
-            message = await self._bus.get_message(self.stream, entry_id)
+        message = await self._bus.get_message(self.stream, entry_id)  # None: no such stream too
         if message is None:
             raise DeadLetterNotFound(f"no dead letter with id {entry_id} in {self.stream}")
         return _entry(self.stream, message.seq, message.data)
