@@ -53,7 +53,7 @@ class Progress:
 async def run_gdc(args: argparse.Namespace, progress: Progress) -> None:
     """gdc-worker's runner with default settings and a no-op handler."""
     config = NATSConfig(
-        url=args.url, stream_name=args.stream, subjects=(f"{args.subject_prefix}>",)
+        url=args.url, stream_name=args.stream, stream_subjects=(f"{args.subject_prefix}>",)
     )
     app = App("bench", config)
 

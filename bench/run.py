@@ -44,7 +44,7 @@ from gdc_worker import (
     Worker,
     new_pin_requested_event,
 )
-from gdc_worker.bus import event_headers
+from gdc_worker.events import event_headers
 
 ROOT = Path(__file__).resolve().parents[1]
 _ids = itertools.count(1)
@@ -170,7 +170,7 @@ async def bench_publish(bench: Bench, events: list[Event], sync_n: int) -> dict[
         await asyncio.gather(*acks)
 
     def gdc_config(stream: str, prefix: str) -> NATSConfig:
-        return NATSConfig(url=bench.url, stream_name=stream, subjects=(prefix + ">",))
+        return NATSConfig(url=bench.url, stream_name=stream, stream_subjects=(prefix + ">",))
 
     async def gdc_sync(stream: str, prefix: str) -> None:
         async with await NATSEventBus.connect(gdc_config(stream, prefix)) as bus:
@@ -250,7 +250,7 @@ async def _latency_consumer(
     bench: Bench, impl: str, stream: str, prefix: str, durable: str, on_event: Callable[[], None]
 ) -> AsyncIterator[None]:
     if impl == "gdc":
-        config = NATSConfig(url=bench.url, stream_name=stream, subjects=(prefix + ">",))
+        config = NATSConfig(url=bench.url, stream_name=stream, stream_subjects=(prefix + ">",))
         app = App("latency", config)
 
         @app.on(">", durable=durable)

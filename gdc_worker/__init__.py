@@ -1,26 +1,25 @@
 """gdc-worker: typed GDC events and event-driven workers on NATS JetStream."""
 
-from .app import App, Context, HandlerDefinitionError
-from .bus import NATSEventBus
+from .app import App, Context, HandlerSpec
+from .bus import Delivery, NATSEventBus
 from .config import NATSConfig
-from .dlq import (
-    DeadLetterEntry,
-    DeadLetterNotFound,
-    DeadLetterQueue,
-    DeadLetterRecord,
-    DeadLetterUnreadable,
-)
+from .dlq import DeadLetterEntry, DeadLetterQueue, DeadLetterRecord
 from .errors import (
     ConfigError,
     ConnectionFailed,
+    DeadLetterNotFound,
+    DeadLetterUnreadable,
     EventBusError,
     EventDataError,
     EventDecodeError,
     EventError,
     GDCWorkerError,
+    HandlerDefinitionError,
     NATSServerError,
     PublishError,
     SubscriptionError,
+    TargetError,
+    WorkerError,
 )
 from .events import (
     AlertTriggeredEvent,
@@ -51,22 +50,28 @@ from .events import (
     new_zone_up_event,
     parse_event_data,
 )
+from .hooks import Hook
 from .retry import Reject, Retry, RetryPolicy
 from .server import NATSServer
-from .worker import Worker, WorkerError, serve
+from .settle import Ack, DeadLetter, Decision, Nak
+from .worker import Worker, serve
 
 __all__ = [
+    "Ack",
     "AlertTriggeredEvent",
     "App",
     "Assignment",
     "ConfigError",
     "ConnectionFailed",
     "Context",
+    "DeadLetter",
     "DeadLetterEntry",
     "DeadLetterNotFound",
     "DeadLetterQueue",
     "DeadLetterRecord",
     "DeadLetterUnreadable",
+    "Decision",
+    "Delivery",
     "Event",
     "EventBusError",
     "EventDataError",
@@ -76,11 +81,14 @@ __all__ = [
     "ExecProgressEvent",
     "GDCWorkerError",
     "HandlerDefinitionError",
+    "HandlerSpec",
     "HealthChangedEvent",
+    "Hook",
     "NATSConfig",
     "NATSEventBus",
     "NATSServer",
     "NATSServerError",
+    "Nak",
     "PinRequestedEvent",
     "PlanReadyEvent",
     "PolicyUpdatedEvent",
@@ -89,6 +97,7 @@ __all__ = [
     "Retry",
     "RetryPolicy",
     "SubscriptionError",
+    "TargetError",
     "Worker",
     "WorkerError",
     "new_alert_resolved_event",

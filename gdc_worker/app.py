@@ -4,32 +4,39 @@ from __future__ import annotations
 
 import inspect
 import logging
+import math
 import re
 from collections.abc import Awaitable, Callable, MutableMapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from .bus import as_async, check_pattern, safe_name
+import anyio
+
 from .config import NATSConfig
-from .errors import GDCWorkerError, SubscriptionError
+from .errors import HandlerDefinitionError, SubscriptionError
 from .events import Event
+from .hooks import Hook, Hooks
 from .retry import DEFAULT_BACKOFF, DEFAULT_RETRY, RetryPolicy
+from .subjects import check_pattern, safe_name
 
 if TYPE_CHECKING:
     from .bus import NATSEventBus
-    from .pull import Delivery
+    from .bus.pull import Delivery
 
-__all__ = ["App", "Context", "HandlerDefinitionError", "HandlerSpec"]
+__all__ = [
+    "App",
+    "Context",
+    "HandlerOptions",
+    "HandlerSpec",
+    "as_async",
+    "check_concurrency",
+    "handler_spec",
+]
 
 HandlerFunc = Callable[..., Awaitable[None] | None]
 F = TypeVar("F", bound=HandlerFunc)
 _DURABLE = re.compile(r"^[A-Za-z0-9_-]+$")
 _APP_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
-_APP_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
-
-
-class HandlerDefinitionError(GDCWorkerError, TypeError):
-    """Raised at import time by `@app.on(...)` for a handler that cannot work."""
 
 
 class Context:
@@ -79,25 +86,6 @@ class _EventLogger(logging.LoggerAdapter[logging.Logger]):
         return f"[event={extra['event_id']} trace={extra['trace_id'] or '-'}] {msg}", kwargs
 
 
-@dataclass(frozen=True)
-class HandlerSpec:
-    """One registered handler and the options of its durable consumer."""
-
-    name: str
-    pattern: str
-    durable: str
-    func: HandlerFunc
-    takes_context: bool
-    max_deliver: int
-    ack_wait: float
-    backoff: tuple[float, ...]
-    retry: RetryPolicy | None
-    timeout: float | None
-    concurrency: int | None
-    max_ack_pending: int | None
-    call: Callable[..., Awaitable[Any]] = field(repr=False, compare=False)
-
-
 class App:
     """A GDC service: a name, a NATS configuration and the handlers it runs.
 
@@ -105,17 +93,22 @@ class App:
     """
 
     def __init__(
-        self, name: str, config: NATSConfig | None = None, *, concurrency: int = 32
+        self,
+        name: str,
+        config: NATSConfig | None = None,
+        *,
+        concurrency: int = 32,
+        hooks: Sequence[Hook] = (),
     ) -> None:
         if not _APP_NAME.match(name):
             raise HandlerDefinitionError(
                 f"app name {name!r} must be letters, digits, '-', '_' or '.' (a dot becomes '-')"
             )
-        if concurrency < 1:
-            raise HandlerDefinitionError(f"concurrency must be at least 1, got {concurrency}")
+        check_concurrency(concurrency)
         self.name = name
         self._config = config
         self.concurrency = concurrency
+        self.hooks = Hooks(hooks)
         self.handlers: dict[str, HandlerSpec] = {}
 
     @property
@@ -147,46 +140,104 @@ class App:
         - `timeout`: seconds one attempt may run; `concurrency`: handler calls in flight per
           process (default: the app's); `max_ack_pending`: the consumer's limit across replicas.
         """
-        try:
-            check_pattern(str(pattern))
-        except SubscriptionError as exc:
-            raise HandlerDefinitionError(str(exc)) from None
-        _check_options(max_deliver, ack_wait, backoff, timeout, concurrency, max_ack_pending)
+        _check_pattern(pattern)
+        options = HandlerOptions(
+            max_deliver, ack_wait, tuple(backoff), retry, timeout, concurrency, max_ack_pending
+        )
 
         def register(func: F) -> F:
-            takes_context = _takes_context(func)
             name = getattr(func, "__name__", type(func).__name__)
-            consumer = durable or safe_name(f"{self.name}-{name}")
-            if not _DURABLE.match(consumer):
-                raise HandlerDefinitionError(
-                    f"durable {consumer!r} may hold only letters, digits, '-' and '_'"
-                )
-            taken = [s for s in self.handlers.values() if s.durable == consumer]
+            spec = handler_spec(func, pattern, durable or safe_name(f"{self.name}-{name}"), options)
+            taken = [s for s in self.handlers.values() if s.durable == spec.durable]
             if taken:
                 raise HandlerDefinitionError(
-                    f"durable {consumer!r} is already used by handler {taken[0].name!r}; "
+                    f"durable {spec.durable!r} is already used by handler {taken[0].name!r}; "
                     "give one of them another `durable=`"
                 )
-            if name in self.handlers:
+            if spec.name in self.handlers:
                 raise HandlerDefinitionError(f"a handler named {name!r} is already registered")
-            self.handlers[name] = HandlerSpec(
-                name=name,
-                pattern=str(pattern),
-                durable=consumer,
-                func=func,
-                takes_context=takes_context,
-                max_deliver=max_deliver,
-                ack_wait=ack_wait,
-                backoff=tuple(backoff),
-                retry=retry,
-                timeout=timeout,
-                concurrency=concurrency,
-                max_ack_pending=max_ack_pending,
-                call=as_async(func),
-            )
+            self.handlers[spec.name] = spec
             return func
 
         return register
+
+
+@dataclass(frozen=True)
+class HandlerOptions:
+    """How a handler's deliveries are consumed and settled; see `App.on` for each option."""
+
+    max_deliver: int = 5
+    ack_wait: float = 30.0
+    backoff: tuple[float, ...] = DEFAULT_BACKOFF
+    retry: RetryPolicy | None = DEFAULT_RETRY
+    timeout: float | None = None
+    concurrency: int | None = None
+    max_ack_pending: int | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "backoff", tuple(self.backoff))
+        _check_options(self)
+
+
+@dataclass(frozen=True, kw_only=True)
+class HandlerSpec(HandlerOptions):
+    """One registered handler, its durable consumer and its options."""
+
+    name: str
+    pattern: str
+    durable: str
+    func: HandlerFunc
+    takes_context: bool
+    call: Callable[..., Awaitable[Any]] = field(repr=False, compare=False)
+
+
+def handler_spec(
+    func: HandlerFunc, pattern: str, durable: str, options: HandlerOptions
+) -> HandlerSpec:
+    """Check and describe one handler: `@app.on` and the bus's subscriptions both use it.
+
+    Raises `HandlerDefinitionError` naming what cannot work.
+    """
+    _check_pattern(pattern)
+    takes_context = _takes_context(func)
+    if not _DURABLE.match(durable):
+        raise HandlerDefinitionError(
+            f"durable {durable!r} may hold only letters, digits, '-' and '_'"
+        )
+    return HandlerSpec(
+        **{f.name: getattr(options, f.name) for f in fields(HandlerOptions)},
+        name=getattr(func, "__name__", type(func).__name__),
+        pattern=str(pattern),
+        durable=durable,
+        func=func,
+        takes_context=takes_context,
+        call=as_async(func),
+    )
+
+
+def _check_pattern(pattern: str) -> None:
+    try:
+        check_pattern(str(pattern))
+    except SubscriptionError as exc:
+        raise HandlerDefinitionError(str(exc)) from None
+
+
+def as_async(handler: Callable[..., Any]) -> Callable[..., Awaitable[Any]]:
+    """`handler` as a coroutine function; a plain function runs in a worker thread."""
+    if inspect.iscoroutinefunction(handler):
+        return handler
+    call = getattr(handler, "__call__", None)  # noqa: B004 - an object with an async __call__
+    if call is not None and inspect.iscoroutinefunction(call):
+        return call  # type: ignore[no-any-return]
+
+    async def in_thread(*args: Any) -> Any:
+        # On cancellation (a timeout) stop waiting; the thread itself cannot be interrupted.
+        result = await anyio.to_thread.run_sync(handler, *args, abandon_on_cancel=True)
+        if inspect.isawaitable(result):  # a plain wrapper around a coroutine function
+            result = await result
+        return result
+
+    return in_thread
 
 
 def _takes_context(func: HandlerFunc) -> bool:
@@ -210,26 +261,40 @@ def _takes_context(func: HandlerFunc) -> bool:
     return len(positional) >= 2 or variadic
 
 
-def _check_options(
-    max_deliver: int,
-    ack_wait: float,
-    backoff: Sequence[float],
-    timeout: float | None,
-    concurrency: int | None,
-    max_ack_pending: int | None,
-) -> None:
+def _check_options(options: HandlerOptions) -> None:
     problems = []
-    if max_deliver < 1:
-        problems.append(f"max_deliver must be at least 1, got {max_deliver}")
-    if ack_wait <= 0:
-        problems.append(f"ack_wait must be positive, got {ack_wait}")
-    if not backoff or any(d < 0 for d in backoff):
-        problems.append(f"backoff must be one or more delays >= 0, got {list(backoff)}")
-    if timeout is not None and timeout <= 0:
-        problems.append(f"timeout must be positive, got {timeout}")
-    if concurrency is not None and concurrency < 1:
-        problems.append(f"concurrency must be at least 1, got {concurrency}")
-    if max_ack_pending is not None and max_ack_pending < 1:
-        problems.append(f"max_ack_pending must be at least 1, got {max_ack_pending}")
+    if options.max_deliver < 1:
+        problems.append(f"max_deliver must be at least 1, got {options.max_deliver}")
+    if not _positive(options.ack_wait):
+        problems.append(f"ack_wait must be a positive number of seconds, got {options.ack_wait}")
+    if not options.backoff or not all(_finite(d) and d >= 0 for d in options.backoff):
+        problems.append(
+            f"backoff must be one or more delays >= 0 seconds, got {list(options.backoff)}"
+        )
+    if options.timeout is not None and not _positive(options.timeout):
+        problems.append(f"timeout must be a positive number of seconds, got {options.timeout}")
+    if options.concurrency is not None:
+        try:
+            check_concurrency(options.concurrency)
+        except HandlerDefinitionError as exc:
+            problems.append(str(exc))
+    if options.max_ack_pending is not None and options.max_ack_pending < 1:
+        problems.append(f"max_ack_pending must be at least 1, got {options.max_ack_pending}")
+    if options.retry is not None and not isinstance(options.retry, RetryPolicy):
+        problems.append(f"retry must be a RetryPolicy or None, got {options.retry!r}")
     if problems:
         raise HandlerDefinitionError("; ".join(problems))
+
+
+def check_concurrency(concurrency: int) -> None:
+    """Handler calls in flight: a whole number, at least 1 (`HandlerDefinitionError`)."""
+    if not isinstance(concurrency, int) or isinstance(concurrency, bool) or concurrency < 1:
+        raise HandlerDefinitionError(f"concurrency must be at least 1, got {concurrency!r}")
+
+
+def _finite(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _positive(value: object) -> bool:
+    return _finite(value) and value > 0  # type: ignore[operator]

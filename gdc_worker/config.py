@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from .errors import ConfigError
+from .subjects import subjects_overlap
 
-__all__ = ["NATSConfig"]
+__all__ = ["NATSConfig", "redact_url"]
 
 ENV_PREFIX = "GDC_NATS_"
 _FORBIDDEN_IN_NAMES = frozenset(".*> \t\r\n")
@@ -28,7 +30,7 @@ class NATSConfig:
 
     url: str = "nats://localhost:4222"
     stream_name: str = "GDC_EVENTS"
-    subjects: tuple[str, ...] = ("gdc.events.>",)
+    stream_subjects: tuple[str, ...] = ("gdc.events.>",)
     max_age: float = 24 * 3600.0
     max_bytes: int = 1024**3
     max_msgs: int = 1_000_000
@@ -38,15 +40,16 @@ class NATSConfig:
     # 0 never reconnects, a negative value reconnects forever.
     max_reconnect_attempts: int = 10
     duplicate_window: float = 5 * 60.0
-    # Where failed events are kept for operators; its subjects must not overlap `subjects`.
+    # Where failed events are kept for operators; its subjects must not overlap the stream's.
     dlq_stream_name: str = "GDC_DLQ"
     dlq_subject_prefix: str = "gdc.dlq"
     dlq_max_age: float = 14 * 24 * 3600.0
 
     def __post_init__(self) -> None:
         # Accept a list (or one string) for convenience; store an immutable tuple.
-        subjects = (self.subjects,) if isinstance(self.subjects, str) else tuple(self.subjects)
-        object.__setattr__(self, "subjects", subjects)
+        subjects = self.stream_subjects
+        subjects = (subjects,) if isinstance(subjects, str) else tuple(subjects)
+        object.__setattr__(self, "stream_subjects", subjects)
         self._validate()
 
     def _validate(self) -> None:
@@ -54,11 +57,11 @@ class NATSConfig:
             raise ConfigError("url: must not be empty")
         for name in ("stream_name", "dlq_stream_name"):
             _check_stream_name(name, getattr(self, name))
-        if not self.subjects:
-            raise ConfigError("subjects: at least one subject is required")
-        for subject in self.subjects:
+        if not self.stream_subjects:
+            raise ConfigError("stream_subjects: at least one subject is required")
+        for subject in self.stream_subjects:
             if not subject or any(c.isspace() for c in subject) or ".." in subject:
-                raise ConfigError(f"subjects: {subject!r} is not a valid NATS subject")
+                raise ConfigError(f"stream_subjects: {subject!r} is not a valid NATS subject")
         if self.replicas < 1:
             raise ConfigError(f"replicas: must be at least 1, got {self.replicas}")
         for name in (
@@ -82,20 +85,21 @@ class NATSConfig:
         prefix = self.dlq_subject_prefix
         if not prefix or any(c.isspace() or c in "*>" for c in prefix) or ".." in prefix:
             raise ConfigError(f"dlq_subject_prefix: {prefix!r} is not a valid subject prefix")
-        if any(subjects_overlap(prefix + ".>", s) for s in self.subjects):
+        if any(subjects_overlap(prefix + ".>", s) for s in self.stream_subjects):
             raise ConfigError(
-                f"dlq_subject_prefix: {prefix!r} overlaps the event subjects {list(self.subjects)}"
+                f"dlq_subject_prefix: {prefix!r} overlaps the event subjects "
+                f"{list(self.stream_subjects)}"
             )
 
     @property
     def subject_prefix(self) -> str:
         """What goes before the event type in a subject: `gdc.events.` for `gdc.events.>`."""
-        for subject in self.subjects:
+        for subject in self.stream_subjects:
             head, _, last = subject.rpartition(".")
             if head and last == ">" and "*" not in head and ">" not in head:
                 return head + "."
         raise ConfigError(
-            f"subjects: none of {list(self.subjects)} ends in '.>', so event types "
+            f"stream_subjects: none of {list(self.stream_subjects)} ends in '.>', so event types "
             "(two tokens, as pin.requested) cannot be mapped to subjects"
         )
 
@@ -111,7 +115,7 @@ class NATSConfig:
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> NATSConfig:
         """Defaults, then `GDC_NATS_<FIELD>` variables (e.g. `GDC_NATS_URL`), then `overrides`.
 
-        `GDC_NATS_SUBJECTS` is a comma-separated list. A value of the wrong type raises
+        `GDC_NATS_STREAM_SUBJECTS` is a comma-separated list. A value of the wrong type raises
         `ValueError` naming the variable.
         """
         env = os.environ if env is None else env
@@ -133,7 +137,7 @@ def _parse(f: dataclasses.Field[Any], raw: str) -> Any:
     kind = {"int": int, "float": float}.get(str(f.type))
     if kind is not None:
         return kind(raw)
-    if f.name == "subjects":
+    if f.name == "stream_subjects":
         return tuple(s.strip() for s in raw.split(",") if s.strip())
     return raw
 
@@ -146,12 +150,9 @@ def _check_stream_name(field_name: str, name: str) -> None:
         )
 
 
-def subjects_overlap(a: str, b: str) -> bool:
-    """Whether some subject matches both NATS subject patterns `a` and `b`."""
-    left, right = a.split("."), b.split(".")
-    for x, y in zip(left, right, strict=False):
-        if ">" in (x, y):
-            return True
-        if x != y and "*" not in (x, y):
-            return False
-    return len(left) == len(right)
+def redact_url(url: str) -> str:
+    """`url` (or a comma-separated list of them) with any password shown as `***`."""
+    return ",".join(
+        re.sub(r"^([a-z][a-z0-9+.-]*://[^/@:]*:)[^/@]*@", r"\1***@", part.strip(), flags=re.I)
+        for part in url.split(",")
+    )

@@ -6,26 +6,25 @@ message was not an event) in the `dlq_stream_name` stream; its stream sequence i
 
 from __future__ import annotations
 
-import re
 import traceback
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING
 
 import msgspec
 
-from .bus import MSG_ID_HEADER, NATSEventBus, safe_name
-from .errors import GDCWorkerError
-from .events import Event
+from .errors import DeadLetterNotFound, DeadLetterUnreadable, EventDecodeError, message_of
+from .events import MSG_ID_HEADER, Event
+from .subjects import is_event_type, safe_name
 
-__all__ = ["DeadLetterEntry", "DeadLetterNotFound", "DeadLetterQueue", "DeadLetterRecord"]
+if TYPE_CHECKING:
+    from .bus import NATSEventBus
+    from .bus.pull import Delivery
+
+__all__ = ["DeadLetterEntry", "DeadLetterQueue", "DeadLetterRecord"]
 
 INVALID_TYPE = "invalid"
-_LITERAL_SUBJECT = re.compile(r"^[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*$")
-
-
-class DeadLetterNotFound(GDCWorkerError, LookupError):
-    """Raised by `DeadLetterQueue` for an id with no record."""
 
 
 class DeadLetterRecord(msgspec.Struct, kw_only=True):
@@ -53,10 +52,6 @@ class DeadLetterRecord(msgspec.Struct, kw_only=True):
 
 
 _record_decoder = msgspec.json.Decoder(DeadLetterRecord)
-
-
-class DeadLetterUnreadable(GDCWorkerError, ValueError):
-    """A message in the dead-letter stream is not a record gdc-worker wrote."""
 
 
 def _entry(stream: str, seq: int, data: bytes) -> DeadLetterEntry:
@@ -99,13 +94,7 @@ class DeadLetterQueue:
         reason: str,
         consumer: str,
         handler: str,
-        stream: str,
-        stream_seq: int,
-        subject: str,
-        deliveries: int,
-        data: bytes,
-        headers: Mapping[str, str],
-        event: Event | None,
+        delivery: Delivery,
         error: BaseException | None,
     ) -> int:
         """Store a record and wait for the ack; returns its id.
@@ -114,6 +103,11 @@ class DeadLetterQueue:
         worker that died between recording and terminating) is stored once within the
         duplicate window, while two consumers failing the same event get a record each.
         """
+        stream, stream_seq, subject = delivery.stream, delivery.stream_seq, delivery.subject
+        try:
+            event: Event | None = Event.from_json(delivery.data)
+        except EventDecodeError:
+            event = None
         record = DeadLetterRecord(
             failed_at=datetime.now(UTC),
             reason=reason,
@@ -122,16 +116,16 @@ class DeadLetterQueue:
             stream=stream,
             stream_seq=stream_seq,
             subject=subject,
-            deliveries=deliveries,
+            deliveries=delivery.deliveries,
             error_type=type(error).__name__ if error is not None else "",
-            error_message=str(error) if error is not None else "",
-            traceback="".join(traceback.format_exception(error)) if error is not None else "",
-            data=data,
-            headers=dict(headers),
+            error_message=message_of(error) if error is not None else "",
+            traceback=_traceback(error),
+            data=delivery.data,
+            headers=dict(delivery.headers),
             event=event,
         )
         event_type = event.type if event is not None else INVALID_TYPE
-        if not _LITERAL_SUBJECT.match(event_type):
+        if not is_event_type(event_type):
             event_type = INVALID_TYPE  # a type that is no subject would make the record unstorable
         subject_out = f"{self.prefix}.{safe_name(consumer)}.{event_type}"
         msg_id = {MSG_ID_HEADER: f"{stream}:{stream_seq}:{consumer}"}
@@ -184,3 +178,8 @@ class DeadLetterQueue:
         await self.get(entry_id)  # the server's answer for a missing sequence varies
         if not await self._bus.delete_message(self.stream, entry_id):
             raise DeadLetterNotFound(f"no dead letter with id {entry_id} in {self.stream}")
+
+
+def _traceback(error: BaseException | None) -> str:
+    # format_exception survives an exception whose __str__ raises ("<exception str() failed>").
+    return "".join(traceback.format_exception(error)) if error is not None else ""

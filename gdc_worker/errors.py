@@ -1,6 +1,34 @@
-"""The exception tree: every error gdc-worker raises on purpose derives from `GDCWorkerError`."""
+"""The exception tree: every error gdc-worker raises on purpose derives from `GDCWorkerError`.
+
+Each class says who raises it. `Retry` and `Reject` (in `retry`) are not errors but a
+handler's own decisions, so they stand outside the tree.
+"""
 
 from __future__ import annotations
+
+from collections.abc import Iterator
+
+__all__ = [
+    "ConfigError",
+    "ConnectionFailed",
+    "DeadLetterNotFound",
+    "DeadLetterUnreadable",
+    "EventBusError",
+    "EventDataError",
+    "EventDecodeError",
+    "EventError",
+    "GDCWorkerError",
+    "HandlerDefinitionError",
+    "NATSServerError",
+    "PublishError",
+    "SubscriptionError",
+    "TargetError",
+    "WorkerError",
+    "describe",
+    "leaves",
+    "message_of",
+    "one_error",
+]
 
 
 class GDCWorkerError(Exception):
@@ -9,6 +37,18 @@ class GDCWorkerError(Exception):
 
 class ConfigError(GDCWorkerError, ValueError):
     """Raised by `NATSConfig` for a setting that is invalid; the message names it."""
+
+
+class HandlerDefinitionError(GDCWorkerError, TypeError):
+    """Raised at import time by `App` and `@app.on(...)` for a handler that cannot work."""
+
+
+class TargetError(GDCWorkerError):
+    """Raised by `gdc-worker run TARGET` when TARGET names no importable `App`."""
+
+
+class WorkerError(GDCWorkerError):
+    """Raised by `Worker` when it cannot run as asked (e.g. an unknown handler name)."""
 
 
 class EventError(GDCWorkerError, ValueError):
@@ -20,7 +60,10 @@ class EventDecodeError(EventError):
 
 
 class EventDataError(EventError):
-    """Raised by `parse_event_data` when the event's data does not fit the payload type."""
+    """Raised by `parse_event_data` when the event's data does not fit the payload type.
+
+    Raised inside a handler, it is a permanent failure: the event is dead-lettered at once.
+    """
 
 
 class EventBusError(GDCWorkerError):
@@ -28,16 +71,69 @@ class EventBusError(GDCWorkerError):
 
 
 class ConnectionFailed(EventBusError):
-    """The NATS server could not be reached or JetStream is not available there."""
+    """The NATS server could not be reached, JetStream is not available there, or the
+    connection was lost for good (reconnects exhausted)."""
 
 
 class PublishError(EventBusError):
-    """One or more events were not stored by JetStream."""
+    """Raised by the bus's publish methods: one or more events were not stored by JetStream."""
 
 
 class SubscriptionError(EventBusError):
-    """A subscription could not be created, or was asked for with an invalid pattern."""
+    """A subscription could not be created, was asked for with an invalid pattern, or its
+    consumer can no longer deliver (deleted, or turned into a push consumer)."""
+
+
+class DeadLetterNotFound(GDCWorkerError, LookupError):
+    """Raised by `DeadLetterQueue` for an id with no record."""
+
+
+class DeadLetterUnreadable(GDCWorkerError, ValueError):
+    """Raised by `DeadLetterQueue.replay` for a message in the dead-letter stream that is not a
+    record gdc-worker wrote."""
 
 
 class NATSServerError(GDCWorkerError):
     """The embedded `nats-server` could not be found, started or stopped."""
+
+
+def message_of(exc: BaseException) -> str:
+    """`str(exc)`, or a stand-in when the exception's own `__str__` fails."""
+    try:
+        return str(exc)
+    except Exception:
+        return f"<{type(exc).__name__} whose message cannot be shown>"
+
+
+def describe(exc: BaseException) -> str:
+    """`Type: message` for an error (just `Type` when its message says nothing more)."""
+    text = message_of(exc).strip()
+    name = type(exc).__name__
+    return f"{name}: {text}" if text and text != name else name
+
+
+def one_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The one error to raise for what task groups raised together (`Worker.run`, the CLI).
+
+    A lost connection explains everything else that failed with it; any other error of ours
+    is raised as it is, and anything else (a defect) as a `WorkerError` naming it.
+    """
+    found = list(leaves(group))
+    lost = [e for e in found if isinstance(e, ConnectionFailed)]
+    ours = [e for e in found if isinstance(e, GDCWorkerError)]
+    not_errors = [e for e in found if not isinstance(e, Exception)]  # KeyboardInterrupt & co.
+    for candidates in (lost, ours, not_errors):
+        if candidates:
+            return candidates[0]
+    error = WorkerError(f"the worker failed: {describe(found[0])}")
+    error.__cause__ = found[0]
+    return error
+
+
+def leaves(group: BaseExceptionGroup[BaseException]) -> Iterator[BaseException]:
+    """The exceptions inside `group` and its nested groups."""
+    for exc in group.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            yield from leaves(exc)
+        else:
+            yield exc

@@ -18,6 +18,9 @@ import msgspec
 from .errors import EventDataError, EventDecodeError
 
 __all__ = [
+    "EVENT_VERSION",
+    "MSG_ID_HEADER",
+    "TRACE_HEADER",
     "AlertTriggeredEvent",
     "Assignment",
     "Event",
@@ -27,6 +30,7 @@ __all__ = [
     "PinRequestedEvent",
     "PlanReadyEvent",
     "PolicyUpdatedEvent",
+    "event_headers",
     "new_alert_resolved_event",
     "new_alert_triggered_event",
     "new_exec_completed_event",
@@ -379,3 +383,17 @@ def new_alert_resolved_event(
     """An `alert.resolved` event; its subject is the alert id."""
     data = {"alert_id": alert_id, "resolved_by": resolved_by, "resolved_at": _now()}
     return _event(EventType.ALERT_RESOLVED, source, alert_id, data, trace_id)
+
+
+#: The header JetStream deduplicates on, within the stream's duplicate window.
+MSG_ID_HEADER = "Nats-Msg-Id"
+#: The header that carries an event's trace id, for tools that read headers only.
+TRACE_HEADER = "Gdc-Trace-Id"
+
+
+def event_headers(event: Event, msg_id: str | None = None) -> dict[str, str]:
+    """Headers of a published event: the dedup id (the event id by default) and the trace id."""
+    headers = {MSG_ID_HEADER: msg_id or event.id}
+    if event.trace_id:
+        headers[TRACE_HEADER] = event.trace_id
+    return headers

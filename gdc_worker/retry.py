@@ -1,15 +1,14 @@
-"""What happens after a handler fails: in-process retries (tenacity) and the settle decision.
+"""In-process retries after a handler fails (tenacity), and the two exceptions a handler raises
+on purpose to steer them: `Retry` (redeliver later) and `Reject` (dead-letter now).
 
-`decide()` is a pure function from (outcome, delivery count, options) to one settlement: ack,
-nak with a delay, or dead-letter. `retry_failed()` runs a delivery's attempts after a first
-one failed.
+`retry_failed()` runs a delivery's attempts after a first one failed; what happens to the
+delivery after that is `settle.decide()`'s call.
 """
 
 from __future__ import annotations
 
-import sys
-from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+import asyncio
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import anyio
@@ -23,17 +22,17 @@ from tenacity import (
     wait_exponential_jitter,
 )
 
+from .errors import EventError
+
 __all__ = [
     "DEFAULT_BACKOFF",
     "DEFAULT_RETRY",
-    "Ack",
-    "DeadLetter",
-    "Decision",
-    "Nak",
     "Reject",
     "Retry",
     "RetryPolicy",
-    "decide",
+    "is_handler_failure",
+    "is_permanent",
+    "retry_failed",
 ]
 
 #: Nak delays in seconds after failed deliveries 1, 2, 3, 4 (and beyond).
@@ -56,14 +55,35 @@ class Reject(Exception):
         self.reason = reason
 
 
+def is_permanent(exc: BaseException) -> bool:
+    """A failure no retry can fix: a `Reject`, or event data that does not fit its type."""
+    return isinstance(exc, Reject | EventError)
+
+
+def is_handler_failure(exc: BaseException) -> bool:
+    """Whether `exc`, raised out of a handler call, is the handler's failure.
+
+    Everything is, `SystemExit`, `KeyboardInterrupt` and a `CancelledError` the handler raised
+    itself included, except a cancellation of the calling task (a forced stop): that one
+    asyncio counts on the task, a handler's own `CancelledError` it does not.
+    """
+    if isinstance(exc, Exception):
+        return True
+    if isinstance(exc, asyncio.CancelledError):
+        task = asyncio.current_task()
+        return task is None or task.cancelling() == 0
+    return True
+
+
 def _retryable(exc: BaseException) -> bool:
-    return not isinstance(exc, Retry | Reject)
+    return not isinstance(exc, Retry) and not is_permanent(exc)
 
 
 class RetryPolicy:
     """In-process attempts for one delivery, as a tenacity `AsyncRetrying`.
 
-    `Retry` and `Reject` are never retried here, whatever `retrying` says.
+    `Retry` and permanent failures (`Reject`, `EventDataError`) are never retried here,
+    whatever `retrying` says.
     """
 
     def __init__(self, retrying: AsyncRetrying) -> None:
@@ -96,8 +116,8 @@ DEFAULT_RETRY = RetryPolicy.attempts(3)
 async def retry_failed(
     policy: RetryPolicy | None,
     attempt: Callable[[], Awaitable[Any]],
-    failure: Exception,
-) -> Exception | None:
+    failure: BaseException,
+) -> BaseException | None:
     """After a first attempt failed with `failure`, retry as `policy` says.
 
     Returns None once an attempt succeeds, else the error the last attempt ended with. The
@@ -112,13 +132,17 @@ async def retry_failed(
     while True:
         try:
             action = await retrying.iter(retry_state=state)
-        except Exception as exc:  # the policy gave up and re-raised the last error
-            return exc
+        except BaseException as exc:  # the policy gave up and re-raised the last error
+            if exc is state.outcome.exception():  # type: ignore[union-attr]
+                return exc
+            raise
         if isinstance(action, DoAttempt):
             try:
                 await attempt()
-            except Exception:
-                state.set_exception(sys.exc_info())  # type: ignore[arg-type]
+            except BaseException as exc:
+                if not is_handler_failure(exc):
+                    raise
+                state.set_exception((type(exc), exc, exc.__traceback__))
             else:
                 return None
         elif isinstance(action, DoSleep):
@@ -126,51 +150,3 @@ async def retry_failed(
             await anyio.sleep(float(action))
         else:  # a policy that returns a value instead of raising
             return None
-
-
-@dataclass(frozen=True)
-class Ack:
-    """Handled: acknowledge."""
-
-
-@dataclass(frozen=True)
-class Nak:
-    """Failed for now: redeliver after `delay` seconds."""
-
-    delay: float
-
-
-@dataclass(frozen=True)
-class DeadLetter:
-    """Failed for good: record it in the dead-letter stream, then terminate the message."""
-
-    reason: str
-
-
-Decision = Ack | Nak | DeadLetter
-ACK = Ack()
-
-
-def decide(
-    error: BaseException | None, deliveries: int, max_deliver: int, backoff: Sequence[float]
-) -> Decision:
-    """How to settle a delivery after the handler returned (`error` None) or failed."""
-    if error is None:
-        return ACK
-    if isinstance(error, Reject):
-        return DeadLetter(f"rejected: {error.reason}")
-    if deliveries >= max_deliver:
-        return DeadLetter(f"failed on delivery {deliveries} of {max_deliver}")
-    if isinstance(error, Retry):
-        return Nak(error.delay)
-    return Nak(backoff[min(deliveries, len(backoff)) - 1])
-
-
-def exhausted(deliveries: int, max_deliver: int) -> DeadLetter | None:
-    """A delivery past `max_deliver`: an earlier attempt ended without settling (a crash)."""
-    if deliveries > max_deliver:
-        return DeadLetter(
-            f"delivered {deliveries} times, more than max_deliver={max_deliver}: earlier "
-            "attempts ended without a result (worker killed or ack_wait exceeded)"
-        )
-    return None

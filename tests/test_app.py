@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import math
 import re
 import threading
 from collections.abc import Callable
@@ -24,7 +25,7 @@ from gdc_worker import (
     WorkerError,
     new_node_up_event,
 )
-from gdc_worker.bus import as_async
+from gdc_worker.app import as_async
 from gdc_worker.retry import DEFAULT_BACKOFF, DEFAULT_RETRY
 
 # -- accepted handlers ---------------------------------------------------------------------------
@@ -372,12 +373,22 @@ def test_an_invalid_durable_is_refused_naming_it(durable: str) -> None:
     [
         ({"max_deliver": 0}, "max_deliver must be at least 1, got 0"),
         ({"max_deliver": -1}, "max_deliver must be at least 1, got -1"),
-        ({"ack_wait": 0}, "ack_wait must be positive, got 0"),
-        ({"ack_wait": -1.5}, "ack_wait must be positive, got -1.5"),
-        ({"backoff": (1.0, -0.5)}, r"backoff must be one or more delays >= 0, got [1.0, -0.5]"),
-        ({"backoff": ()}, "backoff must be one or more delays >= 0, got []"),
-        ({"timeout": 0}, "timeout must be positive, got 0"),
-        ({"timeout": -2.0}, "timeout must be positive, got -2.0"),
+        ({"ack_wait": 0}, "ack_wait must be a positive number of seconds, got 0"),
+        ({"ack_wait": -1.5}, "ack_wait must be a positive number of seconds, got -1.5"),
+        ({"ack_wait": math.nan}, "ack_wait must be a positive number of seconds, got nan"),
+        ({"ack_wait": math.inf}, "ack_wait must be a positive number of seconds, got inf"),
+        (
+            {"backoff": (1.0, -0.5)},
+            "backoff must be one or more delays >= 0 seconds, got [1.0, -0.5]",
+        ),
+        ({"backoff": ()}, "backoff must be one or more delays >= 0 seconds, got []"),
+        (
+            {"backoff": (1.0, math.inf)},
+            "backoff must be one or more delays >= 0 seconds, got [1.0, inf]",
+        ),
+        ({"timeout": 0}, "timeout must be a positive number of seconds, got 0"),
+        ({"timeout": -2.0}, "timeout must be a positive number of seconds, got -2.0"),
+        ({"timeout": math.nan}, "timeout must be a positive number of seconds, got nan"),
         ({"concurrency": 0}, "concurrency must be at least 1, got 0"),
         ({"max_ack_pending": 0}, "max_ack_pending must be at least 1, got 0"),
     ],
@@ -400,7 +411,7 @@ def test_several_invalid_options_are_reported_together() -> None:
     """Given two invalid options,
     when `@app.on` is called with them,
     then one error names both, so they are fixed in one go."""
-    with refused(r"max_deliver must be at least 1.*; timeout must be positive"):
+    with refused(r"max_deliver must be at least 1.*; timeout must be a positive number"):
         App("svc").on("node.up", max_deliver=0, timeout=0)
 
 
@@ -467,8 +478,8 @@ def test_a_worker_for_an_app_without_handlers_is_refused() -> None:
 def test_a_worker_with_concurrency_zero_is_refused() -> None:
     """Given an app with a handler,
     when a worker is created with concurrency 0,
-    then it raises WorkerError naming the value."""
-    with pytest.raises(WorkerError, match="concurrency must be at least 1, got 0"):
+    then it raises HandlerDefinitionError naming the value, as App and @app.on do."""
+    with pytest.raises(HandlerDefinitionError, match="concurrency must be at least 1, got 0"):
         Worker(two_handler_app(), concurrency=0)
 
 

@@ -51,7 +51,7 @@ from gdc_worker import (
     new_policy_updated_event,
     parse_event_data,
 )
-from gdc_worker.bus import _Client as FastClient
+from gdc_worker.bus.connection import _Client as FastClient
 from tests.recording import ARRIVAL_TIMEOUT, Recording
 
 pytestmark = pytest.mark.anyio

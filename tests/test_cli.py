@@ -72,7 +72,7 @@ def worker_env(config: NATSConfig, **extra: str) -> dict[str, str]:
     env.update(
         GDC_NATS_URL=config.url,
         GDC_NATS_STREAM_NAME=config.stream_name,
-        GDC_NATS_SUBJECTS=",".join(config.subjects),
+        GDC_NATS_STREAM_SUBJECTS=",".join(config.stream_subjects),
         GDC_NATS_DLQ_STREAM_NAME=config.dlq_stream_name,
         GDC_NATS_DLQ_SUBJECT_PREFIX=config.dlq_subject_prefix,
     )
@@ -269,49 +269,59 @@ async def settled(config: NATSConfig, durable: str, timeout: float = SOON) -> Co
 
 
 @pytest.mark.parametrize(
-    ("args", "message"),
+    ("args", "code", "message"),
     [
         pytest.param(
-            ["nocolon"], "target 'nocolon' must look like module:app or module.app", id="bad-target"
+            ["nocolon"],
+            3,
+            "target 'nocolon' must look like module:app or module.app",
+            id="bad-target",
         ),
         pytest.param(
             ["tests.apps.missing:app"],
+            3,
             "cannot import 'tests.apps.missing': no module named 'tests.apps.missing'",
             id="missing-module",
         ),
         pytest.param(
             ["tests.apps.recorder:nope"],
+            3,
             "module 'tests.apps.recorder' has no attribute 'nope'",
             id="missing-attribute",
         ),
         pytest.param(
             ["tests.apps.recorder:record"],
+            3,
             "tests.apps.recorder:record is a function, not a gdc_worker.App",
             id="not-an-app",
         ),
         pytest.param(
             ["tests.apps.broken:app"],
+            3,
             "importing 'tests.apps.broken' failed: RuntimeError: GDC_TEST_SETTING is not set",
             id="import-raises",
         ),
         pytest.param(
             ["tests.apps.recorder:app", "--handler", "nope"],
+            1,
             "app 'recorder' has no handler named nope; it has: record",
             id="unknown-handler",
         ),
         pytest.param(
             ["tests.apps.recorder:app", "--url", "nats://127.0.0.1:{port}"],
+            4,
             "cannot connect to NATS at nats://127.0.0.1:{port}: ConnectionRefusedError",
             id="unreachable-server",
         ),
     ],
 )
-def test_run_mistake_exits_1_with_one_error_line(
-    nats_config: NATSConfig, args: list[str], message: str
+def test_run_mistake_exits_with_its_code_and_one_error_line(
+    nats_config: NATSConfig, args: list[str], code: int, message: str
 ) -> None:
     """Given a `gdc-worker run` command with a user mistake in it,
     when it runs,
-    then it exits 1 with one `Error:` line on stderr that names the problem, no traceback."""
+    then it exits with the code named for that kind of mistake (3 import, 4 connect, else 1)
+    and one `Error:` line on stderr that names the problem, no traceback."""
     port = str(free_port())
     args = [arg.replace("{port}", port) for arg in args]
 
@@ -324,7 +334,7 @@ def test_run_mistake_exits_1_with_one_error_line(
         timeout=30,
     )
 
-    assert result.returncode == 1, result.stderr
+    assert result.returncode == code, result.stderr
     assert "Traceback" not in result.stderr
     [line] = result.stderr.splitlines()
     assert line.startswith("Error: " + message.replace("{port}", port))
@@ -834,15 +844,15 @@ def test_dlq_unknown_id_exits_1_with_one_error_line(
     assert dead_letters.pairs(dead_letters.rows()) == left
 
 
-def test_dlq_unreachable_server_exits_1_with_one_error_line(nats_config: NATSConfig) -> None:
+def test_dlq_unreachable_server_exits_4_with_one_error_line(nats_config: NATSConfig) -> None:
     """Given GDC_NATS_URL naming a port where nothing listens,
     when `dlq list` runs,
-    then it exits 1 with one `Error:` line naming the URL, no traceback."""
+    then it exits 4 (cannot connect) with one `Error:` line naming the URL, no traceback."""
     url = f"nats://127.0.0.1:{free_port()}"
 
     result = dlq(nats_config, "list", url=url)
 
-    assert result.exit_code == 1, result.output
+    assert result.exit_code == 4, result.output
     [line] = result.stderr.splitlines()
     assert line.startswith(f"Error: cannot connect to NATS at {url}: ")
 

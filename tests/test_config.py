@@ -7,8 +7,9 @@ from typing import Any
 
 import pytest
 
-from gdc_worker.config import NATSConfig, subjects_overlap
+from gdc_worker.config import NATSConfig
 from gdc_worker.events import EventType
+from gdc_worker.subjects import subjects_overlap
 
 
 def _matches(subject: str, pattern: str) -> bool:
@@ -32,7 +33,7 @@ def test_defaults_equal_the_go_default_nats_config() -> None:
     assert {
         "url": config.url,
         "stream_name": config.stream_name,
-        "subjects": config.subjects,
+        "stream_subjects": config.stream_subjects,
         "max_age": config.max_age,
         "max_bytes": config.max_bytes,
         "max_msgs": config.max_msgs,
@@ -44,7 +45,7 @@ def test_defaults_equal_the_go_default_nats_config() -> None:
     } == {
         "url": "nats://localhost:4222",
         "stream_name": "GDC_EVENTS",
-        "subjects": ("gdc.events.>",),
+        "stream_subjects": ("gdc.events.>",),
         "max_age": 86400.0,
         "max_bytes": 1024 * 1024 * 1024,
         "max_msgs": 1_000_000,
@@ -70,12 +71,12 @@ def test_subject_for_puts_the_event_type_after_the_stream_prefix(
     subjects: Any, prefix: str, subject: str
 ) -> None:
     """When an event is published, its subject is the stream's prefix plus the event type."""
-    config = NATSConfig() if subjects is None else NATSConfig(subjects=subjects)
+    config = NATSConfig() if subjects is None else NATSConfig(stream_subjects=subjects)
 
     assert config.subject_prefix == prefix
     assert config.subject_for(EventType.PIN_REQUESTED) == subject
     assert config.subject_for("pin.requested") == subject
-    assert isinstance(config.subjects, tuple)
+    assert isinstance(config.stream_subjects, tuple)
 
 
 def _uncaptured(config: NATSConfig) -> list[str]:
@@ -83,7 +84,7 @@ def _uncaptured(config: NATSConfig) -> list[str]:
     return [
         config.subject_for(t)
         for t in EventType
-        if not any(_matches(config.subject_for(t), pattern) for pattern in config.subjects)
+        if not any(_matches(config.subject_for(t), pattern) for pattern in config.stream_subjects)
     ]
 
 
@@ -96,13 +97,13 @@ def test_every_event_type_is_published_on_a_subject_the_stream_captures(
     subjects: tuple[str, ...],
 ) -> None:
     """Given valid stream subjects, each event type's subject falls inside the stream."""
-    assert _uncaptured(NATSConfig(subjects=subjects)) == []
+    assert _uncaptured(NATSConfig(stream_subjects=subjects)) == []
 
 
 def test_stream_subjects_that_cannot_hold_event_types_are_refused() -> None:
     """Given `gdc.events.*` (one token), the config refuses it, or else captures every type."""
     try:
-        config = NATSConfig(subjects=("gdc.events.*",))
+        config = NATSConfig(stream_subjects=("gdc.events.*",))
     except ValueError:
         return  # refused up front: the right outcome
     assert _uncaptured(config) == []
@@ -115,11 +116,13 @@ def test_stream_subjects_that_cannot_hold_event_types_are_refused() -> None:
     ("changes", "field"),
     [
         pytest.param({"url": " "}, "url", id="blank-url"),
-        pytest.param({"subjects": ()}, "subjects", id="no-subjects"),
-        pytest.param({"subjects": []}, "subjects", id="empty-list"),
-        pytest.param({"subjects": ("gdc.events",)}, "subjects", id="no-wildcard"),
-        pytest.param({"subjects": ("gdc.events.>", "a b.>")}, "subjects", id="space-in-subject"),
-        pytest.param({"subjects": ("gdc..>",)}, "subjects", id="empty-token"),
+        pytest.param({"stream_subjects": ()}, "stream_subjects", id="no-subjects"),
+        pytest.param({"stream_subjects": []}, "stream_subjects", id="empty-list"),
+        pytest.param({"stream_subjects": ("gdc.events",)}, "stream_subjects", id="no-wildcard"),
+        pytest.param(
+            {"stream_subjects": ("gdc.events.>", "a b.>")}, "stream_subjects", id="space-in-subject"
+        ),
+        pytest.param({"stream_subjects": ("gdc..>",)}, "stream_subjects", id="empty-token"),
         pytest.param({"replicas": 0}, "replicas", id="replicas-0"),
         pytest.param({"max_age": -1.0}, "max_age", id="negative-max_age"),
         pytest.param({"max_bytes": -1}, "max_bytes", id="negative-max_bytes"),
@@ -173,7 +176,9 @@ def test_replace_validates_the_copy() -> None:
         pytest.param({"max_bytes": 0, "max_msgs": 0, "duplicate_window": 0.0}, id="zeros"),
         pytest.param({"max_reconnect_attempts": -1}, id="reconnect-forever"),
         pytest.param({"dlq_subject_prefix": "gdc.eventsdlq"}, id="dlq-sibling-token"),
-        pytest.param({"subjects": ("gdc.events.>",), "stream_name": "GDC-EVENTS_2"}, id="names"),
+        pytest.param(
+            {"stream_subjects": ("gdc.events.>",), "stream_name": "GDC-EVENTS_2"}, id="names"
+        ),
     ],
 )
 def test_edge_values_that_nats_accepts_are_accepted(changes: dict[str, Any]) -> None:
@@ -192,7 +197,7 @@ def test_from_env_reads_the_gdc_nats_variables() -> None:
     env = {
         "GDC_NATS_URL": "nats://nats.internal:4222",
         "GDC_NATS_STREAM_NAME": "TEST_EVENTS",
-        "GDC_NATS_SUBJECTS": "test.events.>, audit.events.> ,",
+        "GDC_NATS_STREAM_SUBJECTS": "test.events.>, audit.events.> ,",
         "GDC_NATS_REPLICAS": "3",
         "GDC_NATS_DUPLICATE_WINDOW": "60.5",
         "OTHER_URL": "nats://ignored:1",
@@ -202,7 +207,7 @@ def test_from_env_reads_the_gdc_nats_variables() -> None:
 
     assert config.url == "nats://nats.internal:4222"
     assert config.stream_name == "TEST_EVENTS"
-    assert config.subjects == ("test.events.>", "audit.events.>")
+    assert config.stream_subjects == ("test.events.>", "audit.events.>")
     assert config.replicas == 3
     assert config.duplicate_window == 60.5
     assert config.max_age == NATSConfig().max_age
@@ -259,7 +264,7 @@ def test_badly_typed_variable_raises_value_error_naming_it(env: dict[str, str], 
     ("env", "field"),
     [
         ({"GDC_NATS_REPLICAS": "0"}, "replicas"),
-        ({"GDC_NATS_SUBJECTS": " , "}, "subjects"),
+        ({"GDC_NATS_STREAM_SUBJECTS": " , "}, "stream_subjects"),
         ({"GDC_NATS_STREAM_NAME": "GDC.EVENTS"}, "stream_name"),
     ],
     ids=["replicas-0", "no-subjects", "dotted-stream"],

@@ -18,16 +18,8 @@ from tenacity import (
 )
 
 from gdc_worker import Reject, Retry, RetryPolicy
-from gdc_worker.retry import (
-    DEFAULT_BACKOFF,
-    DEFAULT_RETRY,
-    Ack,
-    DeadLetter,
-    Nak,
-    decide,
-    exhausted,
-    retry_failed,
-)
+from gdc_worker.retry import DEFAULT_BACKOFF, DEFAULT_RETRY, retry_failed
+from gdc_worker.settle import Ack, DeadLetter, Nak, decide, exhausted
 
 #: A policy that retries fast: three attempts about a millisecond apart.
 FAST = RetryPolicy.attempts(3, initial=0.001, maximum=0.001)

@@ -13,9 +13,9 @@ from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
-from .bus import NATSEventBus
-from .config import NATSConfig
-from .server import NATSServer
+from ..bus import NATSEventBus
+from ..config import NATSConfig
+from ..server import NATSServer
 
 __all__ = ["event_bus", "nats_config", "nats_server"]
 
@@ -36,7 +36,7 @@ def nats_config(nats_server: NATSServer) -> NATSConfig:
     return NATSConfig(
         url=nats_server.url,
         stream_name=f"T{n}_EVENTS",
-        subjects=(f"t{n}.events.>",),
+        stream_subjects=(f"t{n}.events.>",),
         dlq_stream_name=f"T{n}_DLQ",
         dlq_subject_prefix=f"t{n}.dlq",
         connect_timeout=5.0,

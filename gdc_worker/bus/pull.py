@@ -19,7 +19,7 @@ import anyio
 import msgspec
 import nats.errors
 
-from .errors import ConnectionFailed, SubscriptionError
+from ..errors import ConnectionFailed, SubscriptionError
 
 if TYPE_CHECKING:
     from nats.aio.client import Client as NATS
@@ -35,6 +35,7 @@ _NAK = b"-NAK"
 _WPI = b"+WPI"
 _TERM = b"+TERM"
 _PENDING_MSGS = "Nats-Pending-Messages"
+_ACK_PREFIX = "$JS.ACK."
 # 409 descriptions after which the consumer cannot deliver any more.
 _FATAL_409 = ("Consumer Deleted", "Consumer is push based")
 
@@ -61,7 +62,10 @@ class Delivery:
         self.headers: dict[str, str] = msg.headers or {}
         # $JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>.<pending>, or with a
         # domain and account hash after "ACK" (12 tokens).
+        # Raises ValueError for any other shape.
         tokens = msg.reply.split(".")
+        if len(tokens) not in (9, 12):
+            raise ValueError(f"not a JetStream ack subject: {msg.reply!r}")
         base = 2 if len(tokens) == 9 else 4
         self.stream: str = tokens[base]
         self.deliveries: int = int(tokens[base + 2])
@@ -248,24 +252,24 @@ class PullConsumer:
 
     async def _on_msg(self, msg: Msg) -> None:
         self._last_seen = time.monotonic()
-        headers = msg.headers
-        status = headers.get("Status") if headers else None
-        if status is None:
-            delivery = Delivery(self._nc, msg)
-            if self._stopping.is_set():
-                await self.hand_back(delivery)
-                return
-            if self._requested:
-                self._requested -= 1
-            self._held[id(delivery)] = (delivery, self._last_seen)
-            self._handoff.put(delivery)
+        # A stored message always comes with its $JS.ACK reply subject; a status from the
+        # server (heartbeat, end of a request) never does. Headers cannot tell them apart:
+        # anyone may publish an event with a `Status` header.
+        if msg.reply.startswith(_ACK_PREFIX):
+            await self._on_delivery(msg)
             return
-        assert headers is not None
+        headers = msg.headers or {}
+        status = headers.get("Status")
         if status == "100":  # idle heartbeat
             return
         description = headers.get("Description", "")
         if status == "409" and description.startswith(_FATAL_409):
             self.fail(SubscriptionError(f"consumer {self.name}: {description}"))
+            return
+        if status is None:
+            log.warning(
+                "%s: ignoring a message on the pull inbox that JetStream did not send", self.name
+            )
             return
         # 404/408/409: a request ended; the pending count says how many it never delivered.
         pending = headers.get(_PENDING_MSGS)
@@ -273,6 +277,22 @@ class PullConsumer:
         if status not in ("404", "408"):
             log.debug("pull request for %s ended: %s %s", self.name, status, description)
         await self._top_up()
+
+    async def _on_delivery(self, msg: Msg) -> None:
+        try:
+            delivery = Delivery(self._nc, msg)
+        except ValueError:
+            log.warning(
+                "%s: ignoring a message with a malformed reply subject %r", self.name, msg.reply
+            )
+            return
+        if self._stopping.is_set():
+            await self.hand_back(delivery)
+            return
+        if self._requested:
+            self._requested -= 1
+        self._held[id(delivery)] = (delivery, self._last_seen)
+        self._handoff.put(delivery)
 
 
 class _Handoff:

@@ -1,0 +1,330 @@
+"""The JetStream transport, the only code that talks to nats-py, behind `NATSEventBus`.
+
+- `connection`: the first connect, reconnects, and what the bus hears about them;
+- `admin`: streams and consumers, stored messages by sequence;
+- `publish`: one publish waiting for its ack, and the window of async publishes;
+- `pull`: pull consumers and the `Delivery` the runner settles.
+
+`NATSEventBus` is a thin facade over them with the Go bus's API. Its subscriptions run on the
+worker's `HandlerRunner`, so they have the worker's guarantees: retries, backoff, dead letters.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Mapping, Sequence
+from types import TracebackType
+
+import anyio
+import nats.errors
+from nats.aio.client import Client as NATS
+
+from ..app import HandlerFunc, HandlerOptions, handler_spec
+from ..config import NATSConfig, redact_url
+from ..errors import ConnectionFailed, GDCWorkerError, SubscriptionError
+from ..events import Event, event_headers
+from ..hooks import Hook, Hooks
+from ..retry import DEFAULT_BACKOFF, DEFAULT_RETRY, RetryPolicy
+from ..subjects import check_event_type, safe_name
+from .admin import Admin, StoredMessage
+from .connection import ConnectionEvents, connect
+from .publish import AsyncPublishWindow, publish
+from .pull import Delivery, PullConsumer
+from .subscriptions import Subscriptions
+
+__all__ = ["Delivery", "EventHandler", "NATSEventBus", "PullConsumer", "StoredMessage"]
+
+log = logging.getLogger(__name__)
+
+EventHandler = HandlerFunc
+
+
+class NATSEventBus:
+    """Publish and consume GDC events on a JetStream stream.
+
+    Create it with `await NATSEventBus.connect(config)`; use it as an async context manager or
+    call `close()`.
+    """
+
+    def __init__(self, nc: NATS, config: NATSConfig, events: ConnectionEvents) -> None:
+        """Wrap a connected client; use `connect()`, which also sets up the stream."""
+        self.config = config
+        self._nc = nc
+        self._events = events
+        js = nc.jetstream(timeout=config.connect_timeout)
+        self._js = js
+        self._admin = Admin(js, redact_url(config.url))
+        self._window = AsyncPublishWindow(nc, timeout=config.connect_timeout)
+        self._consumers: set[PullConsumer] = set()
+        self._subscriptions = Subscriptions(self)
+        self._closed = False
+        events.on_reconnect = self._on_reconnect
+        events.on_lost = self._on_lost
+
+    @classmethod
+    async def connect(
+        cls, config: NATSConfig | None = None, *, name: str | None = None, setup_stream: bool = True
+    ) -> NATSEventBus:
+        """Connect, then create or update the event stream; raises `ConnectionFailed`.
+
+        `setup_stream=False` leaves the stream as it is, for tools that only read.
+        """
+        config = config or NATSConfig.from_env()
+        events = ConnectionEvents(redact_url(config.url))
+        bus = cls(await connect(config, events, name), config, events)
+        if setup_stream:
+            try:
+                await bus.ensure_stream(
+                    config.stream_name,
+                    list(config.stream_subjects),
+                    max_age=config.max_age,
+                    max_bytes=config.max_bytes,
+                    max_msgs=config.max_msgs,
+                    duplicate_window=config.duplicate_window,
+                )
+            except BaseException:
+                await bus.close()
+                raise
+        return bus
+
+    @property
+    def connected(self) -> bool:
+        """Whether the client is connected right now."""
+        return self._nc.is_connected
+
+    @property
+    def server_url(self) -> str:
+        """The server the client is connected to now (password hidden), else the configured."""
+        current = self._nc.connected_url
+        return redact_url(current.geturl() if current is not None else self.config.url)
+
+    async def close(self) -> None:
+        """Stop the subscriptions, wait briefly for async publishes, close. Idempotent.
+
+        Async publishes that failed or got no ack by then are logged (`flush()` first to get
+        them as a `PublishError`). A subscription that failed is raised here (see
+        `subscribe_to_pattern`).
+        """
+        if self._closed:
+            return
+        self._closed = True
+        self._events.closing = True
+        with anyio.CancelScope(shield=True):
+            failure = await self._subscriptions.close()
+            for consumer in list(self._consumers):  # e.g. left by a worker that failed to start
+                await consumer.close()
+            if self._nc.is_connected:
+                await self._window.wait_drained(self.config.connect_timeout)
+                with (
+                    contextlib.suppress(nats.errors.Error),
+                    anyio.move_on_after(self.config.connect_timeout),
+                ):
+                    await self._nc.flush()  # acks and naks are plain publishes: send them
+            await self._nc.close()
+        lost = self._window.unsettled()
+        if lost:
+            log.error("closed with %d async publish(es) not stored: %s", len(lost), "; ".join(lost))
+        if failure is not None:
+            raise failure
+
+    async def __aenter__(self) -> NATSEventBus:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    def _on_lost(self) -> None:
+        failure = ConnectionFailed(f"the connection to NATS at {self.server_url} was lost")
+        for consumer in list(self._consumers):
+            consumer.fail(failure)
+
+    async def _on_reconnect(self) -> None:
+        # Pull requests die with the connection (nats-py #504/#544): issue them again.
+        for consumer in list(self._consumers):
+            await consumer.reset()
+
+    # -- streams and consumers ----------------------------------------------------------------
+
+    async def ensure_stream(
+        self,
+        name: str,
+        subjects: list[str],
+        *,
+        max_age: float,
+        max_bytes: int = -1,
+        max_msgs: int = -1,
+        duplicate_window: float = 120.0,
+    ) -> None:
+        """Create the stream, or update its limits (file storage, `config.replicas`).
+
+        A stream of that name with another shape raises `ConfigError` (see `Admin`).
+        """
+        await self._admin.ensure_stream(
+            name,
+            subjects,
+            max_age=max_age,
+            max_bytes=max_bytes,
+            max_msgs=max_msgs,
+            duplicate_window=duplicate_window,
+            replicas=self.config.replicas,
+        )
+
+    async def ensure_consumer(
+        self,
+        durable: str,
+        filter_subject: str,
+        *,
+        ack_wait: float = 30.0,
+        max_deliver: int = -1,
+        max_ack_pending: int = 1000,
+        stream: str | None = None,
+    ) -> None:
+        """Create the durable pull consumer, or update it to this configuration."""
+        await self._admin.ensure_consumer(
+            stream or self.config.stream_name,
+            durable,
+            filter_subject,
+            ack_wait=ack_wait,
+            max_deliver=max_deliver,
+            max_ack_pending=max_ack_pending,
+        )
+
+    def pull_consumer(
+        self, durable: str, *, capacity: int, stream: str | None = None
+    ) -> PullConsumer:
+        """Deliveries of an existing durable consumer; the bus re-issues its pulls on reconnect."""
+        consumer = PullConsumer(
+            self._nc, stream or self.config.stream_name, durable, capacity=capacity
+        )
+        self._consumers.add(consumer)
+        return consumer
+
+    def forget_consumer(self, consumer: PullConsumer) -> None:
+        """Stop tracking a consumer returned by `pull_consumer` (after closing it)."""
+        self._consumers.discard(consumer)
+
+    def stream_messages(
+        self, stream: str, subject: str | None = None, start_seq: int = 1
+    ) -> AsyncIterator[StoredMessage]:
+        """The messages stored in `stream` (only those on `subject`, a pattern, if given).
+
+        None at all when the stream does not exist.
+        """
+        return self._admin.stream_messages(stream, subject, start_seq)
+
+    async def get_message(self, stream: str, seq: int) -> StoredMessage | None:
+        """The message at `seq` in `stream`, or None if there is none (or no such stream)."""
+        return await self._admin.get_message(stream, seq)
+
+    async def delete_message(self, stream: str, seq: int) -> bool:
+        """Remove the message at `seq` from `stream`; False if it was not there."""
+        return await self._admin.delete_message(stream, seq)
+
+    # -- publishing ---------------------------------------------------------------------------
+
+    async def publish_event(self, event: Event) -> int:
+        """Publish and wait for JetStream to store it; returns the stream sequence.
+
+        A duplicate of an event published within the duplicate window is not stored again (the
+        sequence of the first is returned). An event type that is not a literal subject
+        (`pin.*`, `a b`) raises `PublishError` before anything is sent.
+        """
+        subject = self.config.subject_for(check_event_type(event.type))
+        return await self.publish_raw(
+            subject, event.to_json(), event_headers(event), what=f"event {event.id}"
+        )
+
+    async def publish_raw(
+        self, subject: str, payload: bytes, headers: Mapping[str, str], *, what: str = "message"
+    ) -> int:
+        """Publish bytes to a stream subject and wait for the ack; returns the stream sequence."""
+        return await publish(
+            self._js, subject, payload, headers, timeout=self.config.connect_timeout, what=what
+        )
+
+    async def publish_event_async(self, event: Event) -> None:
+        """Publish without waiting for the ack; `flush()` reports the events that failed.
+
+        Waits only when `MAX_PENDING_PUBLISHES` acks are outstanding, and for at most the
+        connect timeout: acks that do not come by then count as failed.
+        """
+        subject = self.config.subject_for(check_event_type(event.type))
+        await self._window.publish(
+            subject, event.to_json(), event_headers(event), what=f"event {event.id}"
+        )
+
+    async def flush(self, timeout: float | None = None) -> None:
+        """Wait for the ack of every async publish; raise one `PublishError` naming the failures.
+
+        Events with no ack within `timeout` (the connect timeout by default) count as failed.
+        """
+        await self._window.flush(timeout)
+
+    # -- subscriptions ------------------------------------------------------------------------
+
+    async def subscribe_to_event_type(
+        self,
+        event_type: str,
+        handler: EventHandler,
+        *,
+        durable: str | None = None,
+        max_deliver: int = 5,
+        backoff: Sequence[float] = DEFAULT_BACKOFF,
+        retry: RetryPolicy | None = DEFAULT_RETRY,
+        hooks: Sequence[Hook] = (),
+    ) -> None:
+        """Call `handler` for every event of this type, with the worker's guarantees.
+
+        The handler takes `(event)` or `(event, ctx)`. It is retried in process (`retry`), then
+        nak'd with `backoff`; an event that fails `max_deliver` deliveries, or does not decode,
+        goes to the dead-letter stream. `durable` defaults to `gdc-consumer-<type>`.
+        """
+        await self.subscribe_to_pattern(
+            event_type,
+            handler,
+            durable=durable,
+            max_deliver=max_deliver,
+            backoff=backoff,
+            retry=retry,
+            hooks=hooks,
+        )
+
+    async def subscribe_to_pattern(
+        self,
+        pattern: str,
+        handler: EventHandler,
+        *,
+        durable: str | None = None,
+        max_deliver: int = 5,
+        backoff: Sequence[float] = DEFAULT_BACKOFF,
+        retry: RetryPolicy | None = DEFAULT_RETRY,
+        hooks: Sequence[Hook] = (),
+    ) -> None:
+        """Like `subscribe_to_event_type` for a pattern such as `pin.*` or `>`.
+
+        Deliveries run one at a time. If the subscription's consumer can no longer deliver
+        (deleted, or the connection lost for good), it stops with an ERROR line, and `close()`
+        raises that error.
+        """
+        if self._closed:
+            raise SubscriptionError("the bus is closed")
+        try:
+            spec = handler_spec(
+                handler,
+                pattern,
+                durable or f"gdc-consumer-{safe_name(str(pattern))}",
+                HandlerOptions(max_deliver=max_deliver, backoff=tuple(backoff), retry=retry),
+            )
+        except GDCWorkerError as exc:
+            raise SubscriptionError(f"cannot subscribe to {pattern!r}: {exc}") from None
+        await self._subscriptions.add(spec, Hooks(hooks))
+
+    async def unsubscribe_from_event_type(self, event_type: str) -> None:
+        """Stop the subscription to this type or pattern; its durable consumer stays."""
+        await self._subscriptions.remove(event_type)

@@ -1,0 +1,155 @@
+"""Publishing to JetStream: one message waiting for its ack, or many through a window of acks."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import anyio
+import msgspec
+import nats.errors
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+
+from ..errors import PublishError, describe
+
+__all__ = ["MAX_PENDING_PUBLISHES", "AsyncPublishWindow", "publish"]
+
+log = logging.getLogger("gdc_worker.bus")
+
+#: What `AsyncPublishWindow` allows in flight before `publish()` waits for acks.
+MAX_PENDING_PUBLISHES = 4000
+
+
+async def publish(
+    js: JetStreamContext,
+    subject: str,
+    payload: bytes,
+    headers: Mapping[str, str],
+    *,
+    timeout: float,
+    what: str,
+) -> int:
+    """Publish bytes to a stream subject and wait for the ack; returns the stream sequence.
+
+    Raises `PublishError` naming `what`, the subject and the cause.
+    """
+    try:
+        ack = await js.publish(subject, payload, headers=dict(headers), timeout=timeout)
+    except (nats.errors.Error, TimeoutError) as exc:
+        raise PublishError(f"publish of {what} to {subject} failed: {describe(exc)}") from None
+    return ack.seq
+
+
+class _ApiError(msgspec.Struct):
+    description: str = "error"
+
+
+class _PubAckReply(msgspec.Struct):
+    error: _ApiError | None = None
+
+
+_ack_decoder = msgspec.json.Decoder(_PubAckReply)
+
+
+@dataclass(frozen=True)
+class _Pending:
+    what: str
+    subject: str
+
+
+class AsyncPublishWindow:
+    """Publishes whose acks arrive on one inbox subscription, with no future per message.
+
+    At most `limit` acks are outstanding: `publish()` waits for room, for at most `timeout`
+    (acks that do not come by then count as failed). `flush()` reports every failure once.
+    """
+
+    def __init__(self, nc: NATS, *, timeout: float, limit: int = MAX_PENDING_PUBLISHES) -> None:
+        self._nc = nc
+        self._timeout = timeout
+        self._limit = limit
+        self._prefix = ""
+        self._next_token = 0
+        self._pending: dict[str, _Pending] = {}
+        self._failed: list[str] = []
+        self._drained = asyncio.Event()
+        self._drained.set()
+        self._room = asyncio.Event()
+        self._room.set()
+
+    async def publish(
+        self, subject: str, payload: bytes, headers: Mapping[str, str], *, what: str
+    ) -> None:
+        """Send without waiting for the ack; a failure is reported by `flush()`."""
+        while len(self._pending) >= self._limit:
+            self._room.clear()
+            with anyio.move_on_after(self._timeout):
+                await self._room.wait()
+            if not self._room.is_set():  # acks lost (a reconnect): count those as failed
+                for token in list(self._pending):
+                    self._settle(token, "no acknowledgement while the window was full")
+        if not self._prefix:
+            self._prefix = self._nc.new_inbox() + "."
+            await self._nc.subscribe(self._prefix + "*", cb=self._on_ack)
+        self._next_token += 1
+        token = str(self._next_token)
+        self._pending[token] = _Pending(what, subject)
+        self._drained.clear()
+        try:
+            await self._nc.publish(
+                subject, payload, reply=self._prefix + token, headers=dict(headers)
+            )
+        except nats.errors.Error as exc:
+            self._settle(token, describe(exc))
+
+    async def flush(self, timeout: float | None = None) -> None:
+        """Wait for every ack; raise one `PublishError` naming the failures.
+
+        Publishes with no ack within `timeout` (the window's by default) count as failed.
+        """
+        timeout = self._timeout if timeout is None else timeout
+        await self.wait_drained(timeout)
+        for token in list(self._pending):
+            self._settle(token, f"no acknowledgement within {timeout:g}s")
+        failed, self._failed = self._failed, []
+        if failed:
+            shown = "; ".join(failed[:10]) + (
+                f"; and {len(failed) - 10} more" if len(failed) > 10 else ""
+            )
+            raise PublishError(f"{len(failed)} event(s) were not stored: {shown}")
+
+    async def wait_drained(self, timeout: float) -> None:
+        """Wait up to `timeout` seconds for the outstanding acks."""
+        with anyio.move_on_after(timeout):
+            await self._drained.wait()
+
+    def unsettled(self) -> list[str]:
+        """What failed or got no ack so far, for a last log line on close."""
+        return self._failed + [f"{p.what} to {p.subject}" for p in self._pending.values()]
+
+    async def _on_ack(self, msg: Msg) -> None:
+        token = msg.subject[len(self._prefix) :]
+        error = None
+        if msg.headers and msg.headers.get("Status") == "503":
+            error = "no stream listens on the subject"
+        else:
+            try:
+                reply = _ack_decoder.decode(msg.data)
+                error = reply.error.description if reply.error is not None else None
+            except msgspec.DecodeError:
+                error = f"unreadable acknowledgement {msg.data[:80]!r}"
+        self._settle(token, error)
+
+    def _settle(self, token: str, error: str | None) -> None:
+        pending = self._pending.pop(token, None)
+        if pending is None:
+            return
+        if error is not None:
+            self._failed.append(f"{pending.what} to {pending.subject}: {error}")
+        if not self._pending:
+            self._drained.set()
+        self._room.set()

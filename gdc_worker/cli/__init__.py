@@ -1,0 +1,33 @@
+"""The `gdc-worker` command: thin click wrappers, one module per command.
+
+Each command parses its options, calls the library, and maps known errors to one-line
+messages and the exit codes in `common`.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from .common import EXIT_CODES_HELP
+from .dlq import dlq
+from .run import run
+from .server import server
+
+__all__ = ["main"]
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]}, epilog=EXIT_CODES_HELP)
+@click.version_option(package_name="gdc-worker")
+def main() -> None:
+    """Event-driven GDC workers on NATS JetStream."""
+
+
+main.add_command(run)
+main.add_command(dlq)
+main.add_command(server)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,93 @@
+"""What every command shares: exit codes, the error-to-message mapping, common options."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import click
+
+from ..errors import ConnectionFailed, GDCWorkerError, TargetError, one_error
+
+__all__ = [
+    "EXIT_CODES_HELP",
+    "EXIT_CONNECT",
+    "EXIT_FAILURE",
+    "EXIT_IMPORT",
+    "EXIT_OK",
+    "EXIT_USAGE",
+    "configure_logging",
+    "reported_errors",
+    "url_option",
+]
+
+#: Exit codes, as listed in `gdc-worker --help` (dramatiq's scheme, shifted past click's 2).
+EXIT_OK = 0
+EXIT_FAILURE = 1  # a reported error: the message says what went wrong
+EXIT_USAGE = 2  # bad usage (click's own)
+EXIT_IMPORT = 3  # the target cannot be imported, or is not an App
+EXIT_CONNECT = 4  # NATS cannot be reached, or the connection was lost for good
+
+EXIT_CODES_HELP = (
+    "Exit codes: 0 ok, 1 a reported error, 2 bad usage, 3 the app cannot be imported, "
+    "4 NATS cannot be reached or the connection was lost for good."
+)
+
+
+class ReportedError(click.ClickException):
+    """A known error, printed as one line with the exit code its kind has."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code  # type: ignore[misc]  # click reads it per instance too
+
+
+def exit_code_of(exc: BaseException) -> int:
+    """The exit code for one of gdc-worker's errors."""
+    if isinstance(exc, ConnectionFailed):
+        return EXIT_CONNECT
+    if isinstance(exc, TargetError):
+        return EXIT_IMPORT
+    return EXIT_FAILURE
+
+
+@contextmanager
+def reported_errors() -> Iterator[None]:
+    """Turn gdc-worker's own errors into `Error: <message>` and their exit code, no traceback."""
+    try:
+        yield
+    except GDCWorkerError as exc:
+        raise ReportedError(str(exc), exit_code_of(exc)) from None
+    except BaseExceptionGroup as group:  # raised out of task groups
+        error = one_error(group)
+        if not isinstance(error, GDCWorkerError) or error.__cause__ is not None:
+            raise
+        raise ReportedError(str(error), exit_code_of(error)) from None
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(),
+        format="%(asctime)s %(levelname)-7s [%(process)d] %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def _nonempty_url(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+    if value is not None and not str(value).strip():
+        source = ctx.get_parameter_source(param.name or "url")
+        where = "GDC_NATS_URL" if source == click.core.ParameterSource.ENVIRONMENT else "--url"
+        raise click.BadParameter(f"{where} is empty: give a NATS URL or leave it out", ctx, param)
+    return value
+
+
+url_option = click.option(
+    "--url",
+    envvar="GDC_NATS_URL",
+    default=None,
+    callback=_nonempty_url,
+    help="NATS server URL (env GDC_NATS_URL; default nats://localhost:4222).",
+)

@@ -1,0 +1,159 @@
+"""`gdc-worker run TARGET`: import an App and run its handlers, in one or N processes."""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import sys
+import threading
+from pathlib import Path
+
+import anyio
+import click
+
+from ..app import App
+from ..errors import GDCWorkerError, TargetError
+from ..server import NATSServer
+from ..supervisor import supervise
+from ..worker import Worker, serve
+from .common import EXIT_OK, configure_logging, reported_errors, url_option
+
+__all__ = ["load_app", "run"]
+
+
+def load_app(target: str) -> App:
+    """The `App` named by `module:attr` or `module.attr`, imported from the working directory.
+
+    Raises `TargetError` for anything that keeps it from being imported, whatever the module's
+    import raised.
+    """
+    module_name, sep, attr = target.partition(":")
+    if not sep:
+        module_name, _, attr = target.rpartition(".")
+    if not module_name or not attr:
+        raise TargetError(f"target {target!r} must look like module:app or module.app")
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name and module_name.startswith(exc.name):
+            raise TargetError(
+                f"cannot import {module_name!r}: no module named {exc.name!r}"
+            ) from None
+        raise TargetError(f"importing {module_name!r} failed: {exc}") from None
+    except GDCWorkerError as exc:
+        raise TargetError(f"{module_name}: {exc}") from None
+    except BaseException as exc:  # SystemExit and the like from a module's import too
+        if isinstance(exc, KeyboardInterrupt):
+            raise
+        raise TargetError(
+            f"importing {module_name!r} failed: {type(exc).__name__}: {exc}"
+        ) from None
+    app = getattr(module, attr, None)
+    if app is None:
+        raise TargetError(f"module {module_name!r} has no attribute {attr!r}")
+    if not isinstance(app, App):
+        raise TargetError(f"{target} is a {type(app).__name__}, not a gdc_worker.App")
+    return app
+
+
+@click.command(
+    epilog="""Examples:
+
+\b
+  gdc-worker run examples.scheduler:app
+  gdc-worker run examples.scheduler.app --processes 2 --concurrency 64
+  gdc-worker run myservice:app --handler plan_pin --embedded
+"""
+)
+@click.argument("target")
+@url_option
+@click.option(
+    "--concurrency",
+    type=click.IntRange(min=1),
+    help="Handler calls in flight per handler and process.",
+)
+@click.option(
+    "--processes",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Supervised replica processes.",
+)
+@click.option("--handler", "handlers", multiple=True, help="Run only this handler (repeatable).")
+@click.option(
+    "--log-level",
+    type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
+    default="INFO",
+    show_default=True,
+)
+@click.option(
+    "--grace",
+    type=click.FloatRange(min=0),
+    default=30.0,
+    show_default=True,
+    help="Seconds running handlers get to finish on shutdown.",
+)
+@click.option(
+    "--embedded",
+    is_flag=True,
+    help="Start a nats-server on 127.0.0.1:4222 with its store in ./.gdc-nats.",
+)
+def run(
+    target: str,
+    url: str | None,
+    concurrency: int | None,
+    processes: int,
+    handlers: tuple[str, ...],
+    log_level: str,
+    grace: float,
+    embedded: bool,
+) -> None:
+    """Run the handlers of the App TARGET (module:app or module.app) until SIGTERM or Ctrl-C."""
+    configure_logging(log_level)
+    with reported_errors():
+        app = load_app(target)
+        # The standard port, so that other processes find it without being told.
+        server = NATSServer(port=4222, store_dir=Path(".gdc-nats")) if embedded else None
+        if server is not None:
+            server.start()
+            click.echo(f"embedded nats-server at {server.url} (store .gdc-nats)", err=True)
+            url = server.url
+        try:
+            config = app.config.replace(url=url) if url else app.config
+            # Built here even for --processes, so a bad --handler fails once, not per replica.
+            worker = Worker(
+                app, config=config, concurrency=concurrency, handlers=handlers, grace=grace
+            )
+            if processes > 1:
+                command = [sys.executable, "-m", "gdc_worker", "run", target, "--url", config.url]
+                command += ["--log-level", log_level, "--grace", str(grace)]
+                command += [f"--concurrency={concurrency}"] if concurrency else []
+                command += [f"--handler={name}" for name in handlers]
+                sys.exit(supervise(command, processes))
+            anyio.run(serve, worker)
+        finally:
+            if server is not None:
+                server.stop()
+    _leave_stuck_threads()
+
+
+def _leave_stuck_threads() -> None:
+    """Exit now if a timed-out or cancelled plain-function handler still runs in its thread.
+
+    Python would wait for such a thread at exit, keeping a stopped worker alive indefinitely.
+    """
+    stuck = [
+        t
+        for t in threading.enumerate()
+        if t is not threading.main_thread() and not t.daemon and t.is_alive()
+    ]
+    if stuck:
+        logging.getLogger(__name__).warning(
+            "%d handler thread(s) still running after shutdown; exiting without them", len(stuck)
+        )
+        logging.shutdown()
+        sys.stdout.flush()
+        os._exit(EXIT_OK)

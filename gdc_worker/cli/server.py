@@ -1,0 +1,38 @@
+"""`gdc-worker server`: a nats-server with JetStream in the foreground, for development."""
+
+from __future__ import annotations
+
+import signal
+
+import click
+
+from ..server import NATSServer
+from .common import reported_errors
+
+__all__ = ["server"]
+
+
+@click.command()
+@click.option("--port", default=4222, show_default=True, help="Client port (0: a free one).")
+@click.option(
+    "--store-dir",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="JetStream store directory (default: a temporary one, removed on exit).",
+)
+def server(port: int, store_dir: str | None) -> None:
+    """Run nats-server with JetStream on 127.0.0.1 in the foreground (Ctrl-C stops it)."""
+    nats = NATSServer(port=port, store_dir=store_dir)
+    with reported_errors():
+        nats.start()
+    # Ctrl-C or SIGTERM asks the server to shut down cleanly; wait() then returns.
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: nats.terminate())
+    click.echo(
+        f"nats-server with JetStream at {nats.url} (store {nats.store_dir}); Ctrl-C stops it"
+    )
+    try:
+        nats.wait()
+    finally:
+        nats.stop()
+    click.echo("nats-server stopped")

@@ -1,0 +1,118 @@
+"""The seam for cross-cutting features (metrics, tracing, circuit breaking): `Hook`.
+
+A hook subclasses `Hook` and overrides the points it needs; the worker's runner calls them,
+on the event loop, at each step of a delivery. A method that is not overridden costs nothing:
+the runner only calls hooks that override it, and with none registered it checks one empty
+tuple per step. A hook that raises never breaks settlement: its error is logged once per hook
+and method, and the delivery goes on.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+from .errors import HandlerDefinitionError
+
+if TYPE_CHECKING:
+    from .app import HandlerSpec
+    from .bus.pull import Delivery
+    from .events import Event
+    from .settle import Decision
+
+__all__ = ["Hook", "Hooks"]
+
+log = logging.getLogger(__name__)
+
+
+class Hook:
+    """Base class of a hook: every method is a no-op until overridden.
+
+    Methods are plain functions called on the event loop: keep them fast, and never settle a
+    delivery from one (the runner does, once).
+    """
+
+    def worker_ready(self, app: str, handlers: Sequence[HandlerSpec]) -> None:
+        """The consumers of `handlers` are bound and deliveries flow."""
+
+    def worker_stopping(self, app: str) -> None:
+        """The worker stops fetching; running handlers get their grace."""
+
+    def delivery_received(self, handler: HandlerSpec, delivery: Delivery) -> None:
+        """A worker took `delivery` for `handler`, before it is decoded."""
+
+    def call_started(self, handler: HandlerSpec, delivery: Delivery, event: Event) -> None:
+        """One attempt of the handler starts (in-process retries call it again)."""
+
+    def call_finished(
+        self,
+        handler: HandlerSpec,
+        delivery: Delivery,
+        event: Event,
+        error: BaseException | None,
+        duration_s: float,
+    ) -> None:
+        """One attempt ended: `error` is None on success, else what it raised."""
+
+    def delivery_settled(
+        self, handler: HandlerSpec, delivery: Delivery, decision: Decision
+    ) -> None:
+        """`delivery` was settled as `decision` (ack, nak with a delay, dead letter)."""
+
+
+_POINTS = (
+    "worker_ready",
+    "worker_stopping",
+    "delivery_received",
+    "call_started",
+    "call_finished",
+    "delivery_settled",
+)
+
+
+class Hooks:
+    """The registered hooks, called point by point with their errors contained.
+
+    Each point is an attribute holding the bound methods that override it, so the runner
+    tests `if hooks.call_started:` before it builds any argument.
+    """
+
+    worker_ready: tuple[Callable[..., None], ...]
+    worker_stopping: tuple[Callable[..., None], ...]
+    delivery_received: tuple[Callable[..., None], ...]
+    call_started: tuple[Callable[..., None], ...]
+    call_finished: tuple[Callable[..., None], ...]
+    delivery_settled: tuple[Callable[..., None], ...]
+
+    def __init__(self, hooks: Sequence[Hook] = ()) -> None:
+        for hook in hooks:
+            if not isinstance(hook, Hook):
+                raise HandlerDefinitionError(f"hooks: {hook!r} is not a gdc_worker.Hook")
+        self.hooks = tuple(hooks)
+        self._reported: set[tuple[int, str]] = set()
+        for point in _POINTS:
+            overriding = tuple(
+                getattr(hook, point)
+                for hook in self.hooks
+                if getattr(type(hook), point) is not getattr(Hook, point)
+            )
+            setattr(self, point, overriding)
+
+    def __add__(self, other: Hooks) -> Hooks:
+        return Hooks(self.hooks + other.hooks)
+
+    def run(self, point: str, *args: Any) -> None:
+        """Call every hook overriding `point`; log a hook's error once per hook and point."""
+        for method in getattr(self, point):
+            try:
+                method(*args)
+            except Exception:
+                key = (id(method.__self__), point)
+                if key not in self._reported:
+                    self._reported.add(key)
+                    log.exception(
+                        "hook %s.%s failed (reported once; the delivery goes on)",
+                        type(method.__self__).__name__,
+                        point,
+                    )

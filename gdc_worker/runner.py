@@ -1,0 +1,289 @@
+"""One handler's deliveries, from its pull consumer to their settlement: the one settle path.
+
+`HandlerRunner` runs a bounded pool of workers over one durable pull consumer. Every delivery a
+worker takes is settled once, in `_settle`: ack, nak with a delay, or dead-letter then
+terminate (nak instead if the dead letter cannot be written). The only other settlement is the
+immediate nak of a delivery handed back on shutdown: one taken after stopping, or one whose
+handler a forced stop cancelled. `Worker` and the bus's subscriptions both run on it.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+import anyio
+
+from .app import Context, HandlerSpec
+from .errors import EventDecodeError, GDCWorkerError, describe
+from .events import Event
+from .hooks import Hooks
+from .retry import Retry, is_handler_failure, retry_failed
+from .settle import Ack, DeadLetter, Decision, Nak, decide, exhausted
+
+if TYPE_CHECKING:
+    from .bus import NATSEventBus
+    from .bus.pull import Delivery
+    from .dlq import DeadLetterQueue
+
+__all__ = ["HandlerRunner"]
+
+log = logging.getLogger("gdc_worker.worker")
+
+
+class HandlerRunner:
+    """One handler's consumer, its worker tasks and the in-progress keep-alive.
+
+    `prepare()` binds the consumer; `run()` works until `stop()` (or `force()`, which cancels
+    running handlers and hands their events back).
+    """
+
+    def __init__(
+        self,
+        bus: NATSEventBus,
+        dlq: DeadLetterQueue,
+        spec: HandlerSpec,
+        concurrency: int,
+        hooks: Hooks,
+    ) -> None:
+        self.spec = spec
+        self._bus = bus
+        self._dlq = dlq
+        self._hooks = hooks
+        self._concurrency = concurrency
+        # Room for one more delivery per worker, so the next is there when one finishes.
+        self._capacity = 2 * concurrency
+        self._consumer = bus.pull_consumer(spec.durable, capacity=self._capacity)
+        self._running = 0
+        self._stopping = False
+        self._scope = anyio.CancelScope()
+
+    @property
+    def running(self) -> int:
+        """Handler calls in progress."""
+        return self._running
+
+    async def prepare(self) -> None:
+        """Create or update the durable consumer, then start pulling."""
+        spec = self.spec
+        try:
+            await self._bus.ensure_consumer(
+                spec.durable,
+                self._bus.config.subject_for(spec.pattern),
+                ack_wait=spec.ack_wait,
+                # Unlimited on the server: the runner itself dead-letters a delivery past
+                # max_deliver (one whose earlier attempt died unsettled) without running it,
+                # and if that dead letter cannot be written it naks, so the event comes back.
+                max_deliver=-1,
+                # Counts across replicas and includes nak'd events waiting for their backoff.
+                max_ack_pending=spec.max_ack_pending or max(1000, 4 * self._capacity),
+            )
+            await self._consumer.start()
+        except BaseException:
+            await self._consumer.close()
+            self._bus.forget_consumer(self._consumer)
+            raise
+
+    def stop_fetching(self) -> None:
+        """Take no more deliveries: what a worker takes from now on goes back at once."""
+        self._stopping = True
+        self._consumer.stop_fetching()
+
+    async def stop(self) -> None:
+        """Stop fetching and drop the pull requests; running handlers go on."""
+        self.stop_fetching()
+        await self._consumer.stop()
+
+    def force(self) -> None:
+        """Cancel running handlers; their events go back for another replica."""
+        self._scope.cancel()
+
+    async def run(self) -> None:
+        """Work until stopped; raises if the consumer can no longer deliver."""
+        try:
+            with self._scope:
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(self._consumer.watch)
+                    tg.start_soon(self._keep_alive)
+                    async with anyio.create_task_group() as workers:
+                        for _ in range(self._concurrency):
+                            workers.start_soon(self._work)
+                    tg.cancel_scope.cancel()
+        finally:
+            await self._consumer.close()  # naks what was fetched and never started
+            self._bus.forget_consumer(self._consumer)
+
+    async def _work(self) -> None:
+        while True:
+            try:
+                delivery = await self._consumer.next()
+            except anyio.EndOfStream:
+                return
+            if self._stopping:
+                with anyio.CancelScope(shield=True):
+                    # Fetched but not started: another replica takes it.
+                    await self._consumer.hand_back(delivery)
+            else:
+                try:
+                    await self._process(delivery)
+                except Exception:
+                    # A defect of ours, not the handler's: keep the worker, give the event back.
+                    log.exception(
+                        "%s: internal error on message #%d; it goes back to the stream",
+                        self.spec.name,
+                        delivery.stream_seq,
+                    )
+                    with anyio.CancelScope(shield=True):
+                        await self._consumer.hand_back(delivery)
+            await self._consumer.release(delivery)
+
+    async def _keep_alive(self) -> None:
+        """Tell JetStream that deliveries held a while are still being worked on (+WPI).
+
+        Covers running handlers and the deliveries waiting for a free worker behind them.
+        """
+        interval = self.spec.ack_wait / 3
+        while True:
+            await anyio.sleep(interval)
+            for delivery in self._consumer.held_since(time.monotonic() - interval):
+                await delivery.in_progress()
+
+    async def _process(self, delivery: Delivery) -> None:
+        spec = self.spec
+        if self._hooks.delivery_received:
+            self._hooks.run("delivery_received", spec, delivery)
+        try:
+            event = Event.from_json(delivery.data)
+        except EventDecodeError as exc:
+            await self._settle(delivery, None, DeadLetter(str(exc)), exc)
+            return
+        dead = exhausted(delivery.deliveries, spec.max_deliver)
+        if dead is not None:
+            await self._settle(delivery, event, dead, None)
+            return
+        error = await self._call(delivery, event)
+        decision = decide(error, delivery.deliveries, spec.max_deliver, spec.backoff)
+        await self._settle(delivery, event, decision, error)
+
+    async def _call(self, delivery: Delivery, event: Event) -> BaseException | None:
+        """Run the handler with its retries and timeout; the error it ended with, if any.
+
+        Anything the handler raises is its failure, `SystemExit` and its own `CancelledError`
+        included; only a cancellation of ours (a forced stop) ends the call early.
+        """
+        spec = self.spec
+        args: tuple[Any, ...] = (event,)
+        if spec.takes_context:
+            args = (event, Context(self._bus, event, delivery, spec.name))
+        attempt: Callable[[], Awaitable[Any]] = functools.partial(spec.call, *args)
+        if spec.timeout is not None:
+            attempt = functools.partial(_with_timeout, spec.timeout, attempt)
+        if self._hooks.call_started or self._hooks.call_finished:
+            attempt = functools.partial(self._observed, attempt, delivery, event)
+        self._running += 1
+        try:
+            try:
+                await attempt()
+                return None
+            except BaseException as exc:
+                if not is_handler_failure(exc):
+                    raise
+                first_error = exc
+            return await retry_failed(spec.retry, attempt, first_error)
+        except anyio.get_cancelled_exc_class():
+            with anyio.CancelScope(shield=True):
+                # Cancelled by a forced stop: let another replica have it.
+                await self._consumer.hand_back(delivery)
+            raise
+        finally:
+            self._running -= 1
+
+    async def _observed(
+        self, attempt: Callable[[], Awaitable[Any]], delivery: Delivery, event: Event
+    ) -> None:
+        hooks, spec = self._hooks, self.spec
+        hooks.run("call_started", spec, delivery, event)
+        started = time.perf_counter()
+        try:
+            await attempt()
+        except BaseException as exc:
+            hooks.run("call_finished", spec, delivery, event, exc, time.perf_counter() - started)
+            raise
+        hooks.run("call_finished", spec, delivery, event, None, time.perf_counter() - started)
+
+    async def _settle(
+        self,
+        delivery: Delivery,
+        event: Event | None,
+        decision: Decision,
+        error: BaseException | None,
+    ) -> None:
+        # Ack and nak need no shield: nats-py queues the command before it can suspend, so a
+        # cancellation cannot drop it half-way. Dead-lettering waits for replies: shielded.
+        # (The naks on shutdown are shielded because they follow a cancellation.)
+        if isinstance(decision, Ack):
+            await delivery.ack()
+        elif isinstance(decision, Nak):
+            await delivery.nak(decision.delay)
+            # A Retry is the handler's own decision, not a failure worth a warning.
+            log.log(
+                logging.DEBUG if isinstance(error, Retry) else logging.WARNING,
+                "%s: %s failed on delivery %d (%s); redelivery in %gs",
+                self.spec.name,
+                _what(delivery, event),
+                delivery.deliveries,
+                describe(error) if error is not None else "no error",
+                decision.delay,
+            )
+        else:
+            with anyio.CancelScope(shield=True):
+                decision = await self._dead_letter(delivery, event, decision, error)
+        if self._hooks.delivery_settled:
+            self._hooks.run("delivery_settled", self.spec, delivery, decision)
+
+    async def _dead_letter(
+        self,
+        delivery: Delivery,
+        event: Event | None,
+        decision: DeadLetter,
+        error: BaseException | None,
+    ) -> Decision:
+        spec = self.spec
+        what = _what(delivery, event)
+        try:
+            entry_id = await self._dlq.record(
+                reason=decision.reason,
+                consumer=spec.durable,
+                handler=spec.name,
+                delivery=delivery,
+                error=error,
+            )
+        except GDCWorkerError as exc:
+            delay = spec.backoff[-1]
+            log.error(
+                "%s: cannot dead-letter %s (%s); it stays in the stream and comes back in %gs. "
+                "Check that the dead-letter stream %s can be written (it is recreated when "
+                "missing; its limits or the account's may be exhausted)",
+                spec.name,
+                what,
+                exc,
+                delay,
+                self._dlq.stream,
+            )
+            await delivery.nak(delay)
+            return Nak(delay)
+        await delivery.term(decision.reason)
+        log.error("%s: %s dead-lettered as #%d: %s", spec.name, what, entry_id, decision.reason)
+        return decision
+
+
+def _what(delivery: Delivery, event: Event | None) -> str:
+    return f"event {event.id}" if event is not None else f"message #{delivery.stream_seq}"
+
+
+async def _with_timeout(seconds: float, attempt: Callable[[], Awaitable[Any]]) -> Any:
+    with anyio.fail_after(seconds):
+        return await attempt()
