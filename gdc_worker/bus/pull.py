@@ -88,7 +88,9 @@ class Delivery:
 
     async def term(self, reason: str = "") -> None:
         """Never redeliver; the reason shows in the server's advisory."""
-        await self._send(_TERM + b" " + reason.encode()[:256] if reason else _TERM)
+        # The server keeps 256 bytes of it; cut there, on a character boundary.
+        cut = reason.encode()[:256].decode("utf-8", "ignore").encode()
+        await self._send(_TERM + b" " + cut if cut else _TERM)
 
     async def _send(self, payload: bytes) -> None:
         try:

@@ -1,0 +1,175 @@
+"""Pure parts of the pull consumer: reading a delivery's reply subject, and the hand-off of
+deliveries to workers."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+import anyio
+import pytest
+
+from gdc_worker.bus.pull import Delivery, _Handoff
+
+pytestmark = pytest.mark.anyio
+
+
+@dataclass
+class Message:
+    """The fields of a nats-py `Msg` that a Delivery reads."""
+
+    reply: str
+    subject: str = "gdc.events.node.up"
+    data: bytes = b"{}"
+    headers: dict[str, str] | None = field(default=None)
+
+
+def delivery(reply: str) -> Delivery:
+    return Delivery(cast(Any, None), cast(Any, Message(reply)))
+
+
+@pytest.mark.parametrize(
+    ("reply", "stream", "deliveries", "seq"),
+    [
+        pytest.param("$JS.ACK.GDC_EVENTS.svc-h.3.42.7.1700000000000000000.5", "GDC_EVENTS", 3, 42),
+        pytest.param(
+            "$JS.ACK.hub.ACCOUNTHASH.GDC_EVENTS.svc-h.1.9.9.1700000000000000000.0.token",
+            "GDC_EVENTS",
+            1,
+            9,
+            id="with-domain-and-account",
+        ),
+    ],
+)
+def test_a_delivery_reads_stream_count_and_sequence_from_its_reply(
+    reply: str, stream: str, deliveries: int, seq: int
+) -> None:
+    """Given a JetStream ack subject, in the short form or with domain and account hash,
+    when a Delivery is made from it,
+    then it names the stream, the delivery count and the stream sequence."""
+    got = delivery(reply)
+
+    assert (got.stream, got.deliveries, got.stream_seq) == (stream, deliveries, seq)
+
+
+@pytest.mark.parametrize(
+    "reply",
+    ["", "_INBOX.abc", "$JS.ACK.S.C.1.2", "$JS.ACK.S.C.x.2.3.4.5", "$JS.ACK.a.b.c.d.e.f.g.h.i.j"],
+)
+def test_a_reply_that_is_no_ack_subject_is_refused(reply: str) -> None:
+    """Given a reply subject of another shape,
+    when a Delivery is made from it,
+    then ValueError is raised (the consumer ignores such a message instead of crashing)."""
+    with pytest.raises(ValueError, match=r"not a JetStream ack subject|invalid literal"):
+        delivery(reply)
+
+
+def _deliveries(n: int) -> list[Delivery]:
+    return [delivery(f"$JS.ACK.S.C.1.{i}.{i}.0.0") for i in range(1, n + 1)]
+
+
+async def test_handoff_gives_deliveries_in_order_then_ends() -> None:
+    """Given three deliveries put in the hand-off, then the end,
+    when a worker takes from it,
+    then it gets them in order, then EndOfStream."""
+    handoff = _Handoff()
+    items = _deliveries(3)
+    for item in items:
+        handoff.put(item)
+    handoff.end()
+
+    taken = [await handoff.get() for _ in items]
+
+    assert taken == items
+    with pytest.raises(anyio.EndOfStream):
+        await handoff.get()
+
+
+async def test_handoff_wakes_a_waiting_worker_and_end_wakes_all() -> None:
+    """Given two workers waiting on an empty hand-off,
+    when one delivery is put and then the hand-off ends,
+    then exactly one worker gets the delivery and the other gets EndOfStream."""
+    handoff = _Handoff()
+    results: list[object] = []
+
+    async def worker() -> None:
+        try:
+            results.append(await handoff.get())
+        except anyio.EndOfStream:
+            results.append("end")
+
+    [item] = _deliveries(1)
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(worker)
+            tg.start_soon(worker)
+            await anyio.wait_all_tasks_blocked()
+            handoff.put(item)
+            await anyio.wait_all_tasks_blocked()
+            handoff.end()
+
+    assert sorted(results, key=str) == sorted([item, "end"], key=str)
+
+
+async def test_handoff_passes_a_wake_up_on_when_the_woken_worker_is_cancelled() -> None:
+    """Given a worker woken for a delivery but cancelled before it runs, and a second worker
+    waiting,
+    when the first is cancelled,
+    then the second gets the delivery: nothing is stranded in the hand-off."""
+    handoff = _Handoff()
+    [item] = _deliveries(1)
+    with anyio.fail_after(5):
+        first = asyncio.ensure_future(handoff.get())
+        second = asyncio.ensure_future(handoff.get())
+        await anyio.wait_all_tasks_blocked()
+        handoff.put(item)  # wakes the first waiter...
+        first.cancel()  # ...which is cancelled before it runs
+        assert await second is item
+    assert first.cancelled()
+
+
+async def test_take_all_empties_what_no_worker_took() -> None:
+    """Given deliveries nobody took,
+    when take_all() is called (on close),
+    then it returns them all and leaves the hand-off empty."""
+    handoff = _Handoff()
+    items = _deliveries(2)
+    for item in items:
+        handoff.put(item)
+
+    assert handoff.take_all() == items
+    assert handoff.take_all() == []
+
+
+class Recorder:
+    """Stands in for the client in a Delivery: notes what it would publish."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, bytes]] = []
+
+    async def publish(self, subject: str, payload: bytes) -> None:
+        self.sent.append((subject, payload))
+
+
+@pytest.mark.parametrize(
+    "reason",
+    ["é" * 200, "xx" + "€" * 100, "plain reason", ""],
+    ids=["2-byte", "3-byte", "ascii", "none"],
+)
+async def test_a_term_reason_is_cut_on_a_character_boundary(reason: str) -> None:
+    """Given a termination reason longer than the 256 bytes the server keeps, in UTF-8,
+    when the delivery is terminated,
+    then the reason sent is at most 256 bytes and still valid UTF-8 (a prefix of the reason)."""
+    client = Recorder()
+    reply = "$JS.ACK.S.C.1.2.2.0.0"
+    target = Delivery(cast(Any, client), cast(Any, Message(reply)))
+
+    await target.term(reason)
+
+    [(subject, payload)] = client.sent
+    sent = payload.removeprefix(b"+TERM").removeprefix(b" ")
+    assert subject == reply
+    assert len(sent) <= 256
+    assert reason.startswith(sent.decode("utf-8"))
+    assert (payload == b"+TERM") == (reason == "")
