@@ -27,6 +27,7 @@ __all__ = [
     "EventType",
     "ExecProgressEvent",
     "HealthChangedEvent",
+    "Payload",
     "PinRequestedEvent",
     "PlanReadyEvent",
     "PolicyUpdatedEvent",

@@ -148,5 +148,5 @@ async def retry_failed(
         elif isinstance(action, DoSleep):
             state.prepare_for_next_attempt()
             await anyio.sleep(float(action))
-        else:  # a policy that returns a value instead of raising
-            return None
+        else:  # tenacity returned instead of raising: settle as the failure it is, never an ack
+            return state.outcome.exception() if state.outcome is not None else failure

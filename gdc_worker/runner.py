@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 
 from .app import Context, HandlerSpec
-from .errors import EventDecodeError, GDCWorkerError, describe
+from .errors import EventDecodeError, GDCWorkerError, describe, one_error
 from .events import Event
 from .hooks import Hooks
 from .retry import Retry, is_handler_failure, retry_failed
@@ -102,7 +102,7 @@ class HandlerRunner:
         self._scope.cancel()
 
     async def run(self) -> None:
-        """Work until stopped; raises if the consumer can no longer deliver."""
+        """Work until stopped; raises one error if the consumer can no longer deliver."""
         try:
             with self._scope:
                 async with anyio.create_task_group() as tg:
@@ -112,6 +112,8 @@ class HandlerRunner:
                         for _ in range(self._concurrency):
                             workers.start_soon(self._work)
                     tg.cancel_scope.cancel()
+        except BaseExceptionGroup as group:
+            raise one_error(group) from None
         finally:
             await self._consumer.close()  # naks what was fetched and never started
             self._bus.forget_consumer(self._consumer)

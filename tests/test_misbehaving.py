@@ -1,0 +1,227 @@
+"""Handlers and publishers that misbehave, against a real server: whatever a handler raises, and
+whatever lands on a subject, every delivery is settled and the worker lives on."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import pytest
+from nats.js import JetStreamContext
+
+from gdc_worker import (
+    App,
+    Context,
+    Event,
+    EventDataError,
+    NATSConfig,
+    NATSEventBus,
+    PinRequestedEvent,
+    PublishError,
+    new_node_up_event,
+    parse_event_data,
+)
+from tests.support import Calls, consumer_info, dead_letters, node_up, running, worker_for
+
+pytestmark = pytest.mark.anyio
+
+
+class Unprintable(Exception):
+    """An exception whose message cannot be shown: its `__str__` raises."""
+
+    def __str__(self) -> str:
+        raise RuntimeError("no message for you")
+
+
+class NotAnError(BaseException):
+    """A BaseException that is neither an Exception nor one of Python's own."""
+
+
+def _raise(exc: BaseException) -> None:
+    raise exc
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        pytest.param(lambda: SystemExit(3), id="SystemExit"),
+        pytest.param(lambda: KeyboardInterrupt(), id="KeyboardInterrupt"),
+        pytest.param(lambda: NotAnError("odd"), id="BaseException-subclass"),
+        pytest.param(lambda: Unprintable(), id="unprintable-message"),
+        pytest.param(lambda: asyncio.CancelledError(), id="own-CancelledError"),
+        pytest.param(lambda: GeneratorExit(), id="GeneratorExit"),
+    ],
+)
+async def test_whatever_a_handler_raises_ends_in_a_dead_letter_and_the_worker_goes_on(
+    nats_config: NATSConfig,
+    event_bus: NATSEventBus,
+    jetstream: JetStreamContext,
+    make: object,
+) -> None:
+    """Given a handler that raises something that is not an ordinary Exception on its first
+    two events (max_deliver 1),
+    when three events are published,
+    then the first two are dead-lettered naming the exception's type, the third is handled
+    by the same worker, and nothing stays pending or unacknowledged."""
+    app = App("svc", nats_config)
+    calls = Calls()
+    build = make  # a zero-argument callable building the exception
+    assert callable(build)
+
+    @app.on("node.up", max_deliver=1, retry=None)
+    async def handle(event: Event) -> None:
+        calls.record(event)
+        if event.subject != "good":
+            _raise(build())
+
+    bad = [node_up("bad-1"), node_up("bad-2")]
+    good = node_up("good")
+    async with running(worker_for(app, nats_config)):
+        for event in [*bad, good]:
+            await event_bus.publish_event(event)
+        records = await dead_letters(event_bus, count=2)
+        await calls.wait_for_event(good)
+        info = await consumer_info(jetstream, nats_config.stream_name, "svc-handle")
+
+    expected_type = type(build()).__name__
+    assert sorted(r.event.id for r in records if r.event) == sorted(e.id for e in bad)
+    assert {r.error_type for r in records} == {expected_type}
+    assert all("failed on delivery 1 of 1" in r.reason for r in records)
+    assert (info.num_ack_pending, info.num_pending) == (0, 0)
+
+
+async def test_a_handler_raising_its_own_cancelled_error_frees_its_slot(
+    nats_config: NATSConfig, event_bus: NATSEventBus
+) -> None:
+    """Given a handler with concurrency 1 that raises CancelledError on its first call,
+    when a second event follows,
+    then the first is nak'd and handled on its redelivery, and the second is handled too: the
+    worker's only slot was not lost and the event was not held by the keep-alive."""
+    app = App("svc", nats_config)
+    calls = Calls()
+
+    @app.on("node.up", concurrency=1, retry=None, backoff=(0.05,))
+    async def handle(event: Event, ctx: Context) -> None:
+        calls.record(event, ctx)
+        if len(calls.items) == 1:
+            raise asyncio.CancelledError
+
+    first, second = node_up("first"), node_up("second")
+    async with running(worker_for(app, nats_config)):
+        await event_bus.publish_event(first)
+        await event_bus.publish_event(second)
+        await calls.wait_until(lambda items: {c.event.id for c in items} == {first.id, second.id})
+        await calls.wait_until(lambda items: [c.deliveries for c in calls.of(first)] == [1, 2])
+
+
+async def test_data_that_does_not_fit_its_payload_type_is_dead_lettered_at_once(
+    nats_config: NATSConfig, event_bus: NATSEventBus
+) -> None:
+    """Given a handler that parses pin.requested data with parse_event_data, with in-process
+    retries and deliveries to spare,
+    when a pin.requested event whose size is not a number arrives,
+    then the handler runs once and the event is dead-lettered on delivery 1, the reason naming
+    the data error (a data error is permanent: no retry can fix it)."""
+    app = App("svc", nats_config)
+    calls = Calls()
+
+    @app.on("pin.requested", max_deliver=5)
+    async def plan(event: Event, ctx: Context) -> None:
+        calls.record(event, ctx)
+        parse_event_data(event, PinRequestedEvent)
+
+    event = Event.new("pin.requested", "api-gateway", "QmBad", {"cid": "QmBad", "size": "big"})
+    async with running(worker_for(app, nats_config)):
+        await event_bus.publish_event(event)
+        [record] = await dead_letters(event_bus)
+
+    assert [c.deliveries for c in calls.items] == [1]
+    assert (record.deliveries, record.error_type) == (1, EventDataError.__name__)
+    assert record.reason.startswith("invalid event data: ")
+    assert "$.size" in record.reason
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        pytest.param({"Status": "100"}, id="heartbeat-status"),
+        pytest.param({"Status": "200"}, id="ok-status"),
+        pytest.param({"Status": "404", "Description": "No Messages"}, id="404-status"),
+        pytest.param({"Status": "409", "Description": "Consumer Deleted"}, id="consumer-deleted"),
+    ],
+)
+async def test_an_event_with_a_status_header_is_handled_like_any_other(
+    nats_config: NATSConfig,
+    event_bus: NATSEventBus,
+    jetstream: JetStreamContext,
+    headers: dict[str, str],
+) -> None:
+    """Given a worker on node.up,
+    when someone publishes an event carrying a `Status` header such as JetStream's own
+    control messages have (heartbeat, 409 Consumer Deleted), then a plain event,
+    then both are handled and acked, and the worker keeps running: only messages without a
+    $JS.ACK reply are control messages."""
+    app = App("svc", nats_config)
+    calls = Calls()
+
+    @app.on("node.up")
+    async def handle(event: Event) -> None:
+        calls.record(event)
+
+    tricky, plain = node_up("tricky"), node_up("plain")
+    async with running(worker_for(app, nats_config)) as [returned]:
+        await jetstream.publish(
+            nats_config.subject_for("node.up"), tricky.to_json(), headers=headers
+        )
+        await event_bus.publish_event(plain)
+        await calls.wait_until(lambda items: {c.event.id for c in items} == {tricky.id, plain.id})
+        info = await consumer_info(jetstream, nats_config.stream_name, "svc-handle")
+        assert not returned.is_set(), "the worker stopped"
+
+    assert (info.num_ack_pending, info.num_pending) == (0, 0)
+
+
+async def test_an_async_handler_that_blocks_the_loop_is_named_in_one_warning(
+    nats_config: NATSConfig, event_bus: NATSEventBus, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Given an async handler that calls time.sleep(1.5), blocking the event loop,
+    when it handles two events,
+    then one warning names the handler and says the loop was blocked, and both are handled."""
+    app = App("svc", nats_config)
+    calls = Calls()
+
+    @app.on("node.up", concurrency=1)
+    async def sleepy(event: Event) -> None:
+        time.sleep(1.5)  # noqa: ASYNC251 - the mistake under test
+        calls.record(event)
+
+    with caplog.at_level(logging.WARNING, logger="gdc_worker"):
+        async with running(worker_for(app, nats_config)):
+            events = [node_up("a"), node_up("b")]
+            for event in events:
+                await event_bus.publish_event(event)
+            await calls.wait_for(2)
+
+    blocked = [r.getMessage() for r in caplog.records if "blocked the event loop" in r.message]
+    assert len(blocked) == 1, blocked
+    assert blocked[0].startswith("handler sleepy blocked the event loop for over ")
+
+
+@pytest.mark.parametrize("event_type", ["pin.*", "pin.>", ">", "pin requested", "pin..x", ""])
+async def test_publishing_an_event_type_that_is_no_subject_is_refused_and_stores_nothing(
+    event_bus: NATSEventBus, jetstream: JetStreamContext, nats_config: NATSConfig, event_type: str
+) -> None:
+    """Given an event whose type is a wildcard or not a valid subject token,
+    when it is published (sync or async),
+    then PublishError names the type and nothing is stored."""
+    event = new_node_up_event("health-monitor", "node-1")
+    event.type = event_type
+
+    with pytest.raises(PublishError, match="cannot be published"):
+        await event_bus.publish_event(event)
+    with pytest.raises(PublishError, match="cannot be published"):
+        await event_bus.publish_event_async(event)
+
+    info = await jetstream.stream_info(nats_config.stream_name)
+    assert info.state.messages == 0
