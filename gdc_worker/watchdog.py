@@ -30,14 +30,14 @@ DEFAULT_THRESHOLD = 1.0
 
 
 class LoopWatchdog:
-    """Use as `with LoopWatchdog(specs):` inside the running loop."""
+    """Use as `with LoopWatchdog(specs):` inside the running loop; `add()` more handlers."""
 
-    def __init__(self, specs: Sequence[HandlerSpec], *, threshold: float = DEFAULT_THRESHOLD):
+    def __init__(
+        self, specs: Sequence[HandlerSpec] = (), *, threshold: float = DEFAULT_THRESHOLD
+    ) -> None:
         self._handlers: dict[CodeType, str] = {}
         for spec in specs:
-            code = _code_of(spec.func)
-            if code is not None:
-                self._handlers[code] = spec.name
+            self.add(spec)
         self._threshold = threshold
         self._interval = threshold / 4
         self._beat = time.monotonic()
@@ -64,6 +64,12 @@ class LoopWatchdog:
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
+
+    def add(self, spec: HandlerSpec) -> None:
+        """Name `spec`'s handler when its code blocks the loop."""
+        code = _code_of(spec.func)
+        if code is not None:
+            self._handlers[code] = spec.name
 
     def _mark(self) -> None:
         self._beat = time.monotonic()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import gc
 import re
-import socket
 import threading
 import time
 import uuid
@@ -19,12 +18,13 @@ import msgspec
 import pytest
 from nats.aio.client import Client
 from nats.js import JetStreamContext
-from nats.js.api import ConsumerInfo, RawStreamMsg, StreamInfo
+from nats.js.api import RawStreamMsg, StreamInfo
 
 from gdc_worker import (
     AlertTriggeredEvent,
     Assignment,
     ConnectionFailed,
+    Context,
     Event,
     EventType,
     ExecProgressEvent,
@@ -45,6 +45,7 @@ from gdc_worker import (
     new_node_down_event,
     new_node_up_event,
     new_pin_completed_event,
+    new_pin_failed_event,
     new_pin_requested_event,
     new_plan_ready_event,
     new_policy_deleted_event,
@@ -53,6 +54,7 @@ from gdc_worker import (
 )
 from gdc_worker.bus.connection import _Client as FastClient
 from tests.recording import ARRIVAL_TIMEOUT, Recording
+from tests.support import consumer_info, dead_letters, free_port
 
 pytestmark = pytest.mark.anyio
 
@@ -74,29 +76,8 @@ class Collector(Recording[Event]):
         return self.items
 
 
-async def consumer_info(js: JetStreamContext, stream: str, durable: str) -> ConsumerInfo:
-    info: ConsumerInfo = await js.consumer_info(stream, durable)
-    return info
-
-
 async def stream_info(js: JetStreamContext, stream: str) -> StreamInfo:
     info: StreamInfo = await js.stream_info(stream)
-    return info
-
-
-async def settled_consumer(
-    js: JetStreamContext, stream: str, durable: str, timeout: float = ARRIVAL_TIMEOUT
-) -> ConsumerInfo:
-    """The consumer's info once nothing is pending or unacknowledged (or after `timeout`).
-
-    Acks are fire-and-forget and the server applies them asynchronously, without any notice a
-    client could wait on, so this polls the consumer info until it settles.
-    """
-    info = await consumer_info(js, stream, durable)
-    with anyio.move_on_after(timeout):
-        while info.num_ack_pending or info.num_pending:
-            await anyio.sleep(0.05)
-            info = await consumer_info(js, stream, durable)
     return info
 
 
@@ -106,14 +87,6 @@ def new_trace_id() -> str:
 
 def node_up(node_id: str = "node-1") -> Event:
     return new_node_up_event("health-monitor", node_id)
-
-
-def free_port() -> int:
-    """A loopback port with nothing listening on it."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
 
 
 # -- workflows ---------------------------------------------------------------------------------
@@ -328,7 +301,7 @@ async def test_failing_handler_is_retried_until_it_succeeds_then_acked(
     # Two naks with a 1 s delay each come before the third call.
     with anyio.fail_after(ARRIVAL_TIMEOUT):
         await succeeded.wait()
-    info = await settled_consumer(jetstream, nats_config.stream_name, "flaky")
+    info = await consumer_info(jetstream, nats_config.stream_name, "flaky")
     assert (info.num_ack_pending, info.num_pending) == (0, 0)
     assert calls == [event.id] * 3
 
@@ -380,31 +353,96 @@ async def test_sync_handler_runs_in_a_worker_thread(
     [(event_id, thread)] = calls
     assert event_id == event.id
     assert thread != loop_thread
-    info = await settled_consumer(jetstream, nats_config.stream_name, "sync")
+    info = await consumer_info(jetstream, nats_config.stream_name, "sync")
     assert (info.num_ack_pending, info.num_pending) == (0, 0)
 
 
-async def test_malformed_messages_are_dropped_and_delivery_goes_on(
+async def test_malformed_messages_are_dead_lettered_and_delivery_goes_on(
     event_bus: NATSEventBus, jetstream: JetStreamContext, nats_config: NATSConfig
 ) -> None:
     """Given a subscriber,
     when a non-JSON message and a JSON message that is not an event land on its subject,
     followed by a valid event,
-    then the handler gets only the valid event and nothing is left unacknowledged."""
+    then the handler gets only the valid event, both bad messages are in the dead-letter
+    stream with their bytes and the reason, and nothing is left unacknowledged."""
     collector = Collector()
     await event_bus.subscribe_to_event_type("node.up", collector, durable="malformed")
     subject = nats_config.subject_for("node.up")
 
-    await jetstream.publish(subject, b"\x00 not json at all")
-    await jetstream.publish(subject, b'{"id": 42, "type": ["node.up"]}')
+    bad = [b"\x00 not json at all", b'{"id": 42, "type": ["node.up"]}']
+    for raw in bad:
+        await jetstream.publish(subject, raw)
     event = node_up()
     await event_bus.publish_event(event)
 
     # Delivery is in stream order, so both bad messages were handled before the event.
     await collector.wait_for_event(event)
+    records = await dead_letters(event_bus, count=2)
     assert collector.events == [event]
-    info = await settled_consumer(jetstream, nats_config.stream_name, "malformed")
+    assert [(r.data, r.consumer, r.event_type) for r in records] == [
+        (raw, "malformed", "invalid") for raw in bad
+    ]
+    assert all(r.reason.startswith("not a valid GDC event: ") for r in records)
+    info = await consumer_info(jetstream, nats_config.stream_name, "malformed")
     assert (info.num_ack_pending, info.num_pending, info.num_redelivered) == (0, 0, 0)
+
+
+async def test_a_pattern_subscriber_that_always_fails_dead_letters_after_max_deliver(
+    event_bus: NATSEventBus, jetstream: JetStreamContext, nats_config: NATSConfig
+) -> None:
+    """Given a `pin.*` subscriber that always raises, with max_deliver 2, fast backoff and no
+    in-process retries,
+    when a pin event is published,
+    then it is called on deliveries 1 and 2, and the event is dead-lettered with the error
+    and the reason, not nak'd forever."""
+    calls: list[int] = []
+
+    async def always_fails(event: Event, ctx: Context) -> None:
+        calls.append(ctx.deliveries)
+        raise RuntimeError("the planner is down")
+
+    await event_bus.subscribe_to_pattern(
+        "pin.*", always_fails, durable="planner", max_deliver=2, backoff=[0.05], retry=None
+    )
+    event = new_pin_failed_event("scheduler", "QmX", "no capacity")
+    await event_bus.publish_event(event)
+
+    [record] = await dead_letters(event_bus)
+    assert calls == [1, 2]
+    assert (record.event, record.consumer, record.deliveries) == (event, "planner", 2)
+    assert (record.error_type, record.error_message) == ("RuntimeError", "the planner is down")
+    assert record.reason == "failed on delivery 2 of 2"
+    info = await consumer_info(jetstream, nats_config.stream_name, "planner")
+    assert (info.num_ack_pending, info.num_pending) == (0, 0)
+
+
+async def test_a_subscription_whose_consumer_is_deleted_stops_and_close_raises_it(
+    nats_config: NATSConfig, jetstream: JetStreamContext
+) -> None:
+    """Given a bus with a subscription,
+    when its durable consumer is deleted on the server,
+    then closing the bus raises SubscriptionError naming the consumer, and subscribing again
+    on that bus raises it too."""
+    bus = await NATSEventBus.connect(nats_config)
+
+    async def subscribe_again() -> str:
+        """The error of a new subscription once the failure is known, polled."""
+        with anyio.fail_after(ARRIVAL_TIMEOUT):
+            while True:
+                try:
+                    await bus.subscribe_to_event_type("node.down", Collector())
+                except SubscriptionError as exc:
+                    return str(exc)
+                await bus.unsubscribe_from_event_type("node.down")
+                await anyio.sleep(0.05)
+
+    try:
+        await bus.subscribe_to_event_type("node.up", Collector(), durable="doomed")
+        await jetstream.delete_consumer(nats_config.stream_name, "doomed")
+        assert "consumer doomed: Consumer Deleted" in await subscribe_again()
+    finally:
+        with pytest.raises(SubscriptionError, match="consumer doomed: Consumer Deleted"):
+            await bus.close()
 
 
 async def test_unsubscribe_stops_delivery_and_the_durable_keeps_later_events(

@@ -17,6 +17,7 @@ import anyio.abc
 from ..dlq import DeadLetterQueue
 from ..errors import GDCWorkerError, SubscriptionError, describe
 from ..runner import HandlerRunner
+from ..watchdog import LoopWatchdog
 
 if TYPE_CHECKING:
     from ..app import HandlerSpec
@@ -41,6 +42,7 @@ class Subscriptions:
         self._host: asyncio.Task[None] | None = None
         self._group: anyio.abc.TaskGroup | None = None
         self._failure: GDCWorkerError | None = None
+        self._watchdog = LoopWatchdog()
 
     async def add(self, spec: HandlerSpec, hooks: Hooks) -> None:
         """Bind the consumer of `spec` and start its runner; raises `SubscriptionError`."""
@@ -55,6 +57,7 @@ class Subscriptions:
         runner = HandlerRunner(self._bus, self._dlq, spec, 1, hooks)
         await runner.prepare()
         group = await self._group_started()
+        self._watchdog.add(spec)
         done = anyio.Event()
         self._runners[spec.pattern] = (runner, done)
         group.start_soon(self._run, spec.pattern, runner, done)
@@ -111,10 +114,11 @@ class Subscriptions:
             started = anyio.Event()
 
             async def host() -> None:
-                async with anyio.create_task_group() as group:
-                    self._group = group
-                    started.set()
-                    await anyio.sleep_forever()
+                with self._watchdog:
+                    async with anyio.create_task_group() as group:
+                        self._group = group
+                        started.set()
+                        await anyio.sleep_forever()
 
             self._host = asyncio.create_task(host())
             await started.wait()
