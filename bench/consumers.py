@@ -16,14 +16,25 @@ import argparse
 import json
 import time
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import anyio
 import msgspec
 import nats
 
-from gdc_worker import App, Context, Event, NATSConfig, Retry, Worker
+from gdc_worker import (
+    App,
+    Context,
+    Decision,
+    Delivery,
+    Event,
+    HandlerSpec,
+    Hook,
+    NATSConfig,
+    Retry,
+    Worker,
+)
 
 
 class Progress:
@@ -50,12 +61,42 @@ class Progress:
             self.done.set()
 
 
-async def run_gdc(args: argparse.Namespace, progress: Progress) -> None:
+class Noop(Hook):
+    """A hook at every point of a delivery that does nothing: the cost of the seam itself."""
+
+    def delivery_received(self, handler: HandlerSpec, delivery: Delivery) -> None:
+        pass
+
+    def call_started(self, handler: HandlerSpec, delivery: Delivery, event: Event) -> None:
+        pass
+
+    def call_finished(
+        self,
+        handler: HandlerSpec,
+        delivery: Delivery,
+        event: Event,
+        error: BaseException | None,
+        duration_s: float,
+    ) -> None:
+        pass
+
+    def delivery_settled(
+        self, handler: HandlerSpec, delivery: Delivery, decision: Decision
+    ) -> None:
+        pass
+
+
+async def run_gdc_hooked(args: argparse.Namespace, progress: Progress) -> None:
+    """`run_gdc` with a no-op hook at every delivery point."""
+    await run_gdc(args, progress, hooks=[Noop()])
+
+
+async def run_gdc(args: argparse.Namespace, progress: Progress, hooks: Sequence[Hook] = ()) -> None:
     """gdc-worker's runner with default settings and a no-op handler."""
     config = NATSConfig(
         url=args.url, stream_name=args.stream, stream_subjects=(f"{args.subject_prefix}>",)
     )
-    app = App("bench", config)
+    app = App("bench", config, hooks=hooks)
 
     if args.fail_ratio:
 
@@ -131,6 +172,7 @@ async def run_faststream(args: argparse.Namespace, progress: Progress) -> None:
 
 IMPLEMENTATIONS: dict[str, Callable[[argparse.Namespace, Progress], Any]] = {
     "gdc": run_gdc,
+    "gdc-hooked": run_gdc_hooked,
     "raw": run_raw,
     "faststream": run_faststream,
 }

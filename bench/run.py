@@ -194,9 +194,13 @@ async def bench_publish(bench: Bench, events: list[Event], sync_n: int) -> dict[
 
 
 async def consume_once(
-    bench: Bench, impl: str, events: list[Event], fail_ratio: float = 0.0
+    bench: Bench, impl: str, events: list[Event], fail_ratio: float = 0.0, root: Path = ROOT
 ) -> dict[str, float]:
-    """One consumer implementation in its own process over `events` pre-filled in a fresh stream."""
+    """One consumer implementation in its own process over `events` pre-filled in a fresh stream.
+
+    `root` is the source tree the consumer imports gdc_worker and bench from: another checkout
+    of the project measures an earlier version in the same run.
+    """
     stream, prefix = await bench.fresh_stream()
     durable = f"{impl}-consumer"
     await bench.fill(stream, prefix, events)
@@ -204,7 +208,7 @@ async def consume_once(
     args = [sys.executable, "-m", "bench.consumers", impl, "--url", bench.url]
     args += ["--stream", stream, "--subject-prefix", prefix, "--durable", durable]
     args += ["--n", str(len(events)), "--fail-ratio", str(fail_ratio)]
-    result = await anyio.run_process(args, cwd=ROOT, check=False)
+    result = await anyio.run_process(args, cwd=root, check=False)
     if result.returncode != 0:
         raise Lost(f"{impl} consumer failed:\n{result.stderr.decode()[-2000:]}")
     figures: dict[str, float] = json.loads(result.stdout.decode().strip().splitlines()[-1])
@@ -394,7 +398,9 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         nc = await nats.connect(server.url)
         bench = Bench(server.url, nc, nc.jetstream())
         publish: dict[str, list[float]] = {}
-        consume: dict[str, list[float]] = {impl: [] for impl in impls}
+        consume: dict[str, list[float]] = {impl: [] for impl in [*impls, "gdc-hooked"]}
+        if args.baseline is not None:
+            consume["gdc baseline"] = []
         retry: dict[str, list[float]] = {"gdc": [], "raw": []}
         lat: dict[str, list[dict[str, float]]] = {impl: [] for impl in impls}
         scale: dict[str, list[float]] = {}
@@ -405,6 +411,10 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                 publish.setdefault(name, []).append(rate)
             for impl in impls:
                 consume[impl].append((await consume_once(bench, impl, events))["rate"])
+            consume["gdc-hooked"].append((await consume_once(bench, "gdc-hooked", events))["rate"])
+            if args.baseline is not None:
+                base = await consume_once(bench, "gdc", events, root=args.baseline)
+                consume["gdc baseline"].append(base["rate"])
             for impl in ("gdc", "raw"):
                 failing = await consume_once(bench, impl, events, fail_ratio=0.1)
                 retry[impl].append(failing["rate"])
@@ -456,6 +466,9 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         "peak rss gdc 4N/N": memory["gdc 4N"] / memory["gdc N"],
         "peak rss gdc/raw at 4N": memory["gdc 4N"] / memory["raw 4N"],
     }
+    ratios["consume gdc no-op hooks/no hooks"] = c["gdc-hooked"] / c["gdc"]
+    if "gdc baseline" in c:
+        ratios["consume gdc/baseline checkout (target >= 0.97)"] = c["gdc"] / c["gdc baseline"]
     if "faststream" in c:
         ratios["consume gdc/faststream (target >= 5)"] = c["gdc"] / c["faststream"]
         ratios["p99 latency faststream/raw"] = lt["faststream"]["p99_ms"] / lt["raw"]["p99_ms"]
@@ -512,6 +525,13 @@ def main() -> int:
     )
     parser.add_argument("--latency-n", type=int, default=550, help="latency samples (50 warm-up)")
     parser.add_argument("--no-faststream", action="store_true", help="skip FastStream")
+    parser.add_argument(
+        "--baseline",
+        type=Path,
+        help="a checkout of an earlier version (git worktree add DIR REV) to measure its "
+        "consume rate in the same run",
+    )
+
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results.json")
     args = parser.parse_args()
     try:
