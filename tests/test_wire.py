@@ -44,7 +44,10 @@ GO_ENVELOPE_ORDER = ["id", "type", "source", "subject", "data", "trace_id", "tim
 
 def _fixture_lines() -> dict[str, bytes]:
     if not FIXTURES.is_file():
-        raise FileNotFoundError(f"golden fixtures not found at {FIXTURES}; set GDC_SHARED_DIR")
+        pytest.skip(
+            f"the Go bus's golden fixtures are not at {FIXTURES} (set GDC_SHARED_DIR)",
+            allow_module_level=True,
+        )
     lines = [line for line in FIXTURES.read_bytes().splitlines() if line.strip()]
     return {json.loads(line)["type"]: line for line in lines}
 

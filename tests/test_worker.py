@@ -2,13 +2,8 @@
 
 from __future__ import annotations
 
-import contextvars
 import threading
-import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 import anyio
@@ -18,14 +13,13 @@ import nats
 import nats.js.errors
 import pytest
 from nats.js import JetStreamContext
-from nats.js.api import ConsumerInfo
 
 from gdc_worker import (
     App,
+    ConfigError,
     ConnectionFailed,
     Context,
     DeadLetterQueue,
-    DeadLetterRecord,
     Event,
     NATSConfig,
     NATSEventBus,
@@ -34,144 +28,31 @@ from gdc_worker import (
     PlanReadyEvent,
     Reject,
     Retry,
-    RetryPolicy,
     Worker,
     new_node_down_event,
-    new_node_up_event,
     new_pin_requested_event,
     new_plan_ready_event,
     parse_event_data,
 )
-from tests.recording import ARRIVAL_TIMEOUT, Recording
+from tests.recording import ARRIVAL_TIMEOUT
+from tests.support import (
+    FAST_RETRY,
+    GRACE,
+    STOP_TIMEOUT,
+    Calls,
+    acked_up_to,
+    consumer_info,
+    dead_letters,
+    free_port,
+    node_up,
+    running,
+    worker_for,
+)
 
 pytestmark = pytest.mark.anyio
 
 #: Deadline for events handed back by a stopped worker: far below their 30 s ack wait.
 HANDBACK_TIMEOUT = 5.0
-#: How long a test's workers may take to stop once asked.
-STOP_TIMEOUT = 10.0
-#: Grace of the workers that are not testing stops: a stuck handler fails fast.
-GRACE = 2.0
-#: Three in-process attempts about a millisecond apart.
-FAST_RETRY = RetryPolicy.attempts(3, initial=0.001, maximum=0.001)
-
-#: Which worker runs the current task (set by `running`), for tests with several workers.
-REPLICA: contextvars.ContextVar[str] = contextvars.ContextVar("replica", default="?")
-
-
-# -- helpers -------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Call:
-    """One handler call as the handler saw it."""
-
-    event: Event
-    deliveries: int
-    at: float
-    replica: str
-    thread: int
-
-
-class Calls(Recording[Call]):
-    """A record of handler calls; tests wait on it with a deadline."""
-
-    def __init__(self) -> None:
-        super().__init__(lambda call: call.event)
-
-    def record(self, event: Event, ctx: Context | None = None, thread: int | None = None) -> None:
-        """Note a call (on the event loop's thread; see `record_from_thread`)."""
-        deliveries = ctx.deliveries if ctx is not None else 0
-        thread = thread if thread is not None else threading.get_ident()
-        self.note(Call(event, deliveries, time.monotonic(), REPLICA.get(), thread))
-
-    def record_from_thread(self, event: Event, ctx: Context | None = None) -> None:
-        """Note a call made in a worker thread (a sync handler), with that thread's id."""
-        anyio.from_thread.run_sync(self.record, event, ctx, threading.get_ident())
-
-    def of(self, event: Event) -> list[Call]:
-        return [call for call in self.items if call.event.id == event.id]
-
-
-async def _run(
-    worker: Worker,
-    label: str,
-    returned: anyio.Event,
-    *,
-    task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
-) -> None:
-    REPLICA.set(label)  # the worker's tasks, and so its handler calls, inherit it
-    try:
-        await worker.run(task_status=task_status)
-    finally:
-        returned.set()
-
-
-@asynccontextmanager
-async def running(*workers: Worker) -> AsyncIterator[list[anyio.Event]]:
-    """Run the workers (labelled "0", "1", ... in `Call.replica`) until the block ends, then
-    stop them and wait for them to return. Yields one event per worker, set when `run` returns."""
-    returned = [anyio.Event() for _ in workers]
-    async with anyio.create_task_group() as tg:
-        for n, (worker, done) in enumerate(zip(workers, returned, strict=True)):
-            await tg.start(_run, worker, str(n), done)
-        try:
-            yield returned
-        finally:
-            for worker, done in zip(workers, returned, strict=True):
-                if not done.is_set():
-                    worker.stop()
-            with anyio.fail_after(STOP_TIMEOUT):
-                for done in returned:
-                    await done.wait()
-
-
-async def consumer_info(
-    js: JetStreamContext,
-    stream: str,
-    durable: str,
-    until: Callable[[ConsumerInfo], bool] | None = None,
-    timeout: float = ARRIVAL_TIMEOUT,
-) -> ConsumerInfo:
-    """The consumer's info once `until(info)` holds (by default: nothing pending or awaiting an
-    ack), or the last one seen after `timeout`, for the caller to assert on.
-
-    Acks are fire-and-forget and the server applies them without a notice a client could wait
-    on, so this polls.
-    """
-    until = until or (lambda i: (i.num_ack_pending, i.num_pending) == (0, 0))
-    info: ConsumerInfo = await js.consumer_info(stream, durable)
-    with anyio.move_on_after(timeout):
-        while not until(info):
-            await anyio.sleep(0.05)
-            info = await js.consumer_info(stream, durable)
-    return info
-
-
-def acked_up_to(info: ConsumerInfo) -> int:
-    """The stream sequence up to which every message is acked (the consumer's ack floor)."""
-    return info.ack_floor.stream_seq if info.ack_floor is not None else 0
-
-
-async def dead_letters(
-    bus: NATSEventBus, count: int = 1, timeout: float = ARRIVAL_TIMEOUT
-) -> list[DeadLetterRecord]:
-    """The dead-letter records once there are at least `count`; fails after `timeout`."""
-    dlq = DeadLetterQueue(bus)
-    with anyio.fail_after(timeout):
-        while True:
-            records = [entry.record async for entry in dlq.entries()]
-            if len(records) >= count:
-                return records
-            await anyio.sleep(0.05)
-
-
-def node_up(node_id: str = "node-1", trace_id: str = "") -> Event:
-    return new_node_up_event("health-monitor", node_id, trace_id)
-
-
-def worker_for(app: App, nats_config: NATSConfig, grace: float = GRACE) -> Worker:
-    return Worker(app, config=nats_config, grace=grace)
 
 
 # -- acks and retries ----------------------------------------------------------------------------
@@ -894,3 +775,56 @@ async def test_worker_exits_with_connection_failed_when_nats_is_gone_for_good(
                 failed = None
 
     assert failed is not None, "run ended without ConnectionFailed"
+
+
+async def test_run_raises_connection_failed_itself_when_nats_cannot_be_reached() -> None:
+    """Given a worker configured for a port where nothing listens,
+    when it runs,
+    then `run()` raises ConnectionFailed itself, not inside an ExceptionGroup, so a plain
+    `except ConnectionFailed` catches it."""
+    config = NATSConfig(url=f"nats://127.0.0.1:{free_port()}", connect_timeout=2.0)
+    app = App("svc", config)
+
+    @app.on("node.up")
+    async def handle(event: Event) -> None:
+        pass
+
+    with pytest.raises(ConnectionFailed, match="cannot connect to NATS"):
+        await Worker(app).run()
+
+
+async def test_a_stream_of_another_shape_is_refused_not_reshaped(
+    nats_config: NATSConfig, jetstream: JetStreamContext
+) -> None:
+    """Given a stream of the configured name that exists with other subjects (someone else's),
+    when a worker starts,
+    then it fails with ConfigError naming the stream and the missing subject, and the stream
+    keeps its subjects."""
+    await jetstream.add_stream(name=nats_config.stream_name, subjects=["other.things.>"])
+    app = App("svc", nats_config)
+
+    @app.on("node.up")
+    async def handle(event: Event) -> None:
+        pass
+
+    with pytest.raises(ConfigError, match=rf"stream {nats_config.stream_name} exists with other"):
+        await Worker(app).run()
+
+    info = await jetstream.stream_info(nats_config.stream_name)
+    assert info.config.subjects == ["other.things.>"]
+
+
+async def test_a_stream_with_more_subjects_keeps_them(
+    nats_config: NATSConfig, jetstream: JetStreamContext
+) -> None:
+    """Given the event stream exists with our subjects and one more (another service's),
+    when a bus connects and sets the stream up,
+    then the stream keeps both subjects."""
+    subjects = [*nats_config.stream_subjects, "audit.>"]
+    await jetstream.add_stream(name=nats_config.stream_name, subjects=subjects)
+
+    async with await NATSEventBus.connect(nats_config):
+        pass
+
+    info = await jetstream.stream_info(nats_config.stream_name)
+    assert sorted(info.config.subjects or []) == sorted(subjects)
