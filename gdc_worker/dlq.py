@@ -1,34 +1,87 @@
 """The dead-letter stream: what a worker records when it gives up, and what operators do with it.
 
 Each record is one message on `<dlq_subject_prefix>.<consumer>.<event type>` (`.invalid` when the
-message was not an event) in the `dlq_stream_name` stream; its stream sequence is its id.
+message was not an event) in the `dlq_stream_name` stream; its stream sequence is its id. Its
+payload is the original message's bytes, as they were delivered, and the `Gdc-Dlq-Record`
+header holds the rest as one line of JSON: why and when, the error, a bounded traceback and the
+original headers. So a record fits wherever the original did. When the header and the bytes
+together would not fit the server's max_payload, the record keeps only the header and refers to
+the original by its stream and sequence (`"data": "ref"`); `get()` and `replay()` read it there.
+
+Anything else in the stream (a message someone else published there, a damaged header) is an
+unreadable entry: listed, shown and purged like the others, never replayed.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
 import traceback
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import msgspec
 
-from .errors import DeadLetterNotFound, DeadLetterUnreadable, EventDecodeError, message_of
+from .bus.publish import message_size
+from .errors import (
+    DeadLetterNotFound,
+    DeadLetterUnreadable,
+    EventDecodeError,
+    GDCWorkerError,
+    PublishError,
+    message_of,
+)
 from .events import MSG_ID_HEADER, Event
 from .subjects import is_event_type, safe_name
 
 if TYPE_CHECKING:
-    from .bus import NATSEventBus
-    from .bus.pull import Delivery
+    from .bus import NATSEventBus, StoredMessage
 
-__all__ = ["DeadLetterEntry", "DeadLetterQueue", "DeadLetterRecord"]
+__all__ = ["DeadLetterEntry", "DeadLetterQueue", "DeadLetterRecord", "FailedMessage"]
+
+log = logging.getLogger(__name__)
 
 INVALID_TYPE = "invalid"
+#: The header of a record message that holds everything but the original bytes.
+RECORD_HEADER = "Gdc-Dlq-Record"
+#: How much of a traceback a record keeps: its end, where the error is.
+TRACEBACK_LIMIT = 4096
+#: How much of a reason or an error message a record keeps.
+TEXT_LIMIT = 1024
+#: How much of one line of a traceback (an error message, mostly) a record keeps.
+LINE_LIMIT = 512
+#: How many bytes of a message that is not a record `DeadLetterEntry.head` keeps.
+HEAD_LIMIT = 200
 
 
-class DeadLetterRecord(msgspec.Struct, kw_only=True):
-    """Why and when a message was given up, with the message as it was delivered."""
+class FailedMessage(Protocol):
+    """What a record needs of the message given up: a worker's `Delivery` has it all."""
+
+    @property
+    def stream(self) -> str: ...
+    @property
+    def stream_seq(self) -> int: ...
+    @property
+    def subject(self) -> str: ...
+    @property
+    def deliveries(self) -> int: ...
+    @property
+    def data(self) -> bytes: ...
+    @property
+    def headers(self) -> Mapping[str, str]: ...
+
+
+class DeadLetterRecord(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """Why and when a message was given up, with the message as it was delivered.
+
+    `event_type` and `event_id` come from `event` when it is given (`invalid` and "" for a
+    message that is not an event). A record stored by reference (`by_reference`) has its `data`,
+    `headers` and `event` only once read back from the event stream, by `DeadLetterQueue.get`.
+    In the stream, the record without `data` and `event` is the `Gdc-Dlq-Record` header.
+    """
 
     failed_at: datetime
     reason: str
@@ -41,32 +94,91 @@ class DeadLetterRecord(msgspec.Struct, kw_only=True):
     error_type: str = ""
     error_message: str = ""
     traceback: str = ""
-    data: bytes
+    data: bytes = b""
     headers: dict[str, str] = msgspec.field(default_factory=dict)
     event: Event | None = None
+    event_type: str = ""
+    event_id: str = ""
+    #: The size of the original bytes.
+    size: int = 0
+    #: The original was too large to copy: its bytes stay at `stream` #`stream_seq`.
+    by_reference: bool = False
+    #: For a record by reference, the SHA-256 of the original bytes, to recognise them.
+    data_sha256: str = ""
 
-    @property
-    def event_type(self) -> str:
-        """The event's type, or `invalid` when the message did not decode as an event."""
-        return self.event.type if self.event is not None else INVALID_TYPE
+    def __post_init__(self) -> None:
+        if self.event is not None:
+            self.event_type = self.event_type or self.event.type
+            self.event_id = self.event_id or self.event.id
+        self.event_type = self.event_type or INVALID_TYPE
 
+    @classmethod
+    def of(
+        cls,
+        message: FailedMessage,
+        *,
+        reason: str,
+        consumer: str,
+        handler: str,
+        error: BaseException | None,
+        failed_at: datetime | None = None,
+    ) -> DeadLetterRecord:
+        """The record of `message` given up by `consumer` (its `handler`) after `error`.
 
-_record_decoder = msgspec.json.Decoder(DeadLetterRecord)
-
-
-def _entry(stream: str, seq: int, data: bytes) -> DeadLetterEntry:
-    try:
-        return DeadLetterEntry(seq, _record_decoder.decode(data))
-    except msgspec.DecodeError as exc:
-        raise DeadLetterUnreadable(f"{stream} #{seq} is not a dead-letter record: {exc}") from None
+        The reason and the error message are cut to about a kilobyte, the traceback to its
+        last 4 KB, each saying so.
+        """
+        try:
+            event: Event | None = Event.from_json(message.data)
+        except EventDecodeError:
+            event = None
+        return cls(
+            failed_at=failed_at or datetime.now(UTC),
+            reason=_cut(reason),
+            consumer=consumer,
+            handler=handler,
+            stream=message.stream,
+            stream_seq=message.stream_seq,
+            subject=message.subject,
+            deliveries=message.deliveries,
+            error_type=type(error).__name__ if error is not None else "",
+            error_message=_cut(message_of(error)) if error is not None else "",
+            traceback=_traceback(error),
+            data=bytes(message.data),
+            headers=dict(message.headers),
+            event=event,
+            size=len(message.data),
+        )
 
 
 @dataclass(frozen=True)
 class DeadLetterEntry:
-    """A record and its id (its sequence in the dead-letter stream)."""
+    """One message of the dead-letter stream and its id (its sequence there).
+
+    Most are records; one that is not (published there by something else, or damaged) is
+    unreadable: `readable` is False, `problem` says why, and `subject`, `size` and `head` (its
+    first bytes) are all there is. `problem` is also set for a record by reference whose
+    original cannot be read any more. `record` raises `DeadLetterUnreadable` when there is none.
+    """
 
     id: int
-    record: DeadLetterRecord
+    stored: DeadLetterRecord | None = None
+    problem: str = ""
+    subject: str = ""
+    size: int = 0
+    head: bytes = b""
+
+    @property
+    def readable(self) -> bool:
+        """Whether this is a dead-letter record."""
+        return self.stored is not None
+
+    @property
+    def record(self) -> DeadLetterRecord:
+        """The record; raises `DeadLetterUnreadable` for a message that is not one."""
+        if self.stored is None:
+            raise DeadLetterUnreadable(f"dead letter #{self.id} is unreadable: {self.problem}")
+        return self.stored
 
 
 class DeadLetterQueue:
@@ -94,7 +206,7 @@ class DeadLetterQueue:
         reason: str,
         consumer: str,
         handler: str,
-        delivery: Delivery,
+        delivery: FailedMessage,
         error: BaseException | None,
     ) -> int:
         """Store a record and wait for the ack; returns its id.
@@ -102,36 +214,32 @@ class DeadLetterQueue:
         Its message id is `<stream>:<seq>:<consumer>`, so the same failure recorded twice (a
         worker that died between recording and terminating) is stored once within the
         duplicate window, while two consumers failing the same event get a record each.
+
+        A publish that fails (the dead-letter stream was deleted, say) sets the stream up again
+        and is tried once more; if that fails too, its `PublishError` is raised.
         """
-        stream, stream_seq, subject = delivery.stream, delivery.stream_seq, delivery.subject
-        try:
-            event: Event | None = Event.from_json(delivery.data)
-        except EventDecodeError:
-            event = None
-        record = DeadLetterRecord(
-            failed_at=datetime.now(UTC),
-            reason=reason,
-            consumer=consumer,
-            handler=handler,
-            stream=stream,
-            stream_seq=stream_seq,
-            subject=subject,
-            deliveries=delivery.deliveries,
-            error_type=type(error).__name__ if error is not None else "",
-            error_message=message_of(error) if error is not None else "",
-            traceback=_traceback(error),
-            data=delivery.data,
-            headers=dict(delivery.headers),
-            event=event,
+        record = DeadLetterRecord.of(
+            delivery, reason=reason, consumer=consumer, handler=handler, error=error
         )
-        event_type = event.type if event is not None else INVALID_TYPE
+        event_type = record.event_type
         if not is_event_type(event_type):
             event_type = INVALID_TYPE  # a type that is no subject would make the record unstorable
-        subject_out = f"{self.prefix}.{safe_name(consumer)}.{event_type}"
-        msg_id = {MSG_ID_HEADER: f"{stream}:{stream_seq}:{consumer}"}
-        return await self._bus.publish_raw(
-            subject_out, msgspec.json.encode(record), msg_id, what=f"dead letter of {subject}"
-        )
+        subject = f"{self.prefix}.{safe_name(consumer)}.{event_type}"
+        msg_id = f"{record.stream}:{record.stream_seq}:{consumer}"
+        payload, headers = _encode(record, msg_id, self._bus.max_payload)
+        what = f"dead letter of {record.subject}"
+        try:
+            return await self._bus.publish_raw(subject, payload, headers, what=what)
+        except PublishError as first:
+            try:
+                await self.ensure()
+            except GDCWorkerError as exc:
+                raise PublishError(
+                    f"{first}; setting up {self.stream} again failed: {exc}"
+                ) from None
+            seq = await self._bus.publish_raw(subject, payload, headers, what=what)
+            log.warning("%s; set up the dead-letter stream %s again: stored", first, self.stream)
+            return seq
 
     async def entries(
         self,
@@ -140,33 +248,48 @@ class DeadLetterQueue:
         consumer: str | None = None,
         limit: int | None = None,
     ) -> AsyncIterator[DeadLetterEntry]:
-        """Records in id order, optionally only of one event type and/or consumer."""
-        subject = f"{self.prefix}.{consumer or '*'}.{event_type or '>'}"
+        """Entries in id order, optionally only of one event type and/or consumer.
+
+        Messages that are not records come as unreadable entries (see `DeadLetterEntry`);
+        records by reference come without their original (see `get`).
+        """
+        if event_type is None and consumer is None:
+            subject = f"{self.prefix}.>"  # also what others put on `<prefix>.x`
+        else:
+            who = safe_name(consumer) if consumer else "*"
+            subject = f"{self.prefix}.{who}.{event_type or '>'}"
         count = 0
         async for message in self._bus.stream_messages(self.stream, subject):
             if limit is not None and count >= limit:
                 return
             count += 1
-            yield _entry(self.stream, message.seq, message.data)
+            yield _entry(message)
 
     async def get(self, entry_id: int) -> DeadLetterEntry:
-        """One record by id; raises `DeadLetterNotFound`."""
-        message = await self._bus.get_message(self.stream, entry_id)  # None: no such stream too
-        if message is None:
-            raise DeadLetterNotFound(f"no dead letter with id {entry_id} in {self.stream}")
-        return _entry(self.stream, message.seq, message.data)
+        """One entry by id, a record by reference with its original; raises `DeadLetterNotFound`.
+
+        When that original is gone from the event stream, the entry says so in `problem`.
+        """
+        entry = _entry(await self._stored(entry_id))
+        if entry.readable and entry.record.by_reference:
+            return await self._with_original(entry)
+        return entry
 
     async def replay(self, entry_id: int) -> DeadLetterEntry:
         """Publish the original message again on its subject, then remove the record.
 
-        The message keeps its bytes (and so the event its id) but gets a new `Nats-Msg-Id`,
-        so the event stream does not drop it as a duplicate inside its window.
+        The message keeps its bytes (and so the event its id) and its headers, but gets a new
+        `Nats-Msg-Id`, so the event stream does not drop it as a duplicate inside its window.
+        Raises `DeadLetterNotFound`, and `DeadLetterUnreadable` for a message that is not a
+        record or a record whose original is gone.
         """
         entry = await self.get(entry_id)
+        if not entry.readable or entry.problem:
+            raise DeadLetterUnreadable(
+                f"dead letter #{entry_id} cannot be replayed: {entry.problem}"
+            )
         record = entry.record
-        headers = dict(record.headers)
-        original = headers.get(MSG_ID_HEADER) or f"{record.stream}:{record.stream_seq}"
-        headers[MSG_ID_HEADER] = f"{original}:replay:{self.stream}:{entry_id}"
+        headers = _replay_headers(record, f"{self.stream}:{entry_id}", self._bus.max_payload)
         await self._bus.publish_raw(
             record.subject, record.data, headers, what=f"replay of dead letter {entry_id}"
         )
@@ -174,12 +297,136 @@ class DeadLetterQueue:
         return entry
 
     async def purge(self, entry_id: int) -> None:
-        """Delete one record; raises `DeadLetterNotFound`."""
-        await self.get(entry_id)  # the server's answer for a missing sequence varies
+        """Delete one entry, readable or not; raises `DeadLetterNotFound`."""
+        await self._stored(entry_id)  # the server's answer for a missing sequence varies
         if not await self._bus.delete_message(self.stream, entry_id):
             raise DeadLetterNotFound(f"no dead letter with id {entry_id} in {self.stream}")
 
+    async def _stored(self, entry_id: int) -> StoredMessage:
+        message = await self._bus.get_message(self.stream, entry_id)  # None: no such stream too
+        if message is None:
+            raise DeadLetterNotFound(f"no dead letter with id {entry_id} in {self.stream}")
+        return message
+
+    async def _with_original(self, entry: DeadLetterEntry) -> DeadLetterEntry:
+        record = entry.record
+        where = f"{record.stream} #{record.stream_seq}"
+        original = await self._bus.get_message(record.stream, record.stream_seq)
+        problem = ""
+        if original is None:
+            problem = f"the message was too large to copy, and {where} is gone"
+        elif hashlib.sha256(original.data).hexdigest() != record.data_sha256:
+            problem = f"the message was too large to copy, and {where} now holds another one"
+        if original is None or problem:
+            return replace(entry, problem=problem)
+        loaded = msgspec.structs.replace(
+            record,
+            data=original.data,
+            headers=dict(original.headers) or record.headers,
+            event=_event_of(original.data),
+        )
+        return replace(entry, stored=loaded)
+
+
+_record_decoder = msgspec.json.Decoder(DeadLetterRecord)
+
+
+def _encode(
+    record: DeadLetterRecord, msg_id: str, max_payload: int
+) -> tuple[bytes, dict[str, str]]:
+    """The payload and headers of the record's message: the original bytes if they fit."""
+    header = msgspec.structs.replace(record, data=b"", event=None)
+    headers = {MSG_ID_HEADER: msg_id, RECORD_HEADER: _header_json(header)}
+    if message_size(headers, record.data) <= max_payload:
+        return record.data, headers
+    # Too large with the header: keep the header only, and what to find the original by.
+    by_reference = msgspec.structs.replace(
+        header, by_reference=True, data_sha256=hashlib.sha256(record.data).hexdigest()
+    )
+    smaller = (
+        by_reference,
+        msgspec.structs.replace(by_reference, headers={}),
+        msgspec.structs.replace(
+            by_reference, headers={}, traceback="(left out: too large for the server)"
+        ),
+    )
+    for variant in smaller:
+        headers = {MSG_ID_HEADER: msg_id, RECORD_HEADER: _header_json(variant)}
+        if message_size(headers, b"") <= max_payload:
+            return b"", headers
+    raise PublishError(
+        f"the dead letter of {record.stream} #{record.stream_seq} does not fit in a message "
+        f"of at most {max_payload} bytes, the server's max_payload"
+    )
+
+
+def _header_json(record: DeadLetterRecord) -> str:
+    # One line of ASCII: a header value may hold neither CR/LF nor (for nats-py's parser of
+    # stored messages) anything but ASCII. JSON escapes both inside strings.
+    return json.dumps(msgspec.to_builtins(record), ensure_ascii=True, separators=(",", ":"))
+
+
+def _entry(message: StoredMessage) -> DeadLetterEntry:
+    """The entry of one message of the dead-letter stream; never raises."""
+    header = message.headers.get(RECORD_HEADER)
+    if header is None:
+        return _unreadable(message, f"not a dead-letter record (no {RECORD_HEADER} header)")
+    try:
+        record = _record_decoder.decode(str(header))
+    except msgspec.DecodeError as exc:
+        return _unreadable(message, f"its {RECORD_HEADER} header does not decode: {exc}")
+    if not record.by_reference:
+        record = msgspec.structs.replace(record, data=message.data, event=_event_of(message.data))
+    return DeadLetterEntry(message.seq, record, subject=message.subject, size=len(message.data))
+
+
+def _unreadable(message: StoredMessage, problem: str) -> DeadLetterEntry:
+    return DeadLetterEntry(
+        message.seq,
+        problem=problem,
+        subject=message.subject,
+        size=len(message.data),
+        head=message.data[:HEAD_LIMIT],
+    )
+
+
+def _replay_headers(record: DeadLetterRecord, replay_id: str, max_payload: int) -> dict[str, str]:
+    """The original headers with a new message id, or none if the original then does not fit."""
+    headers = dict(record.headers)
+    original = headers.get(MSG_ID_HEADER) or f"{record.stream}:{record.stream_seq}"
+    headers[MSG_ID_HEADER] = f"{original}:replay:{replay_id}"
+    if message_size(headers, record.data) > max_payload:
+        # No message id at all: the event stream cannot take it for a duplicate either.
+        del headers[MSG_ID_HEADER]
+    if message_size(headers, record.data) > max_payload:
+        raise PublishError(
+            f"{record.stream} #{record.stream_seq} with its headers is larger than the "
+            f"server's max_payload of {max_payload} bytes"
+        )
+    return headers
+
+
+def _event_of(data: bytes) -> Event | None:
+    try:
+        return Event.from_json(data)
+    except EventDecodeError:
+        return None
+
+
+def _cut(text: str, limit: int = TEXT_LIMIT) -> str:
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]} ... (cut: {len(text)} characters in all)"
+
 
 def _traceback(error: BaseException | None) -> str:
+    if error is None:
+        return ""
     # format_exception survives an exception whose __str__ raises ("<exception str() failed>").
-    return "".join(traceback.format_exception(error)) if error is not None else ""
+    lines = "".join(traceback.format_exception(error)).splitlines()
+    text = "\n".join(_cut(line, LINE_LIMIT) for line in lines) + "\n"
+    if len(text) <= TRACEBACK_LIMIT:
+        return text
+    kept = text[-TRACEBACK_LIMIT:]
+    kept = kept[kept.find("\n") + 1 :]  # from a line's start
+    return f"(traceback cut: its first {len(text) - len(kept)} characters are left out)\n{kept}"

@@ -22,6 +22,9 @@ __all__ = ["dlq"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
+#: A dead letter's id: its sequence in the dead-letter stream, so 1 or more.
+ENTRY_ID = click.IntRange(min=1)
+
 
 @click.group()
 def dlq() -> None:
@@ -46,6 +49,20 @@ def _run_dlq(url: str | None, action: Callable[[DeadLetterQueue], Awaitable[int]
 
 
 def _summary(entry: DeadLetterEntry) -> dict[str, Any]:
+    if not entry.readable:
+        return {
+            "id": entry.id,
+            "failed_at": None,
+            "consumer": "",
+            "handler": "",
+            "event_type": "",
+            "event_id": "",
+            "deliveries": None,
+            "error_type": "",
+            "error": entry.problem,
+            "reason": "",
+            "unreadable": entry.problem,
+        }
     record = entry.record
     return {
         "id": entry.id,
@@ -53,12 +70,20 @@ def _summary(entry: DeadLetterEntry) -> dict[str, Any]:
         "consumer": record.consumer,
         "handler": record.handler,
         "event_type": record.event_type,
-        "event_id": record.event.id if record.event else "",
+        "event_id": record.event_id,
         "deliveries": record.deliveries,
         "error_type": record.error_type,
         "error": record.error_message or record.reason,
         "reason": record.reason,
+        "unreadable": "",
     }
+
+
+def _cells(row: dict[str, Any], columns: list[str]) -> list[str]:
+    """A row of the table: no cell empty, so that columns stay apart; at most 60 characters."""
+    if row["unreadable"]:
+        row = {**row, "event_type": "unreadable"}
+    return [str(row[c])[:60] if row[c] not in (None, "") else "-" for c in columns]
 
 
 def _filters(func: F) -> F:
@@ -89,7 +114,7 @@ def dlq_list(
             click.echo("no dead letters")
             return EXIT_OK
         columns = ["id", "failed_at", "consumer", "event_type", "event_id", "deliveries", "error"]
-        table = [columns] + [[str(row[c])[:60] for c in columns] for row in rows]
+        table = [columns] + [_cells(row, columns) for row in rows]
         widths = [max(len(line[i]) for line in table) for i in range(len(columns))]
         for line in table:
             click.echo(
@@ -102,31 +127,48 @@ def dlq_list(
 
 @dlq.command("show")
 @url_option
-@click.argument("entry_id", metavar="ID", type=int)
+@click.argument("entry_id", metavar="ID", type=ENTRY_ID)
 def dlq_show(url: str | None, entry_id: int) -> None:
     """Show one dead letter: the event, the error and the traceback."""
 
     async def action(queue: DeadLetterQueue) -> int:
         entry = await queue.get(entry_id)
-        record = entry.record
         click.echo(f"id:          {entry.id}")
+        if not entry.readable:
+            click.echo(f"unreadable:  {entry.problem}")
+            click.echo(f"subject:     {entry.subject}")
+            click.echo(f"size:        {entry.size} bytes")
+            click.echo(f"first bytes: {entry.head!r}")
+            return EXIT_OK
+        record = entry.record
         click.echo(f"failed at:   {record.failed_at.isoformat()}")
         click.echo(f"reason:      {record.reason}")
         click.echo(f"consumer:    {record.consumer} (handler {record.handler})")
         click.echo(f"message:     {record.stream} #{record.stream_seq} on {record.subject}")
+        if record.by_reference:
+            click.echo("stored:      by reference (too large to copy): read from that stream")
         click.echo(f"deliveries:  {record.deliveries}")
         if record.error_type:
             click.echo(f"error:       {record.error_type}: {record.error_message}")
         if record.event is not None:
-            event = json.dumps(msgspec.to_builtins(record.event), indent=2)
-            click.echo("event:\n" + event)
-        else:
-            click.echo(f"raw message: {record.data!r}")
+            click.echo("event:\n" + json.dumps(msgspec.to_builtins(record.event), indent=2))
+        elif not entry.problem:  # with a problem, the message is not there: said last
+            click.echo(f"raw message: {_shown(record.data)}")
         if record.traceback:
             click.echo("traceback:\n" + record.traceback.rstrip())
+        if entry.problem:
+            click.echo(f"Error: cannot show the message of #{entry.id}: {entry.problem}", err=True)
+            return EXIT_FAILURE
         return EXIT_OK
 
     _run_dlq(url, action)
+
+
+def _shown(data: bytes, limit: int = 1000) -> str:
+    """The bytes of a message as Python shows them, the first `limit` of them."""
+    if len(data) <= limit:
+        return repr(data)
+    return f"{data[:limit]!r} ... ({len(data)} bytes in all)"
 
 
 def _select(ids: tuple[int, ...], select_all: bool, *filters: str | None) -> None:
@@ -146,7 +188,7 @@ async def _targets(
 
 @dlq.command("replay")
 @url_option
-@click.argument("ids", metavar="[ID]...", type=int, nargs=-1)
+@click.argument("ids", metavar="[ID]...", type=ENTRY_ID, nargs=-1)
 @click.option("--all", "select_all", is_flag=True, help="Every entry (matching the filters).")
 @_filters
 def dlq_replay(
@@ -169,8 +211,9 @@ def dlq_replay(
                 click.echo(f"Error: {exc}", err=True)
                 code = EXIT_FAILURE
                 continue
-            what = f"event {entry.record.event.id}" if entry.record.event else "message"
-            click.echo(f"replayed #{entry_id}: {what} to {entry.record.subject}")
+            record = entry.record
+            what = f"event {record.event_id}" if record.event_id else "message"
+            click.echo(f"replayed #{entry_id}: {what} to {record.subject}")
         if not targets:
             click.echo("no dead letters")
         return code
@@ -180,7 +223,7 @@ def dlq_replay(
 
 @dlq.command("purge")
 @url_option
-@click.argument("ids", metavar="[ID]...", type=int, nargs=-1)
+@click.argument("ids", metavar="[ID]...", type=ENTRY_ID, nargs=-1)
 @click.option("--all", "select_all", is_flag=True, help="Every entry (matching the filters).")
 @_filters
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")

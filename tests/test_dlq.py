@@ -1,0 +1,569 @@
+"""The dead-letter stream on a real server: records of any size, a stream deleted under running
+workers, messages in it that are not records, and the `dlq` commands on all of them.
+
+Dead letters come from a real `Worker` whose handler rejects the events it is told to, or from
+`DeadLetterQueue.record` given a message stored in the event stream. The `dlq` commands run
+in-process through click's `CliRunner`, in a thread beside the test's event loop.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import anyio
+import anyio.abc
+import msgspec
+import nats
+import pytest
+from click.testing import CliRunner, Result
+from nats.js import JetStreamContext
+
+from gdc_worker import (
+    App,
+    DeadLetterEntry,
+    DeadLetterQueue,
+    Event,
+    NATSConfig,
+    NATSEventBus,
+    Reject,
+    Worker,
+)
+from gdc_worker.cli import main
+from tests.recording import ARRIVAL_TIMEOUT, Recording
+
+pytestmark = pytest.mark.anyio
+
+T = TypeVar("T")
+
+BLOB = "blob.stored"
+#: The consumer of `Refuser`'s handler.
+DURABLE = "blobs-check"
+#: NATS/1.0 CRLF, `Nats-Msg-Id: <uuid>` CRLF, CRLF: the headers of an event `publish_event` sends.
+EVENT_HEADERS_SIZE = 10 + len("Nats-Msg-Id: ") + 36 + 2 + 2
+
+
+# -- helpers ----------------------------------------------------------------------------------
+
+
+async def eventually(
+    check: Callable[[], Awaitable[T | None]], what: str, timeout: float = ARRIVAL_TIMEOUT
+) -> T:
+    """Poll `check` until it returns something truthy; fail the test after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not (result := await check()):
+        if time.monotonic() > deadline:
+            pytest.fail(f"{what}: not within {timeout:g}s")
+        await anyio.sleep(0.02)
+    return result
+
+
+def blob_event(size: int) -> Event:
+    """A `blob.stored` event whose JSON is exactly `size` bytes."""
+    empty = Event.new(BLOB, "test", "blob-1", {"blob": ""})
+    padding = size - len(empty.to_json())
+    assert padding >= 0
+    event = msgspec.structs.replace(empty, data={"blob": "x" * padding})
+    assert len(event.to_json()) == size
+    return event
+
+
+async def max_payload(config: NATSConfig) -> int:
+    """The server's max_payload, as a client learns it."""
+    nc = await nats.connect(config.url)
+    try:
+        return nc.max_payload
+    finally:
+        await nc.close()
+
+
+class Refuser:
+    """App `blobs` with one handler, `check` (consumer blobs-check), on `blob.stored`.
+
+    It raises `Reject` for the events whose id is in `refused` and records the others.
+    """
+
+    def __init__(self, config: NATSConfig, refused: set[str]) -> None:
+        self.refused = refused
+        self.accepted: Recording[Event] = Recording(lambda event: event)
+        self.app = App("blobs", config=config)
+        self.app.on(BLOB, backoff=(0.2,))(self.check)
+
+    async def check(self, event: Event) -> None:
+        if event.id in self.refused:
+            raise Reject(f"blob {event.id} refused")
+        self.accepted.note(event)
+
+
+@asynccontextmanager
+async def working(app: App) -> AsyncIterator[None]:
+    """A `Worker` for `app` in the test's event loop until the block ends."""
+    worker = Worker(app, grace=1.0)
+    async with anyio.create_task_group() as tg:
+        await tg.start(worker.run)
+        try:
+            yield
+        finally:
+            worker.stop()
+
+
+async def entries(bus: NATSEventBus) -> list[DeadLetterEntry]:
+    return [entry async for entry in DeadLetterQueue(bus).entries()]
+
+
+async def dead_letter_of(bus: NATSEventBus, event: Event) -> DeadLetterEntry:
+    """The dead letter of `event`, once there is one."""
+
+    async def found() -> DeadLetterEntry | None:
+        for entry in await entries(bus):
+            if entry.readable and entry.record.event_id == event.id:
+                return entry
+        return None
+
+    return await eventually(found, f"a dead letter of {event.id}")
+
+
+async def dlq(config: NATSConfig, *args: str) -> Result:
+    """`gdc-worker dlq ARGS...`, configured by `GDC_NATS_*` for the test's streams."""
+    env = {
+        "GDC_NATS_URL": config.url,
+        "GDC_NATS_STREAM_NAME": config.stream_name,
+        "GDC_NATS_STREAM_SUBJECTS": ",".join(config.stream_subjects),
+        "GDC_NATS_DLQ_STREAM_NAME": config.dlq_stream_name,
+        "GDC_NATS_DLQ_SUBJECT_PREFIX": config.dlq_subject_prefix,
+    }
+    invoke = functools.partial(
+        CliRunner().invoke, main, ["dlq", *args], env=env, catch_exceptions=False
+    )
+    return await anyio.to_thread.run_sync(invoke)
+
+
+async def rows(config: NATSConfig) -> list[dict[str, Any]]:
+    """`dlq list --json`, parsed."""
+    result = await dlq(config, "list", "--json")
+    assert result.exit_code == 0, result.output
+    return [json.loads(line) for line in result.stdout.splitlines()]
+
+
+async def stream_data(bus: NATSEventBus, stream: str) -> list[bytes]:
+    """The payloads stored in `stream`, in order."""
+    return [message.data async for message in bus.stream_messages(stream)]
+
+
+@dataclass(frozen=True)
+class Stored:
+    """A message stored in the event stream, as a worker's delivery of it would look."""
+
+    stream: str
+    stream_seq: int
+    subject: str
+    data: bytes
+    headers: Mapping[str, str] = field(default_factory=dict)
+    deliveries: int = 1
+
+
+async def store(bus: NATSEventBus, data: bytes, headers: Mapping[str, str]) -> Stored:
+    """Publish `data` to the event stream and describe it as a delivery."""
+    config = bus.config
+    subject = config.subject_for(BLOB)
+    seq = await bus.publish_raw(subject, data, headers)
+    return Stored(config.stream_name, seq, subject, data, dict(headers))
+
+
+async def record(bus: NATSEventBus, message: Stored, error: BaseException | None = None) -> int:
+    return await DeadLetterQueue(bus).record(
+        reason="rejected: test",
+        consumer=DURABLE,
+        handler="check",
+        delivery=message,
+        error=error if error is not None else Reject("test"),
+    )
+
+
+def one_error_line(result: Result) -> str:
+    """The one line a failed command printed on stderr, checked to be an `Error:` line."""
+    [line] = result.stderr.splitlines()
+    assert line.startswith("Error: ")
+    return line
+
+
+# -- events of any size -----------------------------------------------------------------------
+
+
+async def test_a_900_kb_event_is_dead_lettered_and_replayed_byte_for_byte(
+    nats_config: NATSConfig, event_bus: NATSEventBus
+) -> None:
+    """Given a handler that rejects a 900 KB event (about 86% of the server's max_payload),
+    when the event is dead-lettered, then replayed with `dlq replay` once the handler takes it,
+    then the dead letter holds the event's bytes and `dlq show` shows it, and the handler
+    gets the event again with the very same bytes stored in the event stream."""
+    event = blob_event(900_000)
+    original = event.to_json()
+    refuser = Refuser(nats_config, {event.id})
+    async with working(refuser.app):
+        await event_bus.publish_event(event)
+        entry = await dead_letter_of(event_bus, event)
+
+        assert entry.record.data == original
+        assert not entry.record.by_reference
+        shown = await dlq(nats_config, "show", str(entry.id))
+        assert shown.exit_code == 0, shown.output
+        assert json.loads(shown.stdout.split("event:\n")[1].split("traceback:\n")[0]) == (
+            msgspec.to_builtins(event)
+        )
+
+        refuser.refused.clear()
+        replayed = await dlq(nats_config, "replay", str(entry.id))
+
+        assert replayed.exit_code == 0, replayed.output
+        assert (
+            replayed.stdout == f"replayed #{entry.id}: event {event.id} to {entry.record.subject}\n"
+        )
+        await refuser.accepted.wait_for_event(event)
+    assert await stream_data(event_bus, nats_config.stream_name) == [original, original]
+    assert await entries(event_bus) == []
+
+
+async def test_an_event_near_max_payload_is_dead_lettered_by_reference_and_still_replayed(
+    nats_config: NATSConfig, event_bus: NATSEventBus
+) -> None:
+    """Given a handler that rejects an event 10 bytes short of the server's max_payload (its
+    headers included), too large to store with the dead letter's own header,
+    when it is dead-lettered,
+    then `dlq list` and `dlq show` still show it, and `dlq replay` republishes the same bytes,
+    which the handler gets once it takes the event."""
+    limit = await max_payload(nats_config)
+    event = blob_event(limit - EVENT_HEADERS_SIZE - 10)
+    original = event.to_json()
+    refuser = Refuser(nats_config, {event.id})
+    async with working(refuser.app):
+        await event_bus.publish_event(event)
+        entry = await dead_letter_of(event_bus, event)
+
+        assert entry.record.by_reference
+        [row] = await rows(nats_config)
+        assert (row["id"], row["event_id"], row["event_type"]) == (entry.id, event.id, BLOB)
+        assert row["error"] == f"blob {event.id} refused"
+        shown = await dlq(nats_config, "show", str(entry.id))
+        assert shown.exit_code == 0, shown.output
+        assert "stored:      by reference" in shown.stdout
+        assert f'"id": "{event.id}"' in shown.stdout
+
+        refuser.refused.clear()
+        replayed = await dlq(nats_config, "replay", str(entry.id))
+
+        assert replayed.exit_code == 0, replayed.output
+        await refuser.accepted.wait_for_event(event)
+    assert await stream_data(event_bus, nats_config.stream_name) == [original, original]
+    assert await entries(event_bus) == []
+
+
+@pytest.mark.parametrize("short_by", [0, 1, 100, 3_000, 6_000, 20_000, 200_000])
+async def test_a_message_that_fit_always_gets_a_dead_letter_with_its_bytes_and_headers(
+    nats_config: NATSConfig, event_bus: NATSEventBus, short_by: int
+) -> None:
+    """Given a message in the event stream `short_by` bytes short of max_payload (headers
+    included), from exactly at the limit to well below it,
+    when it is dead-lettered after an error with a long multi-line message,
+    then the dead letter is stored and reads back with the message's bytes and headers."""
+    limit = await max_payload(nats_config)
+    headers = {"Nats-Msg-Id": f"blob-{short_by}", "Gdc-Trace-Id": "trace-1"}
+    header_size = 10 + sum(len(k) + len(v) + 4 for k, v in headers.items()) + 2
+    data = b"\xff" + b"z" * (limit - header_size - short_by - 1)  # not an event
+    message = await store(event_bus, data, headers)
+
+    entry_id = await record(event_bus, message, RuntimeError("line 1\r\nline 2\n" * 5_000))
+
+    entry = await DeadLetterQueue(event_bus).get(entry_id)
+    assert (entry.record.data, entry.record.headers) == (data, headers)
+    assert (entry.record.event_type, entry.record.event) == ("invalid", None)
+    assert entry.record.error_message.startswith("line 1\r\nline 2\n")
+
+
+async def test_long_errors_are_kept_bounded_and_say_they_were_cut(
+    nats_config: NATSConfig, event_bus: NATSEventBus
+) -> None:
+    """Given an error with a 100,000-character message at the end of a chain of 40 errors,
+    when the message it failed is dead-lettered,
+    then the record keeps the start of the message and the end of the traceback, each saying
+    it was cut, and text that is not plain ASCII reads back as it was."""
+    text = "é =?utf-8?q?x?= " + "x" * 100_000
+
+    def chain(n: int) -> None:
+        try:
+            if n:
+                chain(n - 1)
+            raise KeyError("the root")
+        except LookupError as exc:
+            raise LookupError(text if n == 40 else f"level {n}") from exc
+
+    try:
+        chain(40)
+    except LookupError as exc:
+        error = exc
+    message = await store(event_bus, b"{}", {})
+
+    entry = await DeadLetterQueue(event_bus).get(await record(event_bus, message, error))
+
+    kept = entry.record
+    assert kept.error_message.startswith("é =?utf-8?q?x?= xxx")
+    assert kept.error_message.endswith(" ... (cut: 100016 characters in all)")
+    assert len(kept.error_message) < 1_100
+    assert kept.traceback.startswith("(traceback cut: its first ")
+    assert 3_000 < len(kept.traceback) < 4_200
+    last = kept.traceback.splitlines()[-1]
+    assert last.startswith("LookupError: é =?utf-8?q?x?= xxx")
+    assert last.endswith(" ... (cut: 100029 characters in all)")
+
+
+async def test_the_same_failure_recorded_twice_is_stored_once_per_consumer(
+    nats_config: NATSConfig, event_bus: NATSEventBus
+) -> None:
+    """Given one message in the event stream,
+    when one consumer records its failure twice and another consumer once,
+    then there are two dead letters, and the repeated record has the first one's id."""
+    message = await store(event_bus, blob_event(300).to_json(), {})
+    queue = DeadLetterQueue(event_bus)
+
+    first = await record(event_bus, message)
+    again = await record(event_bus, message)
+    other = await queue.record(
+        reason="rejected", consumer="other", handler="h", delivery=message, error=None
+    )
+
+    assert again == first
+    assert [entry.id for entry in await entries(event_bus)] == [first, other]
+
+
+# -- a dead-letter stream that is gone or cannot be written -------------------------------------
+
+
+async def test_a_dlq_stream_deleted_under_a_running_worker_is_recreated_by_the_next_dead_letter(
+    nats_config: NATSConfig, event_bus: NATSEventBus, jetstream: JetStreamContext
+) -> None:
+    """Given a running worker whose dead-letter stream someone deletes,
+    when the worker rejects an event,
+    then the stream is created again and holds the event's dead letter."""
+    event = blob_event(200)
+    refuser = Refuser(nats_config, {event.id})
+    async with working(refuser.app):
+        await jetstream.delete_stream(nats_config.dlq_stream_name)
+
+        await event_bus.publish_event(event)
+
+        entry = await dead_letter_of(event_bus, event)
+    assert entry.record.reason == f"rejected: blob {event.id} refused"
+    info = await jetstream.stream_info(nats_config.dlq_stream_name)
+    assert info.config.subjects == [f"{nats_config.dlq_subject_prefix}.>"]
+
+
+async def test_an_event_whose_dead_letter_cannot_be_written_comes_back_until_it_can(
+    nats_config: NATSConfig,
+    event_bus: NATSEventBus,
+    jetstream: JetStreamContext,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Given a running worker whose dead-letter stream was deleted, and another stream that
+    takes part of its subjects, so that it cannot be created again,
+    when the worker rejects an event,
+    then it logs an ERROR naming the dead-letter stream, the event stays and comes back, and
+    once the other stream is gone, its dead letter is written."""
+    event = blob_event(200)
+    refuser = Refuser(nats_config, {event.id})
+    prefix, dlq_stream = nats_config.dlq_subject_prefix, nats_config.dlq_stream_name
+    squatter = f"{dlq_stream}_SQUATTER"
+    async with working(refuser.app):
+        await jetstream.delete_stream(dlq_stream)
+        await jetstream.add_stream(name=squatter, subjects=[f"{prefix}.squatter.>"])
+
+        await event_bus.publish_event(event)
+
+        async def refused_twice() -> bool:
+            lines = [r for r in caplog.records if "cannot dead-letter" in r.getMessage()]
+            return len(lines) >= 2 and all(r.levelno == logging.ERROR for r in lines)
+
+        await eventually(refused_twice, "two dead letters that could not be written")
+        refusals = [
+            r.getMessage() for r in caplog.records if "cannot dead-letter" in r.getMessage()
+        ]
+        assert all(dlq_stream in line for line in refusals)
+        await jetstream.delete_stream(squatter)
+        entry = await dead_letter_of(event_bus, event)
+    assert entry.record.deliveries >= 3
+
+
+# -- messages that are not records --------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Mixed:
+    """Ids in the dead-letter stream: a record, a foreign message on `<prefix>.x.y`, a record,
+    a message whose record header is broken, and a record, in that order; and the original
+    bytes of the three records."""
+
+    ids: list[int]
+    originals: list[bytes]
+
+
+@pytest.fixture
+async def mixed(nats_config: NATSConfig, event_bus: NATSEventBus) -> Mixed:
+    """The dead-letter stream of `Mixed`."""
+    await DeadLetterQueue(event_bus).ensure()
+    prefix = nats_config.dlq_subject_prefix
+    messages = [await store(event_bus, blob_event(300 + n).to_json(), {}) for n in range(3)]
+    first = await record(event_bus, messages[0])
+    foreign = await event_bus.publish_raw(f"{prefix}.x.y", b"\x00\x01garbage", {})
+    second = await record(event_bus, messages[1])
+    broken = await event_bus.publish_raw(
+        f"{prefix}.{DURABLE}.{BLOB}", b"{}", {"Gdc-Dlq-Record": '{"failed_at": 3'}
+    )
+    third = await record(event_bus, messages[2])
+    return Mixed([first, foreign, second, broken, third], [m.data for m in messages])
+
+
+async def test_dlq_list_shows_messages_that_are_not_records_as_unreadable(
+    nats_config: NATSConfig, mixed: Mixed
+) -> None:
+    """Given a dead-letter stream with records, a foreign message and a broken record header,
+    when `dlq list` runs (as a table and with --json),
+    then it lists all five in id order, the two that are no records as unreadable, with why."""
+    first, foreign, second, broken, third = mixed.ids
+
+    listed = await rows(nats_config)
+    table = await dlq(nats_config, "list")
+
+    assert [row["id"] for row in listed] == mixed.ids
+    unreadable = {row["id"]: row["unreadable"] for row in listed if row["unreadable"]}
+    assert unreadable.keys() == {foreign, broken}
+    assert "no Gdc-Dlq-Record header" in unreadable[foreign]
+    assert "Gdc-Dlq-Record header does not decode" in unreadable[broken]
+    assert table.exit_code == 0, table.output
+    lines = {int(line.split()[0]): line.split() for line in table.stdout.splitlines()[1:]}
+    assert lines.keys() == set(mixed.ids)
+    assert lines[foreign][1:6] == ["-", "-", "unreadable", "-", "-"]
+    assert lines[first][3] == lines[second][3] == lines[third][3] == BLOB
+
+
+async def test_dlq_show_of_a_message_that_is_not_a_record_shows_what_is_there(
+    nats_config: NATSConfig, mixed: Mixed
+) -> None:
+    """Given a foreign message in the dead-letter stream,
+    when `dlq show ID` runs,
+    then it shows that it is unreadable and why, its subject, its size and its first bytes."""
+    foreign = mixed.ids[1]
+
+    result = await dlq(nats_config, "show", str(foreign))
+
+    assert result.exit_code == 0, result.output
+    assert result.stdout.splitlines() == [
+        f"id:          {foreign}",
+        "unreadable:  not a dead-letter record (no Gdc-Dlq-Record header)",
+        f"subject:     {nats_config.dlq_subject_prefix}.x.y",
+        "size:        9 bytes",
+        "first bytes: b'\\x00\\x01garbage'",
+    ]
+
+
+async def test_dlq_replay_all_replays_the_records_and_names_each_message_it_cannot(
+    nats_config: NATSConfig, event_bus: NATSEventBus, mixed: Mixed
+) -> None:
+    """Given three records and two messages that are not records,
+    when `dlq replay --all` runs,
+    then it replays and removes the records, says in one error line for each of the others
+    that it cannot be replayed, leaves those, and exits 1."""
+    first, foreign, second, broken, third = mixed.ids
+
+    result = await dlq(nats_config, "replay", "--all")
+
+    assert result.exit_code == 1, result.output
+    assert [line.split(":")[0] for line in result.stdout.splitlines()] == [
+        f"replayed #{n}" for n in (first, second, third)
+    ]
+    errors = result.stderr.splitlines()
+    assert [line.split(":")[0] for line in errors] == ["Error", "Error"]
+    assert [line.split("cannot be replayed")[0] for line in errors] == [
+        f"Error: dead letter #{foreign} ",
+        f"Error: dead letter #{broken} ",
+    ]
+    assert [row["id"] for row in await rows(nats_config)] == [foreign, broken]
+    replayed = (await stream_data(event_bus, nats_config.stream_name))[3:]
+    assert replayed == mixed.originals
+
+
+async def test_dlq_purge_removes_messages_that_are_not_records_by_id_and_with_all(
+    nats_config: NATSConfig, mixed: Mixed
+) -> None:
+    """Given a dead-letter stream with records and two messages that are not records,
+    when `dlq purge ID --yes` names one of them, then `dlq purge --all --yes` runs,
+    then the first removes just that message, and the second everything else."""
+    foreign = mixed.ids[1]
+
+    by_id = await dlq(nats_config, "purge", str(foreign), "--yes")
+
+    assert (by_id.exit_code, by_id.stdout) == (0, f"purged #{foreign}\n")
+    assert [row["id"] for row in await rows(nats_config)] == [n for n in mixed.ids if n != foreign]
+
+    everything = await dlq(nats_config, "purge", "--all", "--yes")
+
+    assert everything.exit_code == 0, everything.output
+    assert everything.stdout.splitlines() == [f"purged #{n}" for n in mixed.ids if n != foreign]
+    assert (await dlq(nats_config, "list")).stdout == "no dead letters\n"
+
+
+async def test_a_record_by_reference_whose_original_is_gone_says_so(
+    nats_config: NATSConfig, event_bus: NATSEventBus, jetstream: JetStreamContext
+) -> None:
+    """Given the dead letter of a message too large to copy, whose original was then deleted
+    from the event stream,
+    when `dlq list`, `dlq show ID` and `dlq replay ID` run,
+    then list shows it as before; show prints what the record knows and one error line that
+    the message is gone (exit 1); replay says in one error line that it cannot be replayed
+    (exit 1) and keeps the dead letter."""
+    limit = await max_payload(nats_config)
+    event = blob_event(limit - EVENT_HEADERS_SIZE)
+    message = await store(event_bus, event.to_json(), {"Nats-Msg-Id": event.id})
+    entry_id = await record(event_bus, message)
+    await jetstream.delete_msg(nats_config.stream_name, message.stream_seq)
+    where = f"{nats_config.stream_name} #{message.stream_seq}"
+
+    [row] = await rows(nats_config)
+    shown = await dlq(nats_config, "show", str(entry_id))
+    replayed = await dlq(nats_config, "replay", str(entry_id))
+
+    assert (row["id"], row["event_id"], row["unreadable"]) == (entry_id, event.id, "")
+    assert shown.exit_code == 1, shown.output
+    assert "reason:      rejected: test\n" in shown.stdout
+    assert f"{where} is gone" in one_error_line(shown)
+    assert replayed.exit_code == 1, replayed.output
+    assert one_error_line(replayed) == (
+        f"Error: dead letter #{entry_id} cannot be replayed: the message was too large to "
+        f"copy, and {where} is gone"
+    )
+    assert [r["id"] for r in await rows(nats_config)] == [entry_id]
+
+
+# -- ids ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("entry_id", ["0", "-1"])
+@pytest.mark.parametrize(
+    "command", [["show"], ["replay"], ["purge", "--yes"]], ids=["show", "replay", "purge"]
+)
+async def test_an_id_below_1_is_a_usage_error(
+    nats_config: NATSConfig, mixed: Mixed, command: list[str], entry_id: str
+) -> None:
+    """Given a dead-letter stream with entries,
+    when `dlq show`, `replay` or `purge` is given the id 0 or -1,
+    then it exits 2 (bad usage) with an `Error:` line and no traceback, and nothing changes."""
+    result = await dlq(nats_config, command[0], entry_id, *command[1:])
+
+    assert result.exit_code == 2, result.output
+    assert result.stderr.splitlines()[-1].startswith("Error: ")
+    assert "Traceback" not in result.output
+    assert [row["id"] for row in await rows(nats_config)] == mixed.ids
