@@ -89,8 +89,9 @@ class DeadLetterNotFound(GDCWorkerError, LookupError):
 
 
 class DeadLetterUnreadable(GDCWorkerError, ValueError):
-    """Raised by `DeadLetterQueue.replay` for a message in the dead-letter stream that is not a
-    record gdc-worker wrote."""
+    """Raised by `DeadLetterEntry.record` and `DeadLetterQueue.replay` for a message in the
+    dead-letter stream that is not a record gdc-worker wrote, and by `replay` for a record
+    stored by reference whose original is gone from the event stream."""
 
 
 class NATSServerError(GDCWorkerError):

@@ -225,3 +225,25 @@ async def test_publishing_an_event_type_that_is_no_subject_is_refused_and_stores
 
     info = await jetstream.stream_info(nats_config.stream_name)
     assert info.state.messages == 0
+
+
+async def test_an_event_over_max_payload_is_refused_and_the_connection_survives(
+    event_bus: NATSEventBus, jetstream: JetStreamContext, nats_config: NATSConfig
+) -> None:
+    """Given an event whose JSON fits max_payload but not with its headers,
+    when it is published (sync or async),
+    then PublishError says it is over max_payload, nothing is stored, and the next event is
+    published on the same connection (the server would have closed it)."""
+    event = new_node_up_event("health-monitor", "node-1")
+    room = event_bus.max_payload - len(event.to_json())
+    event.data = {"node_id": "node-1", "pad": "x" * (room - 30)}
+    assert len(event.to_json()) <= event_bus.max_payload
+
+    with pytest.raises(PublishError, match="over the server's max_payload"):
+        await event_bus.publish_event(event)
+    with pytest.raises(PublishError, match="over the server's max_payload"):
+        await event_bus.publish_event_async(event)
+    seq = await event_bus.publish_event(node_up())
+
+    info = await jetstream.stream_info(nats_config.stream_name)
+    assert (seq, info.state.messages) == (1, 1)

@@ -94,6 +94,11 @@ class NATSEventBus:
         return self._nc.is_connected
 
     @property
+    def max_payload(self) -> int:
+        """The largest message the server takes, headers and payload together (bytes)."""
+        return self._nc.max_payload
+
+    @property
     def server_url(self) -> str:
         """The server the client is connected to now (password hidden), else the configured."""
         current = self._nc.connected_url
@@ -245,7 +250,13 @@ class NATSEventBus:
     ) -> int:
         """Publish bytes to a stream subject and wait for the ack; returns the stream sequence."""
         return await publish(
-            self._js, subject, payload, headers, timeout=self.config.connect_timeout, what=what
+            self._nc,
+            self._js,
+            subject,
+            payload,
+            headers,
+            timeout=self.config.connect_timeout,
+            what=what,
         )
 
     async def publish_event_async(self, event: Event) -> None:

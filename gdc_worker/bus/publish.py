@@ -24,7 +24,31 @@ log = logging.getLogger("gdc_worker.bus")
 MAX_PENDING_PUBLISHES = 4000
 
 
+def message_size(headers: Mapping[str, str], payload: bytes) -> int:
+    """The bytes a message takes against the server's max_payload: headers as sent, payload."""
+    # NATS/1.0\r\n, then "key: value\r\n" each, then \r\n.
+    head = 10 + sum(len(k.encode()) + len(v.encode()) + 4 for k, v in headers.items()) + 2
+    return head + len(payload)
+
+
+def check_size(
+    nc: NATS, subject: str, payload: bytes, headers: Mapping[str, str], what: str
+) -> None:
+    """Refuse a message over the server's max_payload before it is sent.
+
+    nats-py checks the payload alone, and the server closes the whole connection for a message
+    whose headers push it over: every other publish and delivery on it would fail too.
+    """
+    size = message_size(headers, payload) if headers else len(payload)
+    if size > nc.max_payload:
+        raise PublishError(
+            f"publish of {what} to {subject} refused: {size} bytes with headers, over the "
+            f"server's max_payload of {nc.max_payload}"
+        )
+
+
 async def publish(
+    nc: NATS,
     js: JetStreamContext,
     subject: str,
     payload: bytes,
@@ -37,6 +61,7 @@ async def publish(
 
     Raises `PublishError` naming `what`, the subject and the cause.
     """
+    check_size(nc, subject, payload, headers, what)
     try:
         ack = await js.publish(subject, payload, headers=dict(headers), timeout=timeout)
     except (nats.errors.Error, TimeoutError) as exc:
@@ -84,7 +109,11 @@ class AsyncPublishWindow:
     async def publish(
         self, subject: str, payload: bytes, headers: Mapping[str, str], *, what: str
     ) -> None:
-        """Send without waiting for the ack; a failure is reported by `flush()`."""
+        """Send without waiting for the ack; a failure is reported by `flush()`.
+
+        A message over the server's max_payload raises `PublishError` at once.
+        """
+        check_size(self._nc, subject, payload, headers, what)
         while len(self._pending) >= self._limit:
             self._room.clear()
             with anyio.move_on_after(self._timeout):
