@@ -317,7 +317,7 @@ async def scale_once(bench: Bench, processes: int, work_ms: float, events: list[
     env.update(
         GDC_NATS_URL=bench.url,
         GDC_NATS_STREAM_NAME=stream,
-        GDC_NATS_SUBJECTS=prefix + ">",
+        GDC_NATS_STREAM_SUBJECTS=prefix + ">",
         GDC_NATS_DLQ_STREAM_NAME=stream + "_DLQ",
         GDC_NATS_DLQ_SUBJECT_PREFIX=f"dlq{stream.lower()}",
         GDC_BENCH_WORK_MS=str(work_ms),
