@@ -16,7 +16,7 @@ from nats.js import JetStreamContext
 
 from ..errors import PublishError, describe
 
-__all__ = ["MAX_PENDING_PUBLISHES", "AsyncPublishWindow", "publish"]
+__all__ = ["MAX_PENDING_PUBLISHES", "AsyncPublishWindow", "check_size", "message_size", "publish"]
 
 log = logging.getLogger("gdc_worker.bus")
 
