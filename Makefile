@@ -1,17 +1,31 @@
 # Everything runs from a local virtualenv that the first target creates.
+# `make help` lists the targets: each has a `## target: description` line above it.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-dev
+BENCH_STAMP := $(VENV)/.installed-bench
+# Options for `make bench`, e.g. BENCH_ARGS="--n 2000 --runs 1" (see `python -m bench.run -h`).
+BENCH_ARGS ?=
 
-.PHONY: install demo test lint typecheck pytest bench clean
+.PHONY: help install demo test lint format typecheck pytest bench clean
 
+## install: create the virtualenv and install gdc-worker with the dev tools (the default)
 install: $(STAMP)
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
 	touch $@
+
+$(BENCH_STAMP): $(STAMP)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev,bench]'
+	touch $@
+
+## help: list the targets
+help:
+	@awk '/^## [a-z]+: / { name = $$2; sub(/:$$/, "", name); $$1 = $$2 = ""; \
+		sub(/^ +/, ""); printf "  make %-10s %s\n", name, $$0 }' $(MAKEFILE_LIST)
 
 ## demo: the pin workflow through the bus on an embedded nats-server
 demo: $(STAMP)
@@ -20,15 +34,28 @@ demo: $(STAMP)
 ## test: lint, type-check and run the whole test suite (what CI runs)
 test: lint typecheck pytest
 
+## lint: ruff check and ruff format --check (changes nothing)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
+## format: fix what ruff can (ruff check --fix), then reformat (ruff format)
+format: $(STAMP)
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+## typecheck: mypy --strict on the package, tests, examples and bench
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
+## pytest: the test suite alone (one test: .venv/bin/pytest tests/test_x.py::test_name)
 pytest: $(STAMP)
 	$(BIN)/pytest
 
+## bench: install the bench extra (FastStream), run python -m bench.run (options: BENCH_ARGS="...")
+bench: $(BENCH_STAMP)
+	$(BIN)/python -m bench.run $(BENCH_ARGS)
+
+## clean: remove the virtualenv and the tool caches
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info
