@@ -12,7 +12,6 @@ from __future__ import annotations
 import functools
 import logging
 import time
-from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -57,6 +56,8 @@ class HandlerRunner:
         # Room for one more delivery per worker, so the next is there when one finishes.
         self._capacity = 2 * concurrency
         self._consumer = bus.pull_consumer(spec.durable, capacity=self._capacity)
+        # Neither a timeout nor a hook around the call: the handler is called directly.
+        self._bare = spec.timeout is None and not (hooks.call_started or hooks.call_finished)
         self._running = 0
         self._stopping = False
         self._scope = anyio.CancelScope()
@@ -180,20 +181,19 @@ class HandlerRunner:
         args: tuple[Any, ...] = (event,)
         if spec.takes_context:
             args = (event, Context(self._bus, event, delivery, spec.name))
-        attempt: Callable[[], Awaitable[Any]] = functools.partial(spec.call, *args)
-        if spec.timeout is not None:
-            attempt = functools.partial(_with_timeout, spec.timeout, attempt)
-        if self._hooks.call_started or self._hooks.call_finished:
-            attempt = functools.partial(self._observed, attempt, delivery, event)
         self._running += 1
         try:
             try:
-                await attempt()
+                if self._bare:  # the fast path: no timeout, no hook around the call
+                    await spec.call(*args)
+                else:
+                    await self._attempt(args, delivery, event)
                 return None
             except BaseException as exc:
                 if not is_handler_failure(exc):
                     raise
                 first_error = exc
+            attempt = functools.partial(self._attempt, args, delivery, event)
             return await retry_failed(spec.retry, attempt, first_error)
         except anyio.get_cancelled_exc_class():
             with anyio.CancelScope(shield=True):
@@ -203,14 +203,17 @@ class HandlerRunner:
         finally:
             self._running -= 1
 
-    async def _observed(
-        self, attempt: Callable[[], Awaitable[Any]], delivery: Delivery, event: Event
-    ) -> None:
+    async def _attempt(self, args: tuple[Any, ...], delivery: Delivery, event: Event) -> None:
+        """One call of the handler, within its timeout, between the call hooks."""
         hooks, spec = self._hooks, self.spec
         hooks.run("call_started", spec, delivery, event)
         started = time.perf_counter()
         try:
-            await attempt()
+            if spec.timeout is None:
+                await spec.call(*args)
+            else:
+                with anyio.fail_after(spec.timeout):
+                    await spec.call(*args)
         except BaseException as exc:
             hooks.run("call_finished", spec, delivery, event, exc, time.perf_counter() - started)
             raise
@@ -284,8 +287,3 @@ class HandlerRunner:
 
 def _what(delivery: Delivery, event: Event | None) -> str:
     return f"event {event.id}" if event is not None else f"message #{delivery.stream_seq}"
-
-
-async def _with_timeout(seconds: float, attempt: Callable[[], Awaitable[Any]]) -> Any:
-    with anyio.fail_after(seconds):
-        return await attempt()
