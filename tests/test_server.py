@@ -199,6 +199,65 @@ def test_server_that_cannot_start_says_why(
     assert nats_server.running
 
 
+def a_file(tmp_path: Path) -> Path:
+    path = tmp_path / "store"
+    path.write_text("not a directory")
+    return path
+
+
+def under_a_file(tmp_path: Path) -> Path:
+    return a_file(tmp_path) / "deeper" / "store"
+
+
+def unwritable_directory(tmp_path: Path) -> Path:
+    """A directory this process cannot create anything in."""
+    path = tmp_path / "read-only"
+    path.mkdir()
+    path.chmod(0o555)
+    try:
+        (path / "probe").mkdir()
+    except OSError:
+        return path
+    # Root writes through permissions; sysfs takes no new entries, even from root.
+    (path / "probe").rmdir()
+    sysfs = Path("/sys/kernel")
+    try:
+        (sysfs / "gdc-probe").mkdir()
+    except OSError:
+        return sysfs
+    (sysfs / "gdc-probe").rmdir()
+    pytest.skip("no directory this process cannot write to")
+
+
+@pytest.mark.parametrize(
+    ("make", "cause"),
+    [
+        pytest.param(a_file, "it is not a directory", id="a-file"),
+        pytest.param(under_a_file, "{tmp_path}/store is not a directory", id="under-a-file"),
+        pytest.param(
+            unwritable_directory,
+            "(Permission denied|Operation not permitted|Read-only file system)",
+            id="unwritable",
+        ),
+    ],
+)
+def test_unusable_store_dir_is_refused_naming_the_path_and_the_cause(
+    tmp_path: Path, make: Callable[[Path], Path], cause: str
+) -> None:
+    """Given a store directory that is a file, lies under a file, or cannot be written,
+    when the server starts,
+    then NATSServerError names the path and why it cannot be used, and nothing runs."""
+    store = make(tmp_path)
+    server = NATSServer(store_dir=store)
+
+    expected = re.escape(f"cannot use {store} as the JetStream store: ")
+    expected += cause.replace("{tmp_path}", re.escape(str(tmp_path)))
+    with pytest.raises(NATSServerError, match=f"^{expected}$"):
+        server.start()
+
+    assert not server.running
+
+
 # -- finding the binary -----------------------------------------------------------------------
 
 

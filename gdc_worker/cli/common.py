@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import click
+from click.core import ParameterSource
 
 from ..errors import ConnectionFailed, GDCWorkerError, TargetError, one_error
 
@@ -19,7 +21,10 @@ __all__ = [
     "EXIT_IMPORT",
     "EXIT_OK",
     "EXIT_USAGE",
+    "URL_ENVVAR",
+    "ReportedError",
     "configure_logging",
+    "exit_code_of",
     "reported_errors",
     "url_option",
 ]
@@ -32,9 +37,11 @@ EXIT_IMPORT = 3  # the target cannot be imported, or is not an App
 EXIT_CONNECT = 4  # NATS cannot be reached, or the connection was lost for good
 
 EXIT_CODES_HELP = (
-    "Exit codes: 0 ok, 1 a reported error, 2 bad usage, 3 the app cannot be imported, "
-    "4 NATS cannot be reached or the connection was lost for good."
+    "Exit codes: 0 ok, 1 a reported error, 2 bad usage, 3 the target cannot be imported or is "
+    "not an App, 4 NATS cannot be reached or the connection was lost for good."
 )
+
+URL_ENVVAR = "GDC_NATS_URL"
 
 
 class ReportedError(click.ClickException):
@@ -77,16 +84,26 @@ def configure_logging(level: str) -> None:
 
 
 def _nonempty_url(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
-    if value is not None and not str(value).strip():
-        source = ctx.get_parameter_source(param.name or "url")
-        where = "GDC_NATS_URL" if source == click.core.ParameterSource.ENVIRONMENT else "--url"
-        raise click.BadParameter(f"{where} is empty: give a NATS URL or leave it out", ctx, param)
+    """Refuse an empty `--url` or `GDC_NATS_URL` as bad usage, in one line.
+
+    Not a `click.BadParameter`: that prints the usage too, and the mistake is not in how the
+    command is typed when it comes from the environment.
+    """
+    if value is None:
+        # click reads an empty variable as unset; that would quietly connect to the default.
+        if os.environ.get(URL_ENVVAR, "x").strip():
+            return None
+        raise ReportedError(f"{URL_ENVVAR} is empty: give a NATS URL or unset it", EXIT_USAGE)
+    if not str(value).strip():
+        if ctx.get_parameter_source(param.name or "url") == ParameterSource.ENVIRONMENT:
+            raise ReportedError(f"{URL_ENVVAR} is empty: give a NATS URL or unset it", EXIT_USAGE)
+        raise ReportedError("--url is empty: give a NATS URL or leave the option out", EXIT_USAGE)
     return value
 
 
 url_option = click.option(
     "--url",
-    envvar="GDC_NATS_URL",
+    envvar=URL_ENVVAR,
     default=None,
     callback=_nonempty_url,
     help="NATS server URL (env GDC_NATS_URL; default nats://localhost:4222).",

@@ -11,15 +11,31 @@ from pathlib import Path
 
 import anyio
 import click
+from click.core import ParameterSource
 
 from ..app import App
+from ..bus import NATSEventBus
+from ..config import NATSConfig
+from ..dlq import DeadLetterQueue
 from ..errors import GDCWorkerError, TargetError
 from ..server import NATSServer
 from ..supervisor import supervise
 from ..worker import Worker, serve
-from .common import EXIT_OK, configure_logging, reported_errors, url_option
+from .common import (
+    EXIT_CODES_HELP,
+    EXIT_IMPORT,
+    EXIT_OK,
+    EXIT_USAGE,
+    URL_ENVVAR,
+    configure_logging,
+    reported_errors,
+    url_option,
+)
 
 __all__ = ["load_app", "run"]
+
+#: The standard NATS port: other processes find an --embedded server without being told.
+EMBEDDED_PORT = 4222
 
 
 def load_app(target: str) -> App:
@@ -60,12 +76,14 @@ def load_app(target: str) -> App:
 
 
 @click.command(
-    epilog="""Examples:
+    epilog=f"""Examples:
 
 \b
   gdc-worker run examples.scheduler:app
   gdc-worker run examples.scheduler.app --processes 2 --concurrency 64
   gdc-worker run myservice:app --handler plan_pin --embedded
+
+{EXIT_CODES_HELP} With --processes, a replica that exits 3 stops them all with 3.
 """
 )
 @click.argument("target")
@@ -99,9 +117,18 @@ def load_app(target: str) -> App:
 @click.option(
     "--embedded",
     is_flag=True,
-    help="Start a nats-server on 127.0.0.1:4222 with its store in ./.gdc-nats.",
+    help="Start a nats-server on 127.0.0.1:4222 (or --embedded-port), its store in ./.gdc-nats.",
 )
+@click.option(
+    "--embedded-port",
+    type=click.IntRange(0, 65535),
+    default=EMBEDDED_PORT,
+    show_default=True,
+    help="Port of the --embedded server (0: a free one).",
+)
+@click.pass_context
 def run(
+    ctx: click.Context,
     target: str,
     url: str | None,
     concurrency: int | None,
@@ -110,13 +137,16 @@ def run(
     log_level: str,
     grace: float,
     embedded: bool,
+    embedded_port: int,
 ) -> None:
     """Run the handlers of the App TARGET (module:app or module.app) until SIGTERM or Ctrl-C."""
+    if not embedded and ctx.get_parameter_source("embedded_port") != ParameterSource.DEFAULT:
+        raise click.UsageError("--embedded-port goes with --embedded", ctx)
     configure_logging(log_level)
     with reported_errors():
         app = load_app(target)
-        # The standard port, so that other processes find it without being told.
-        server = NATSServer(port=4222, store_dir=Path(".gdc-nats")) if embedded else None
+        # The standard port by default, so that other processes find it without being told.
+        server = NATSServer(port=embedded_port, store_dir=Path(".gdc-nats")) if embedded else None
         if server is not None:
             server.start()
             click.echo(f"embedded nats-server at {server.url} (store .gdc-nats)", err=True)
@@ -128,16 +158,32 @@ def run(
                 app, config=config, concurrency=concurrency, handlers=handlers, grace=grace
             )
             if processes > 1:
-                command = [sys.executable, "-m", "gdc_worker", "run", target, "--url", config.url]
-                command += ["--log-level", log_level, "--grace", str(grace)]
-                command += [f"--concurrency={concurrency}"] if concurrency else []
-                command += [f"--handler={name}" for name in handlers]
-                sys.exit(supervise(command, processes))
+                replica_args = ["--log-level", log_level, "--grace", str(grace)]
+                replica_args += [f"--concurrency={concurrency}"] if concurrency else []
+                replica_args += [f"--handler={name}" for name in handlers]
+                sys.exit(_supervise(target, replica_args, config, processes))
             anyio.run(serve, worker)
         finally:
             if server is not None:
                 server.stop()
     _leave_stuck_threads()
+
+
+def _supervise(target: str, args: list[str], config: NATSConfig, processes: int) -> int:
+    """Check NATS once, then run `processes` replicas of `gdc-worker run TARGET ARGS...`."""
+    # Connect and set up the streams here first: NATS out of reach (4) or a stream of another
+    # shape (1) is one error line, not N replicas restarted over and over.
+    anyio.run(_preflight, config)
+    command = [sys.executable, "-m", "gdc_worker", "run", target, *args]
+    # The URL goes in the environment, not on the command line, where `ps` shows a password.
+    env = {**os.environ, URL_ENVVAR: config.url}
+    fatal = {EXIT_USAGE: "bad usage", EXIT_IMPORT: "the app cannot be imported"}
+    return supervise(command, processes, env=env, fatal_codes=fatal)
+
+
+async def _preflight(config: NATSConfig) -> None:
+    async with await NATSEventBus.connect(config, name="gdc-worker:supervisor") as bus:
+        await DeadLetterQueue(bus).ensure()
 
 
 def _leave_stuck_threads() -> None:

@@ -13,10 +13,17 @@ __all__ = ["server"]
 
 
 @click.command()
-@click.option("--port", default=4222, show_default=True, help="Client port (0: a free one).")
+@click.option(
+    "--port",
+    type=click.IntRange(0, 65535),
+    default=4222,
+    show_default=True,
+    help="Client port (0: a free one).",
+)
 @click.option(
     "--store-dir",
-    type=click.Path(file_okay=False),
+    # Not click.Path(file_okay=False): NATSServer checks the path and says what is wrong with
+    # it in one line, for a file as for a directory it cannot write.
     default=None,
     help="JetStream store directory (default: a temporary one, removed on exit).",
 )
