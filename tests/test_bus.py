@@ -687,3 +687,31 @@ async def test_delivery_resumes_after_the_server_restarts(tmp_path: Path) -> Non
 def test_header_parsing_matches_nats_py(raw: bytes) -> None:
     """Given raw header lines, the bus's faster parser yields exactly what nats-py's does."""
     assert FastClient._parse_header_lines(raw) == Client._parse_header_lines(raw)
+
+
+async def test_a_server_list_connects_to_the_first_that_answers(
+    nats_config: NATSConfig, nats_server: NATSServer
+) -> None:
+    """Given a url listing a port where nothing listens, then the test's server,
+    when a bus connects,
+    then it connects (to the second) and publishes, as Go's nats.Connect does with a list."""
+    config = nats_config.replace(url=f"nats://127.0.0.1:{free_port()}, {nats_server.url}")
+
+    async with await NATSEventBus.connect(config) as bus:
+        seq = await bus.publish_event(node_up())
+
+    assert seq == 1
+
+
+async def test_connection_failed_never_shows_the_password() -> None:
+    """Given a url with a password, to a port where nothing listens,
+    when a bus connects,
+    then ConnectionFailed names the server with the password as ***."""
+    port = free_port()
+    config = NATSConfig(url=f"nats://alice:s3cr3t@127.0.0.1:{port}", connect_timeout=2.0)
+
+    with pytest.raises(ConnectionFailed) as raised:
+        await NATSEventBus.connect(config)
+
+    assert "s3cr3t" not in str(raised.value)
+    assert f"nats://alice:***@127.0.0.1:{port}" in str(raised.value)

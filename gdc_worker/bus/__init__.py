@@ -61,6 +61,7 @@ class NATSEventBus:
         self._closed = False
         events.on_reconnect = self._on_reconnect
         events.on_lost = self._on_lost
+        events.server = lambda: self.server_url
 
     @classmethod
     async def connect(

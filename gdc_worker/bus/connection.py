@@ -25,18 +25,20 @@ class ConnectionEvents:
     """
 
     def __init__(self, url: str) -> None:
-        self.url = url
+        self.url = url  # the configured servers, passwords hidden
         self.on_reconnect: Callable[[], Awaitable[None]] | None = None
         self.on_lost: Callable[[], None] | None = None
+        #: The server the client is (or was last) connected to, set by the bus.
+        self.server: Callable[[], str] = lambda: url
         self.closing = False  # set by the bus before it closes on purpose
         self.first_errors: list[BaseException] = []
 
     async def disconnected(self) -> None:
         if self.on_lost is not None and not self.closing:
-            log.warning("disconnected from NATS at %s", self.url)
+            log.warning("disconnected from NATS at %s", self.server())
 
     async def reconnected(self) -> None:
-        log.warning("reconnected to NATS at %s", self.url)
+        log.warning("reconnected to NATS at %s", self.server())
         if self.on_reconnect is not None:
             await self.on_reconnect()
 
@@ -48,7 +50,7 @@ class ConnectionEvents:
     async def closed(self) -> None:
         if self.on_lost is not None and not self.closing:
             # Reconnects are exhausted: nothing will arrive any more.
-            log.error("connection to NATS at %s is closed for good", self.url)
+            log.error("connection to NATS at %s is closed for good", self.server())
             self.on_lost()
 
 
@@ -87,7 +89,7 @@ async def connect(config: NATSConfig, events: ConnectionEvents, name: str | None
     try:
         with anyio.fail_after(config.connect_timeout):
             await nc.connect(
-                config.url,
+                config.servers,
                 name=name,
                 connect_timeout=config.connect_timeout,  # type: ignore[arg-type]  # float works
                 # nats-py would otherwise retry the first connect per the reconnect settings
@@ -105,7 +107,7 @@ async def connect(config: NATSConfig, events: ConnectionEvents, name: str | None
         errors = events.first_errors
         cause = errors[-1] if errors and not isinstance(exc, OSError) else exc
         raise ConnectionFailed(
-            f"cannot connect to NATS at {config.url}: {describe(cause)}"
+            f"cannot connect to NATS at {events.url}: {describe(cause)}"
         ) from None
     # Once connected, reconnect as configured (nats-py: 0 attempts would mean forever).
     nc.options["allow_reconnect"] = config.max_reconnect_attempts != 0
