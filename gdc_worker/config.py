@@ -17,6 +17,8 @@ from .subjects import subjects_overlap
 __all__ = ["NATSConfig", "redact_url"]
 
 ENV_PREFIX = "GDC_NATS_"
+#: The values of `NATSConfig.stream_setup`.
+STREAM_SETUPS = ("create", "update", "none")
 _FORBIDDEN_IN_NAMES = frozenset(".*> \t\r\n")
 #: JetStream keeps limits in int64 and durations in int64 nanoseconds (about 292 years).
 _INT64_MAX = 2**63 - 1
@@ -54,6 +56,9 @@ class NATSConfig:
     dlq_stream_name: str = "GDC_DLQ"
     dlq_subject_prefix: str = "gdc.dlq"
     dlq_max_age: float = 14 * 24 * 3600.0
+    # What a worker may do to the event stream: "create" it when missing (the default),
+    # "update" it to these limits as the Go bus does, or "none": never touch it.
+    stream_setup: str = "create"
 
     def __post_init__(self) -> None:
         # Accept a list (or one string) for convenience; store an immutable tuple.
@@ -68,6 +73,11 @@ class NATSConfig:
         self._validate()
 
     def _validate(self) -> None:
+        if self.stream_setup not in STREAM_SETUPS:
+            raise ConfigError(
+                f"stream_setup: must be one of {', '.join(STREAM_SETUPS)}, "
+                f"got {self.stream_setup!r}"
+            )
         for name in _TEXT_FIELDS:
             if not isinstance(getattr(self, name), str):
                 raise ConfigError(f"{name}: must be a string, got {getattr(self, name)!r}")
