@@ -4,16 +4,21 @@ on consumer state and dead letters with a deadline, free ports."""
 from __future__ import annotations
 
 import contextvars
+import inspect
 import socket
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar, overload
 
 import anyio
 import anyio.abc
 import anyio.from_thread
+import nats
+import pytest
 from nats.js import JetStreamContext
 from nats.js.api import ConsumerInfo
 
@@ -160,3 +165,69 @@ def free_port() -> int:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
     return port
+
+
+#: How often the polling helpers look again.
+POLL = 0.02
+
+T = TypeVar("T")
+
+
+def alive(pid: int) -> bool:
+    """Whether a process with this pid exists (and is not a zombie)."""
+    try:
+        status = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return status.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+@overload
+async def eventually(
+    check: Callable[[], Awaitable[T | None]], what: str, timeout: float = ...
+) -> T: ...
+
+
+@overload
+async def eventually(check: Callable[[], T | None], what: str, timeout: float = ...) -> T: ...
+
+
+async def eventually(check: Callable[[], Any], what: str, timeout: float = ARRIVAL_TIMEOUT) -> Any:
+    """Poll `check` (plain or async) until it returns something truthy; fail the test after
+    `timeout` seconds, naming `what`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if inspect.isawaitable(result):
+            result = await result
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            pytest.fail(f"{what}: not within {timeout:g}s")
+        await anyio.sleep(POLL)
+
+
+def wait_until(
+    check: Callable[[], T | None],
+    what: str,
+    timeout: float = ARRIVAL_TIMEOUT,
+    said: Callable[[], str] = str,
+) -> T:
+    """`eventually` for synchronous tests; `said()` (a process's log, say) joins the failure."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            pytest.fail(f"{what}: not within {timeout:g}s\n{said()}".rstrip())
+        time.sleep(POLL)
+
+
+async def settled(config: NATSConfig, durable: str) -> ConsumerInfo:
+    """`consumer_info` of the config's stream, on a connection of its own."""
+    nc = await nats.connect(config.url)
+    try:
+        return await consumer_info(nc.jetstream(), config.stream_name, durable)
+    finally:
+        await nc.close()

@@ -18,7 +18,7 @@ import subprocess
 import sysconfig
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -32,7 +32,6 @@ import pytest
 from anyio.from_thread import BlockingPortal
 from click.testing import CliRunner, Result
 from nats.js import JetStreamContext
-from nats.js.api import ConsumerInfo
 
 from gdc_worker import (
     App,
@@ -45,6 +44,7 @@ from gdc_worker import (
     new_node_up_event,
 )
 from gdc_worker.cli import main
+from tests.support import alive, eventually, free_port, settled, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 GDC_WORKER = str(Path(sysconfig.get_path("scripts")) / "gdc-worker")
@@ -88,43 +88,6 @@ def worker_env(config: NATSConfig, **extra: str) -> dict[str, str]:
     )
     env.update(extra)
     return env
-
-
-def free_port() -> int:
-    """A loopback port with nothing listening on it."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
-
-
-def alive(pid: int) -> bool:
-    """Whether a process with this pid exists (and is not a zombie)."""
-    try:
-        status = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return False
-    return status.rsplit(")", 1)[1].split()[0] != "Z"
-
-
-async def eventually(check: Callable[[], T], what: str, timeout: float = SOON) -> T:
-    """Poll `check` until it returns something truthy; fail the test after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while not (result := check()):
-        if time.monotonic() > deadline:
-            pytest.fail(f"{what}: not within {timeout:g}s")
-        await anyio.sleep(POLL)
-    return result
-
-
-def wait_until(check: Callable[[], T], what: str, timeout: float = SOON) -> T:
-    """`eventually` for synchronous tests."""
-    deadline = time.monotonic() + timeout
-    while not (result := check()):
-        if time.monotonic() > deadline:
-            pytest.fail(f"{what}: not within {timeout:g}s")
-        time.sleep(POLL)
-    return result
 
 
 # -- subprocesses -----------------------------------------------------------------------------
@@ -251,28 +214,6 @@ async def publish(bus: NATSEventBus, events: list[Event]) -> None:
     for event in events:
         await bus.publish_event_async(event)
     await bus.flush()
-
-
-async def consumer_info(config: NATSConfig, durable: str) -> ConsumerInfo:
-    nc = await nats.connect(config.url)
-    try:
-        info: ConsumerInfo = await nc.jetstream().consumer_info(config.stream_name, durable)
-    finally:
-        await nc.close()
-    return info
-
-
-async def settled(config: NATSConfig, durable: str, timeout: float = SOON) -> ConsumerInfo:
-    """The consumer's info once nothing is pending or unacknowledged (or after `timeout`).
-
-    Acks are applied by the server asynchronously, so this polls.
-    """
-    info = await consumer_info(config, durable)
-    with anyio.move_on_after(timeout):
-        while info.num_pending or info.num_ack_pending:
-            await anyio.sleep(POLL)
-            info = await consumer_info(config, durable)
-    return info
 
 
 # -- user mistakes ----------------------------------------------------------------------------

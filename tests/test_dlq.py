@@ -11,8 +11,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -36,7 +35,8 @@ from gdc_worker import (
     Worker,
 )
 from gdc_worker.cli import main
-from tests.recording import ARRIVAL_TIMEOUT, Recording
+from tests.recording import Recording
+from tests.support import eventually
 
 pytestmark = pytest.mark.anyio
 
@@ -50,18 +50,6 @@ EVENT_HEADERS_SIZE = 10 + len("Nats-Msg-Id: ") + 36 + 2 + 2
 
 
 # -- helpers ----------------------------------------------------------------------------------
-
-
-async def eventually(
-    check: Callable[[], Awaitable[T | None]], what: str, timeout: float = ARRIVAL_TIMEOUT
-) -> T:
-    """Poll `check` until it returns something truthy; fail the test after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while not (result := await check()):
-        if time.monotonic() > deadline:
-            pytest.fail(f"{what}: not within {timeout:g}s")
-        await anyio.sleep(0.02)
-    return result
 
 
 def blob_event(size: int) -> Event:

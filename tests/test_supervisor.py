@@ -23,7 +23,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,9 +30,12 @@ from typing import Any, TypeVar
 
 import pytest
 
+from tests.support import alive, wait_until
+
 #: Deadline for something that should happen at once, generous for a busy CI.
 SOON = 10.0
 POLL = 0.02
+
 
 T = TypeVar("T")
 
@@ -88,30 +90,6 @@ if kind in ("serve", "drain"):
 while True:
     time.sleep(3600)
 """
-
-
-def wait_until(
-    check: Callable[[], T | None], what: str, timeout: float = SOON, said: Callable[[], str] = str
-) -> T:
-    """Poll `check` until it returns something truthy; fail the test after `timeout` seconds,
-    with `said()` (e.g. the supervisor's log) in the message."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            pytest.fail(f"{what}: not within {timeout:g}s\n{said()}")
-        time.sleep(POLL)
-
-
-def alive(pid: int) -> bool:
-    """Whether a process with this pid exists (and is not a zombie)."""
-    try:
-        status = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return False
-    return status.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 @dataclass(frozen=True)
