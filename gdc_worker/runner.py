@@ -25,68 +25,53 @@ from .settle import Ack, DeadLetter, Decision, Nak, decide, exhausted
 
 if TYPE_CHECKING:
     from .bus import NATSEventBus
-    from .bus.pull import Delivery
+    from .bus.pull import Delivery, PullConsumer
     from .dlq import DeadLetterQueue
 
-__all__ = ["HandlerRunner"]
+__all__ = ["ConsumerLoop", "HandlerRunner"]
 
 log = logging.getLogger("gdc_worker.worker")
 
 
-class HandlerRunner:
-    """One handler's consumer, its worker tasks and the in-progress keep-alive.
+class ConsumerLoop:
+    """A pool of workers over one pull consumer: taking deliveries, keeping the held ones alive,
+    and stopping gracefully (`stop()`) or at once (`force()`).
 
-    `prepare()` binds the consumer; `run()` works until `stop()` (or `force()`, which cancels
-    running handlers and hands their events back).
+    A subclass binds the consumer in `prepare()` (then `_start()`) and settles each delivery in
+    `_process()`; what `_process()` raises unexpectedly (a defect) is logged, and the delivery
+    goes back to the stream.
     """
 
     def __init__(
-        self,
-        bus: NATSEventBus,
-        dlq: DeadLetterQueue,
-        spec: HandlerSpec,
-        concurrency: int,
-        hooks: Hooks,
+        self, bus: NATSEventBus, consumer: PullConsumer, concurrency: int, ack_wait: float
     ) -> None:
-        self.spec = spec
         self._bus = bus
-        self._dlq = dlq
-        self._hooks = hooks
+        self._consumer = consumer
         self._concurrency = concurrency
-        # Room for one more delivery per worker, so the next is there when one finishes.
-        self._capacity = 2 * concurrency
-        self._consumer = bus.pull_consumer(spec.durable, capacity=self._capacity)
-        # Neither a timeout nor a hook around the call: the handler is called directly.
-        self._bare = spec.timeout is None and not (hooks.call_started or hooks.call_finished)
+        self._ack_wait = ack_wait
         self._running = 0
         self._stopping = False
         self._scope = anyio.CancelScope()
 
     @property
     def running(self) -> int:
-        """Handler calls in progress."""
+        """Deliveries being processed right now."""
         return self._running
 
     async def prepare(self) -> None:
-        """Create or update the durable consumer, then start pulling."""
-        spec = self.spec
+        """Bind the consumer, then start pulling."""
+        await self._start()
+
+    async def _start(self) -> None:
         try:
-            await self._bus.ensure_consumer(
-                spec.durable,
-                self._bus.config.subject_for(spec.pattern),
-                ack_wait=spec.ack_wait,
-                # Unlimited on the server: the runner itself dead-letters a delivery past
-                # max_deliver (one whose earlier attempt died unsettled) without running it,
-                # and if that dead letter cannot be written it naks, so the event comes back.
-                max_deliver=-1,
-                # Counts across replicas and includes nak'd events waiting for their backoff.
-                max_ack_pending=spec.max_ack_pending or max(1000, 4 * self._capacity),
-            )
             await self._consumer.start()
         except BaseException:
-            await self._consumer.close()
-            self._bus.forget_consumer(self._consumer)
+            await self._forget()
             raise
+
+    async def _forget(self) -> None:
+        await self._consumer.close()  # naks what was fetched and never started
+        self._bus.forget_consumer(self._consumer)
 
     def stop_fetching(self) -> None:
         """Take no more deliveries: what a worker takes from now on goes back at once."""
@@ -94,12 +79,12 @@ class HandlerRunner:
         self._consumer.stop_fetching()
 
     async def stop(self) -> None:
-        """Stop fetching and drop the pull requests; running handlers go on."""
+        """Stop fetching and drop the pull requests; what is being processed goes on."""
         self.stop_fetching()
         await self._consumer.stop()
 
     def force(self) -> None:
-        """Cancel running handlers; their events go back for another replica."""
+        """Cancel what is being processed; those deliveries go back for another replica."""
         self._scope.cancel()
 
     async def run(self) -> None:
@@ -116,8 +101,7 @@ class HandlerRunner:
         except BaseExceptionGroup as group:
             raise one_error(group) from None
         finally:
-            await self._consumer.close()  # naks what was fetched and never started
-            self._bus.forget_consumer(self._consumer)
+            await self._forget()
 
     async def _work(self) -> None:
         while True:
@@ -136,7 +120,7 @@ class HandlerRunner:
                     # A defect of ours, not the handler's: keep the worker, give the event back.
                     log.exception(
                         "%s: internal error on message #%d; it goes back to the stream",
-                        self.spec.name,
+                        self._consumer.name,
                         delivery.stream_seq,
                     )
                     with anyio.CancelScope(shield=True):
@@ -148,11 +132,74 @@ class HandlerRunner:
 
         Covers running handlers and the deliveries waiting for a free worker behind them.
         """
-        interval = self.spec.ack_wait / 3
+        interval = self._ack_wait / 3
         while True:
             await anyio.sleep(interval)
             for delivery in self._consumer.held_since(time.monotonic() - interval):
                 await delivery.in_progress()
+
+    async def _process(self, delivery: Delivery) -> None:
+        raise NotImplementedError
+
+
+class HandlerRunner(ConsumerLoop):
+    """One handler's consumer, its worker tasks and the in-progress keep-alive.
+
+    `prepare()` binds the consumer; `run()` works until `stop()` (or `force()`, which cancels
+    running handlers and hands their events back).
+    """
+
+    def __init__(
+        self,
+        bus: NATSEventBus,
+        dlq: DeadLetterQueue,
+        spec: HandlerSpec,
+        concurrency: int,
+        hooks: Hooks,
+    ) -> None:
+        # Room for one more delivery per worker, so the next is there when one finishes.
+        self._capacity = 2 * concurrency
+        super().__init__(
+            bus,
+            bus.pull_consumer(spec.durable, capacity=self._capacity),
+            concurrency,
+            spec.ack_wait,
+        )
+        self.spec = spec
+        self._dlq = dlq
+        self._hooks = hooks
+        # Neither a timeout nor a hook around the call: the handler is called directly.
+        self._bare = spec.timeout is None and not (hooks.call_started or hooks.call_finished)
+        # What the consumer really does, once `prepare()` bound it: an existing consumer may
+        # deliver fewer times than the handler's max_deliver, or want acks sooner.
+        self._max_deliver = spec.max_deliver
+
+    async def prepare(self) -> None:
+        """Create the durable consumer (or bind the existing one as it is), then start pulling.
+
+        When the consumer's server-side max_deliver is below the handler's, the handler's last
+        try is the server's last delivery: the event is dead-lettered, not left undelivered.
+        """
+        spec = self.spec
+        try:
+            bound = await self._bus.ensure_consumer(
+                spec.durable,
+                self._bus.config.subject_for(spec.pattern),
+                ack_wait=spec.ack_wait,
+                # Unlimited on the server: the runner itself dead-letters a delivery past
+                # max_deliver (one whose earlier attempt died unsettled) without running it,
+                # and if that dead letter cannot be written it naks, so the event comes back.
+                max_deliver=-1,
+                # Counts across replicas and includes nak'd events waiting for their backoff.
+                max_ack_pending=spec.max_ack_pending or max(1000, 4 * self._capacity),
+            )
+        except BaseException:
+            await self._forget()
+            raise
+        if bound.max_deliver > 0:
+            self._max_deliver = min(spec.max_deliver, bound.max_deliver)
+        self._ack_wait = min(spec.ack_wait, bound.ack_wait)
+        await self._start()
 
     async def _process(self, delivery: Delivery) -> None:
         spec = self.spec
@@ -163,12 +210,12 @@ class HandlerRunner:
         except EventDecodeError as exc:
             await self._settle(delivery, None, DeadLetter(str(exc)), exc)
             return
-        dead = exhausted(delivery.deliveries, spec.max_deliver)
+        dead = exhausted(delivery.deliveries, self._max_deliver)
         if dead is not None:
             await self._settle(delivery, event, dead, None)
             return
         error = await self._call(delivery, event)
-        decision = decide(error, delivery.deliveries, spec.max_deliver, spec.backoff)
+        decision = decide(error, delivery.deliveries, self._max_deliver, spec.backoff)
         await self._settle(delivery, event, decision, error)
 
     async def _call(self, delivery: Delivery, event: Event) -> BaseException | None:

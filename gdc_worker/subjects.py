@@ -13,8 +13,9 @@ _LITERAL_TOKEN = re.compile(r"^[A-Za-z0-9_-]+$")
 
 
 def safe_name(text: str) -> str:
-    """`text` as a consumer name: '.', '*', '>' and whitespace are not allowed there."""
-    return re.sub(r"[\s.]+", "-", text).replace("*", "all").replace(">", "rest")
+    """`text` as a consumer name, as the Go bus makes it: '.' (and whitespace) as '-', '*' as
+    'star', '>' as 'gt' (none of them are allowed in a name)."""
+    return re.sub(r"[\s.]+", "-", text).replace("*", "star").replace(">", "gt")
 
 
 def check_pattern(pattern: str) -> str:

@@ -501,8 +501,8 @@ async def test_invalid_pattern_is_refused(event_bus: NATSEventBus, pattern: str)
     ("pattern", "durable"),
     [
         ("pin.requested", "gdc-consumer-pin-requested"),
-        ("pin.*", "gdc-consumer-pin-all"),
-        (">", "gdc-consumer-rest"),
+        ("pin.*", "gdc-consumer-pin-star"),
+        (">", "gdc-consumer-gt"),
     ],
 )
 async def test_default_durable_name_is_derived_from_the_pattern(

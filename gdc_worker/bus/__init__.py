@@ -27,13 +27,21 @@ from ..events import Event, event_headers
 from ..hooks import Hook, Hooks
 from ..retry import DEFAULT_BACKOFF, DEFAULT_RETRY, RetryPolicy
 from ..subjects import check_event_type, safe_name
-from .admin import Admin, StoredMessage
+from .admin import Admin, BoundConsumer, LimitChange, StoredMessage
 from .connection import ConnectionEvents, connect
 from .publish import AsyncPublishWindow, publish
 from .pull import Delivery, PullConsumer
 from .subscriptions import Subscriptions
 
-__all__ = ["Delivery", "EventHandler", "NATSEventBus", "PullConsumer", "StoredMessage"]
+__all__ = [
+    "BoundConsumer",
+    "Delivery",
+    "EventHandler",
+    "LimitChange",
+    "NATSEventBus",
+    "PullConsumer",
+    "StoredMessage",
+]
 
 log = logging.getLogger(__name__)
 
@@ -67,9 +75,13 @@ class NATSEventBus:
     async def connect(
         cls, config: NATSConfig | None = None, *, name: str | None = None, setup_stream: bool = True
     ) -> NATSEventBus:
-        """Connect, then create or update the event stream; raises `ConnectionFailed`.
+        """Connect, then set the event stream up as `config.stream_setup` says.
 
-        `setup_stream=False` leaves the stream as it is, for tools that only read.
+        `create` (the default) creates a missing stream and keeps the limits of one that exists
+        (one warning names those that differ), `update` updates them to the configuration (as
+        the Go bus does), `none` requires the stream to exist. Raises `ConnectionFailed`, or
+        `ConfigError` for a stream of another shape (or a missing one under `none`).
+        `setup_stream=False` does not look at the stream at all, for tools that only read.
         """
         config = config or NATSConfig.from_env()
         events = ConnectionEvents(redact_url(config.url))
@@ -83,6 +95,7 @@ class NATSEventBus:
                     max_bytes=config.max_bytes,
                     max_msgs=config.max_msgs,
                     duplicate_window=config.duplicate_window,
+                    setup=config.stream_setup,
                 )
             except BaseException:
                 await bus.close()
@@ -166,10 +179,13 @@ class NATSEventBus:
         max_bytes: int = -1,
         max_msgs: int = -1,
         duplicate_window: float = 120.0,
+        setup: str = "update",
     ) -> None:
         """Create the stream, or update its limits (file storage, `config.replicas`).
 
-        A stream of that name with another shape raises `ConfigError` (see `Admin`).
+        `setup` is what may be done to it (`update`, `create` or `none`, as
+        `NATSConfig.stream_setup`). A stream of that name with another shape raises
+        `ConfigError` (see `Admin`).
         """
         await self._admin.ensure_stream(
             name,
@@ -179,6 +195,37 @@ class NATSEventBus:
             max_msgs=max_msgs,
             duplicate_window=duplicate_window,
             replicas=self.config.replicas,
+            setup=setup,
+        )
+
+    async def stream_changes(self) -> list[LimitChange] | None:
+        """The limits of the event stream that differ from the configuration; None: no stream.
+
+        What `stream_setup="update"` (or `apply_stream()`) would change. Raises `ConfigError`
+        for a stream of another shape.
+        """
+        config = self.config
+        return await self._admin.stream_changes(
+            config.stream_name,
+            list(config.stream_subjects),
+            max_age=config.max_age,
+            max_bytes=config.max_bytes,
+            max_msgs=config.max_msgs,
+            duplicate_window=config.duplicate_window,
+            replicas=config.replicas,
+        )
+
+    async def apply_stream(self) -> None:
+        """Create the event stream, or update its limits to the configuration."""
+        config = self.config
+        await self.ensure_stream(
+            config.stream_name,
+            list(config.stream_subjects),
+            max_age=config.max_age,
+            max_bytes=config.max_bytes,
+            max_msgs=config.max_msgs,
+            duplicate_window=config.duplicate_window,
+            setup="update",
         )
 
     async def ensure_consumer(
@@ -190,9 +237,14 @@ class NATSEventBus:
         max_deliver: int = -1,
         max_ack_pending: int = 1000,
         stream: str | None = None,
-    ) -> None:
-        """Create the durable pull consumer, or update it to this configuration."""
-        await self._admin.ensure_consumer(
+    ) -> BoundConsumer:
+        """Create the durable pull consumer, or bind the existing one as it is.
+
+        An existing consumer is not updated; the options it has at other values are logged in
+        one warning, and one that cannot serve (another filter, a push consumer, no explicit
+        acks) raises `SubscriptionError`. Returns what the server will do (its `max_deliver`).
+        """
+        return await self._admin.ensure_consumer(
             stream or self.config.stream_name,
             durable,
             filter_subject,
@@ -238,8 +290,10 @@ class NATSEventBus:
         """Publish and wait for JetStream to store it; returns the stream sequence.
 
         A duplicate of an event published within the duplicate window is not stored again (the
-        sequence of the first is returned). An event type that is not a literal subject
-        (`pin.*`, `a b`) raises `PublishError` before anything is sent.
+        sequence of the first is returned). A failure that passes (no stream leader while one
+        is elected, no ack in time, the connection coming back) is retried, with the same
+        `Nats-Msg-Id`, for up to the connect timeout; see `publish_raw`. An event type that is
+        not a literal subject (`pin.*`, `a b`) raises `PublishError` before anything is sent.
         """
         subject = self.config.subject_for(check_event_type(event.type))
         return await self.publish_raw(
@@ -249,7 +303,14 @@ class NATSEventBus:
     async def publish_raw(
         self, subject: str, payload: bytes, headers: Mapping[str, str], *, what: str = "message"
     ) -> int:
-        """Publish bytes to a stream subject and wait for the ack; returns the stream sequence."""
+        """Publish bytes to a stream subject and wait for the ack; returns the stream sequence.
+
+        Tries again, with the same headers, while the failure is one that passes (see
+        `bus.publish.publish`), for up to the connect timeout in all; then, or at once for one
+        that does not (no stream captures the subject, a request JetStream refuses, the
+        connection closed), raises `PublishError`. With a `Nats-Msg-Id` header (every event has
+        one), a try whose ack was lost cannot store the message twice.
+        """
         return await publish(
             self._nc,
             self._js,
@@ -295,7 +356,10 @@ class NATSEventBus:
 
         The handler takes `(event)` or `(event, ctx)`. It is retried in process (`retry`), then
         nak'd with `backoff`; an event that fails `max_deliver` deliveries, or does not decode,
-        goes to the dead-letter stream. `durable` defaults to `gdc-consumer-<type>`.
+        goes to the dead-letter stream. `durable` defaults to `gdc-consumer-<type>` (dots as
+        dashes, `*` as `star`, `>` as `gt`: the Go bus's name, so both share the consumer). An
+        existing consumer is bound as it is: when it delivers fewer times than `max_deliver`,
+        the event is dead-lettered on its last delivery.
         """
         await self.subscribe_to_pattern(
             event_type,

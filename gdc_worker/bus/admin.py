@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import logging
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from typing import Any
 
 import nats.errors
 import nats.js.errors
@@ -20,9 +22,13 @@ from nats.js.api import (
 
 from ..errors import ConfigError, ConnectionFailed, EventBusError, SubscriptionError, describe
 
-__all__ = ["Admin", "StoredMessage"]
+__all__ = ["Admin", "BoundConsumer", "LimitChange", "StoredMessage"]
+
+log = logging.getLogger("gdc_worker.bus")
 
 _STREAM_NAME_IN_USE = 10058
+#: What `ensure_stream` may do to a stream: see `NATSConfig.stream_setup`.
+_SETUPS = ("create", "update", "none")
 
 
 @dataclass(frozen=True)
@@ -33,6 +39,25 @@ class StoredMessage:
     subject: str
     data: bytes
     headers: dict[str, str]
+
+
+@dataclass(frozen=True)
+class LimitChange:
+    """One limit of a stream that the server has at another value than the configuration."""
+
+    field: str
+    server: str
+    config: str
+
+
+@dataclass(frozen=True)
+class BoundConsumer:
+    """A durable consumer as the server runs it: what the runner must live with."""
+
+    #: How many times the server delivers a message at most; -1: no limit.
+    max_deliver: int
+    #: Seconds the server waits for an ack before it redelivers.
+    ack_wait: float
 
 
 def _stored(raw: RawStreamMsg) -> StoredMessage:
@@ -58,38 +83,104 @@ class Admin:
         max_msgs: int = -1,
         duplicate_window: float = 120.0,
         replicas: int = 1,
+        setup: str = "update",
     ) -> None:
-        """Create the stream, or update its limits to this configuration.
+        """Set the stream up as `setup` says (see `NATSConfig.stream_setup`).
+
+        - `update`: create it, or update its limits to these (the Go bus's way);
+        - `create`: create it if missing; one that exists keeps its limits, and one warning
+          names each limit it has at another value;
+        - `none`: never create or change it: a missing stream raises `ConfigError`.
 
         A stream that exists keeps any subjects it has beyond ours; one that lacks a subject we
         need, or has another retention or storage, is never reshaped: that raises
         `ConfigError`, since it belongs to something else.
         """
-        config = StreamConfig(
-            name=name,
-            subjects=subjects,
-            retention=RetentionPolicy.LIMITS,
-            storage=StorageType.FILE,
-            max_age=max_age,
-            max_bytes=max_bytes or -1,
-            max_msgs=max_msgs or -1,
-            num_replicas=replicas,
-            duplicate_window=duplicate_window,
+        if setup not in _SETUPS:
+            raise ConfigError(f"stream_setup: must be one of {', '.join(_SETUPS)}, got {setup!r}")
+        wanted = _stream_config(
+            name, subjects, max_age, max_bytes, max_msgs, duplicate_window, replicas
         )
         try:
-            try:
-                await self._js.add_stream(config)
-            except nats.js.errors.BadRequestError as exc:
-                if exc.err_code != _STREAM_NAME_IN_USE:
-                    raise
-                current = (await self._js.stream_info(name)).config
-                _check_same_shape(current, config)
-                config.subjects = current.subjects
-                await self._js.update_stream(config)
+            current = await self._stream_config(name)
+            if current is None:
+                if setup == "none":
+                    raise ConfigError(
+                        f"stream {name} does not exist at {self._url}, and stream_setup is "
+                        "'none' (GDC_NATS_STREAM_SETUP): create it first (e.g. `gdc-worker "
+                        "stream apply`), or let gdc-worker create it with stream_setup 'create'"
+                    )
+                current = await self._add_stream(wanted)
+                if current is None:
+                    return
+            _check_same_shape(current, wanted)
+            changes = _limit_changes(current, wanted)
+            if not changes:
+                return
+            if setup == "update":
+                wanted.subjects = current.subjects
+                await self._js.update_stream(wanted)
+                log.info("stream %s: limits updated: %s", name, _changes_text(changes, "now"))
+            elif setup == "create":
+                log.warning(
+                    "stream %s exists with other limits; keeping the server's (stream_setup "
+                    "'create'): %s. To apply ours, run `gdc-worker stream apply` or set "
+                    "GDC_NATS_STREAM_SETUP=update",
+                    name,
+                    _changes_text(changes, "ours"),
+                )
         except (nats.errors.Error, TimeoutError) as exc:
             raise ConnectionFailed(
                 f"cannot set up stream {name} at {self._url}: {describe(exc)}"
             ) from None
+
+    async def stream_changes(
+        self,
+        name: str,
+        subjects: list[str],
+        *,
+        max_age: float,
+        max_bytes: int = -1,
+        max_msgs: int = -1,
+        duplicate_window: float = 120.0,
+        replicas: int = 1,
+    ) -> list[LimitChange] | None:
+        """The limits `ensure_stream(..., setup="update")` would change; None: no such stream.
+
+        Raises `ConfigError` for a stream of another shape, as `ensure_stream` does.
+        """
+        wanted = _stream_config(
+            name, subjects, max_age, max_bytes, max_msgs, duplicate_window, replicas
+        )
+        try:
+            current = await self._stream_config(name)
+        except (nats.errors.Error, TimeoutError) as exc:
+            raise ConnectionFailed(
+                f"cannot read stream {name} at {self._url}: {describe(exc)}"
+            ) from None
+        if current is None:
+            return None
+        _check_same_shape(current, wanted)
+        return _limit_changes(current, wanted)
+
+    async def _stream_config(self, name: str) -> StreamConfig | None:
+        try:
+            return (await self._js.stream_info(name)).config
+        except nats.js.errors.NotFoundError:
+            return None
+
+    async def _add_stream(self, config: StreamConfig) -> StreamConfig | None:
+        """Create the stream; if someone else just did, the config they created it with."""
+        try:
+            await self._js.add_stream(config)
+            return None
+        except nats.js.errors.BadRequestError as exc:
+            if exc.err_code != _STREAM_NAME_IN_USE:
+                raise
+        current = await self._stream_config(config.name or "")
+        if current is None:  # created and deleted again in between: the next start sees it
+            raise ConfigError(f"stream {config.name} is being created and deleted by others")
+        return current
 
     async def ensure_consumer(
         self,
@@ -100,9 +191,15 @@ class Admin:
         ack_wait: float = 30.0,
         max_deliver: int = -1,
         max_ack_pending: int = 1000,
-    ) -> None:
-        """Create the durable pull consumer, or update it to this configuration."""
-        config = ConsumerConfig(
+    ) -> BoundConsumer:
+        """Create the durable pull consumer, or bind the one that exists as it is.
+
+        An existing consumer is never updated (another service, a Go one say, may share it):
+        the options it has at other values than these are logged in one warning. One that
+        cannot serve a handler of `filter_subject` (another filter, a push consumer, no
+        explicit acks) raises `SubscriptionError` naming it and why.
+        """
+        wanted = ConsumerConfig(
             name=durable,
             durable_name=durable,
             filter_subject=filter_subject,
@@ -113,11 +210,31 @@ class Admin:
             max_ack_pending=max_ack_pending,
         )
         try:
-            await self._js.add_consumer(stream, config)
+            try:
+                current = (await self._js.consumer_info(stream, durable)).config
+            except nats.js.errors.NotFoundError:
+                current = (await self._js.add_consumer(stream, wanted)).config
+                return _bound(current, wanted)
         except (nats.errors.Error, TimeoutError, ValueError) as exc:
             raise SubscriptionError(
                 f"cannot create consumer {durable} on {filter_subject}: {describe(exc)}"
             ) from None
+        problem = _cannot_serve(current, filter_subject)
+        if problem:
+            raise SubscriptionError(
+                f"consumer {durable} of stream {stream} exists but cannot serve a handler of "
+                f"{filter_subject}: {problem}. gdc-worker does not change a consumer it did not "
+                "create: delete it (its position is lost), or give the handler another durable"
+            )
+        differences = _option_differences(current, wanted)
+        if differences:
+            log.warning(
+                "consumer %s of stream %s exists with other options; bound as it is: %s",
+                durable,
+                stream,
+                "; ".join(differences),
+            )
+        return _bound(current, wanted)
 
     async def stream_messages(
         self, stream: str, subject: str | None = None, start_seq: int = 1
@@ -179,3 +296,141 @@ def _check_same_shape(current: StreamConfig, wanted: StreamConfig) -> None:
             "not reshape a stream it does not own: use another stream name, or change the "
             "stream yourself"
         )
+
+
+def _stream_config(
+    name: str,
+    subjects: list[str],
+    max_age: float,
+    max_bytes: int,
+    max_msgs: int,
+    duplicate_window: float,
+    replicas: int,
+) -> StreamConfig:
+    return StreamConfig(
+        name=name,
+        subjects=subjects,
+        retention=RetentionPolicy.LIMITS,
+        storage=StorageType.FILE,
+        max_age=max_age,
+        max_bytes=max_bytes or -1,
+        max_msgs=max_msgs or -1,
+        num_replicas=replicas,
+        duplicate_window=duplicate_window,
+    )
+
+
+def _limit(value: float | None) -> float:
+    """A limit as the server means it: 0 and negative values are all "unlimited"."""
+    return value if value is not None and value > 0 else 0
+
+
+def _limit_changes(current: StreamConfig, wanted: StreamConfig) -> list[LimitChange]:
+    """The limits `wanted` sets at another value than the server's `current`."""
+    fields: tuple[tuple[str, Callable[[float], str], Any, Any], ...] = (
+        ("max_age", _duration, current.max_age, wanted.max_age),
+        ("max_bytes", _size, current.max_bytes, wanted.max_bytes),
+        ("max_msgs", _count, current.max_msgs, wanted.max_msgs),
+        ("duplicate_window", _duration, current.duplicate_window, wanted.duplicate_window),
+        ("replicas", str, current.num_replicas or 1, wanted.num_replicas or 1),
+    )
+    changes = []
+    for name, shown, theirs, ours in fields:
+        # Durations travel in nanoseconds: compare them at that precision.
+        if round(_limit(theirs) * 1e9) != round(_limit(ours) * 1e9):
+            changes.append(LimitChange(name, shown(_limit(theirs)), shown(_limit(ours))))
+    return changes
+
+
+def _changes_text(changes: list[LimitChange], ours: str) -> str:
+    return ", ".join(f"{c.field} {c.config} ({ours}) vs {c.server} (server)" for c in changes)
+
+
+_UNITS = (("d", 86400.0), ("h", 3600.0), ("min", 60.0), ("s", 1.0))
+
+
+def _duration(seconds: float) -> str:
+    if seconds <= 0:
+        return "unlimited"
+    for unit, size in _UNITS:
+        if seconds >= size and (seconds / size).is_integer():
+            return f"{seconds / size:g}{unit}"
+    return f"{seconds:g}s"
+
+
+def _size(value: float) -> str:
+    if value <= 0:
+        return "unlimited"
+    for unit, size in (("TiB", 1024**4), ("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
+        if value >= size and (value / size).is_integer():
+            return f"{value / size:g} {unit}"
+    return f"{int(value):,} bytes"
+
+
+def _count(value: float) -> str:
+    return "unlimited" if value <= 0 else f"{int(value):,}"
+
+
+def _filters(config: ConsumerConfig) -> list[str]:
+    if config.filter_subjects:
+        return list(config.filter_subjects)
+    return [config.filter_subject] if config.filter_subject else []
+
+
+def _cannot_serve(current: ConsumerConfig, filter_subject: str) -> str | None:
+    """Why an existing consumer cannot serve a handler of `filter_subject`, if it cannot."""
+    if current.deliver_subject:
+        return (
+            f"it is a push consumer (deliver subject {current.deliver_subject}); gdc-worker pulls"
+        )
+    if current.ack_policy != AckPolicy.EXPLICIT:
+        policy = _policy(current.ack_policy, "none")
+        return f"its ack policy is {policy!r}; gdc-worker acks every event explicitly"
+    filters = _filters(current)
+    if filters != [filter_subject]:
+        what = ", ".join(filters) if filters else "no filter (every subject of the stream)"
+        return f"it filters on {what}, not {filter_subject}"
+    return None
+
+
+def _policy(value: object, default: str) -> str:
+    """A policy as the server names it (nats-py gives a member, or the server's string)."""
+    if not value:
+        return default
+    return str(getattr(value, "value", value))
+
+
+def _option_differences(current: ConsumerConfig, wanted: ConsumerConfig) -> list[str]:
+    """The options of a consumer that gdc-worker would have set otherwise, as text."""
+    differences = []
+    if current.deliver_policy != wanted.deliver_policy:
+        theirs = _policy(current.deliver_policy, "all")
+        ours = _policy(wanted.deliver_policy, "all")
+        differences.append(f"deliver_policy {theirs} (ours {ours})")
+    theirs_max, ours_max = _limit(current.max_deliver), _limit(wanted.max_deliver)
+    if theirs_max != ours_max:
+        note = (
+            f": the server delivers an event {theirs_max:g} times at most, so a handler's "
+            f"last try is on delivery {theirs_max:g} at the latest"
+            if theirs_max
+            else ""
+        )
+        differences.append(f"max_deliver {_count(theirs_max)} (ours {_count(ours_max)}){note}")
+    options: tuple[tuple[str, Callable[[float], str]], ...] = (
+        ("ack_wait", _duration),
+        ("max_ack_pending", _count),
+    )
+    for option, shown in options:
+        theirs_value = _limit(getattr(current, option))
+        ours_value = _limit(getattr(wanted, option))
+        if round(theirs_value * 1e9) != round(ours_value * 1e9):
+            differences.append(f"{option} {shown(theirs_value)} (ours {shown(ours_value)})")
+    return differences
+
+
+def _bound(current: ConsumerConfig, wanted: ConsumerConfig) -> BoundConsumer:
+    max_deliver = current.max_deliver
+    return BoundConsumer(
+        max_deliver=max_deliver if max_deliver is not None and max_deliver > 0 else -1,
+        ack_wait=current.ack_wait or wanted.ack_wait or 30.0,
+    )

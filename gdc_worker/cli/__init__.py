@@ -14,6 +14,7 @@ from .common import EXIT_CODES_HELP
 from .dlq import dlq
 from .run import run
 from .server import server
+from .stream import stream
 
 __all__ = ["main"]
 
@@ -27,6 +28,7 @@ def main() -> None:
 main.add_command(run)
 main.add_command(dlq)
 main.add_command(server)
+main.add_command(stream)
 
 
 if __name__ == "__main__":  # pragma: no cover
