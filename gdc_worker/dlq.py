@@ -284,10 +284,11 @@ class DeadLetterQueue:
         record or a record whose original is gone.
         """
         entry = await self.get(entry_id)
-        if not entry.readable or entry.problem:
-            raise DeadLetterUnreadable(
-                f"dead letter #{entry_id} cannot be replayed: {entry.problem}"
-            )
+        problem = entry.problem
+        if entry.readable and not entry.record.subject:
+            problem = "its original message was gone before it was recorded"
+        if not entry.readable or problem:
+            raise DeadLetterUnreadable(f"dead letter #{entry_id} cannot be replayed: {problem}")
         record = entry.record
         headers = _replay_headers(record, f"{self.stream}:{entry_id}", self._bus.max_payload)
         await self._bus.publish_raw(

@@ -15,12 +15,13 @@ import anyio
 import anyio.abc
 
 from .app import App, check_concurrency
+from .backstop import ADVISORY_PREFIX, Backstop
 from .bus import NATSEventBus
 from .config import NATSConfig
 from .dlq import DeadLetterQueue
-from .errors import WorkerError, one_error
+from .errors import GDCWorkerError, WorkerError, one_error
 from .hooks import Hook, Hooks
-from .runner import HandlerRunner
+from .runner import ConsumerLoop, HandlerRunner
 from .watchdog import LoopWatchdog
 
 __all__ = ["Worker", "serve"]
@@ -34,7 +35,9 @@ class Worker:
     `concurrency` is the default number of handler calls in flight per handler in this process;
     `handlers` picks a subset by function name; `grace` is how long `stop()` lets running
     handlers finish before cancelling them (and nak'ing their events for another replica);
-    `hooks` run after the app's own.
+    `hooks` run after the app's own. `backstop` (on by default) also records, as dead letters,
+    the messages other consumers of the stream gave up on at their server-side MaxDeliver (see
+    `gdc_worker.backstop`); every worker shares that work, one replica per message.
     """
 
     def __init__(
@@ -46,6 +49,7 @@ class Worker:
         handlers: Sequence[str] = (),
         grace: float = 30.0,
         hooks: Sequence[Hook] = (),
+        backstop: bool = True,
     ) -> None:
         unknown = sorted(set(handlers) - set(app.handlers))
         if unknown:
@@ -67,9 +71,10 @@ class Worker:
         self.concurrency = concurrency or app.concurrency
         self.grace = grace
         self.hooks = app.hooks + Hooks(hooks)
+        self.backstop = backstop
         self._stopping = anyio.Event()
         self._forced = anyio.Event()
-        self._runners: list[HandlerRunner] = []
+        self._runners: list[ConsumerLoop] = []
 
     def stop(self) -> None:
         """Stop fetching and finish what runs (within `grace`); a second call cancels it now."""
@@ -98,18 +103,22 @@ class Worker:
         ) as bus:
             dlq = DeadLetterQueue(bus)
             await dlq.ensure()
-            self._runners = runners = [
+            runners = [
                 HandlerRunner(bus, dlq, spec, spec.concurrency or self.concurrency, self.hooks)
                 for spec in self.specs
             ]
             for runner in runners:
                 await runner.prepare()
+            everything: list[ConsumerLoop] = [*runners]
+            if self.backstop:
+                everything += await _backstop(bus, dlq)
+            self._runners = everything
             with LoopWatchdog(self.specs):
                 async with anyio.create_task_group() as tg:
-                    tg.start_soon(self._shut_down, runners)
+                    tg.start_soon(self._shut_down, everything)
                     async with anyio.create_task_group() as work:
-                        for runner in runners:
-                            work.start_soon(runner.run)
+                        for each in everything:
+                            work.start_soon(each.run)
                         log.info(
                             "worker ready: app %s, handlers %s, on %s",
                             self.app.name,
@@ -121,7 +130,7 @@ class Worker:
                     tg.cancel_scope.cancel()
         log.info("worker stopped")
 
-    async def _shut_down(self, runners: list[HandlerRunner]) -> None:
+    async def _shut_down(self, runners: list[ConsumerLoop]) -> None:
         await self._stopping.wait()
         running = sum(r.running for r in runners)
         log.info(
@@ -135,6 +144,25 @@ class Worker:
         log.warning("cancelling running handlers; their events go back for another replica")
         for runner in runners:
             runner.force()
+
+
+async def _backstop(bus: NATSEventBus, dlq: DeadLetterQueue) -> list[ConsumerLoop]:
+    """The dead-letter backstop, bound; none, with an ERROR line, when it cannot be set up
+    (an account that may not capture advisories, say): the handlers work without it."""
+    backstop = Backstop(bus, dlq)
+    try:
+        await backstop.prepare()
+    except GDCWorkerError as exc:
+        log.error(
+            "dead-letter backstop not running: %s. Messages that other consumers give up on "
+            "at their max_deliver get no dead-letter record; allow this account to create the "
+            "stream %s on %s.*, or run with backstop=False",
+            exc,
+            backstop.stream,
+            ADVISORY_PREFIX,
+        )
+        return []
+    return [backstop]
 
 
 async def serve(worker: Worker) -> None:
