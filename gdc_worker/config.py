@@ -6,8 +6,8 @@ import dataclasses
 import difflib
 import math
 import os
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -38,6 +38,14 @@ class NATSConfig:
     cannot use, a number that is not finite, of the wrong type or out of range, a name that
     JetStream refuses, or two streams of one name.
     Every field can also come from the environment: `GDC_NATS_<FIELD>` (see `from_env`).
+
+    Credentials: `user` and `password` (or `user:password@` in the URL; these fields win),
+    `token` (or `token@` in the URL), `nkey_seed_file` (a user nkey seed) or `creds_file` (a
+    JWT `.creds` file). TLS is used for `tls://` URLs and whenever a `tls_*` file is given:
+    `tls_ca_file` to trust (the system's trust store otherwise), `tls_cert_file` and
+    `tls_key_file` for a client certificate (mutual TLS), `tls_handshake_first` for servers
+    that expect the TLS handshake before their INFO. Secrets are kept out of `repr()`, and the
+    files are read when the bus connects.
     """
 
     url: str = "nats://localhost:4222"
@@ -59,6 +67,17 @@ class NATSConfig:
     # What a worker may do to the event stream: "create" it when missing (the default),
     # "update" it to these limits as the Go bus does, or "none": never touch it.
     stream_setup: str = "create"
+    # Authentication (empty: not used); see the class docstring.
+    user: str = ""
+    password: str = field(default="", repr=False)
+    token: str = field(default="", repr=False)
+    nkey_seed_file: str = ""
+    creds_file: str = ""
+    # TLS.
+    tls_ca_file: str = ""
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+    tls_handshake_first: bool = False
 
     def __post_init__(self) -> None:
         # Accept a list (or one string) for convenience; store an immutable tuple.
@@ -79,8 +98,17 @@ class NATSConfig:
                 f"got {self.stream_setup!r}"
             )
         for name in _TEXT_FIELDS:
-            if not isinstance(getattr(self, name), str):
-                raise ConfigError(f"{name}: must be a string, got {getattr(self, name)!r}")
+            value = getattr(self, name)
+            if not isinstance(value, str):
+                shown = type(value).__name__ if name in _SECRET_FIELDS else repr(value)
+                raise ConfigError(f"{name}: must be a string, got {shown}")
+        for name in _BOOL_FIELDS:
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name}: must be true or false, got {getattr(self, name)!r}")
+        if self.tls_key_file and not self.tls_cert_file:
+            raise ConfigError("tls_key_file: given without tls_cert_file, the certificate")
+        if self.nkey_seed_file and self.creds_file:
+            raise ConfigError("nkey_seed_file: give either it or creds_file, not both")
         for name in _SECONDS_FIELDS:
             object.__setattr__(self, name, _seconds(name, getattr(self, name)))
         for name in _INT_FIELDS:
@@ -143,6 +171,23 @@ class NATSConfig:
             )
         return servers
 
+    def __repr__(self) -> str:
+        # The dataclass repr, with the URL's password hidden too (password and token are
+        # left out).
+        shown = (
+            f"{f.name}={redact_url(self.url) if f.name == 'url' else getattr(self, f.name)!r}"
+            for f in dataclasses.fields(self)
+            if f.repr
+        )
+        return f"{type(self).__name__}({', '.join(shown)})"
+
+    @property
+    def uses_tls(self) -> bool:
+        """Whether the connection is TLS: a `tls://` or `wss://` URL, or a `tls_*` option."""
+        schemes = {urlsplit(server).scheme for server in self.servers}
+        options = (self.tls_ca_file, self.tls_cert_file, self.tls_handshake_first)
+        return bool(schemes & {"tls", "wss"}) or any(options)
+
     @property
     def subject_prefix(self) -> str:
         """What goes before the event type in a subject: `gdc.events.` for `gdc.events.>`."""
@@ -167,7 +212,8 @@ class NATSConfig:
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> NATSConfig:
         """Defaults, then `GDC_NATS_<FIELD>` variables (e.g. `GDC_NATS_URL`), then `overrides`.
 
-        `GDC_NATS_STREAM_SUBJECTS` is a comma-separated list. A value of the wrong type, or a
+        `GDC_NATS_STREAM_SUBJECTS` is a comma-separated list; a true/false setting takes
+        true, false, 1, 0, yes or no (any case). A value of the wrong type, or a
         `GDC_NATS_*` variable that names no setting (a misspelt or old name, which would
         otherwise be ignored without a word), raises `ConfigError` naming the variable.
         """
@@ -182,7 +228,8 @@ class NATSConfig:
             try:
                 values[f.name] = _parse(f, raw)
             except ValueError:
-                raise ConfigError(f"{key}: {raw!r} is not a valid {f.name}") from None
+                shown = "the value" if f.name in _SECRET_FIELDS else repr(raw)
+                raise ConfigError(f"{key}: {shown} is not a valid {f.name}") from None
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
 
@@ -208,10 +255,24 @@ _FIELDS = dataclasses.fields(NATSConfig)
 _TEXT_FIELDS = tuple(f.name for f in _FIELDS if f.type == "str")
 _SECONDS_FIELDS = tuple(f.name for f in _FIELDS if f.type == "float")
 _INT_FIELDS = tuple(f.name for f in _FIELDS if f.type == "int")
+_BOOL_FIELDS = tuple(f.name for f in _FIELDS if f.type == "bool")
+#: Fields whose values are never shown in a message or `repr()`.
+_SECRET_FIELDS = frozenset({"password", "token"})
+_BOOLS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+
+
+def _parse_bool(raw: str) -> bool:
+    try:
+        return _BOOLS[raw.strip().lower()]
+    except KeyError:
+        raise ValueError(raw) from None
+
+
+_PARSERS: dict[str, Callable[[str], Any]] = {"int": int, "float": float, "bool": _parse_bool}
 
 
 def _parse(f: dataclasses.Field[Any], raw: str) -> Any:
-    kind = {"int": int, "float": float}.get(str(f.type))
+    kind = _PARSERS.get(str(f.type))
     if kind is not None:
         return kind(raw)
     if f.name == "stream_subjects":

@@ -73,7 +73,9 @@ class NATSServer:
     """Start and stop `nats-server` with JetStream on loopback.
 
     Port 0 picks a free port; without `store_dir` the JetStream store lives in a temporary
-    directory removed on `stop()`. Use it as a context manager, or `start()` and `stop()`.
+    directory removed on `stop()`. `config` is extra server configuration text (authorization,
+    tls blocks), written to a file the server reads; the listen address, port and store given
+    here still apply. Use it as a context manager, or `start()` and `stop()`.
     """
 
     def __init__(
@@ -83,8 +85,10 @@ class NATSServer:
         *,
         host: str = "127.0.0.1",
         binary: str | None = None,
+        config: str | None = None,
     ) -> None:
         self.host = host
+        self.config = config
         self.requested_port = port
         self.port: int | None = None
         self._binary = binary
@@ -136,6 +140,10 @@ class NATSServer:
         port = str(self.port or self.requested_port or -1)
         args = [binary, "-js", "-a", self.host, "-p", port, "-sd", str(self._store_dir)]
         args += ["-l", str(self._log_path)]
+        if self.config is not None:
+            config_path = Path(self._tmp.name) / "nats-server.conf"
+            config_path.write_text(self.config)
+            args += ["-c", str(config_path)]
         try:
             self._process = subprocess.Popen(
                 args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE

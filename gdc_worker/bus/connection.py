@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import ssl
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import anyio
 import nats.errors
@@ -11,6 +13,7 @@ from nats.aio.client import Client as NATS
 
 from ..config import NATSConfig
 from ..errors import ConnectionFailed, describe
+from .security import Refused, credentials, security_options
 
 __all__ = ["ConnectionEvents", "connect"]
 
@@ -79,17 +82,26 @@ class _Client(NATS):
         return out
 
 
+#: How long closing a client whose first connect failed may take (nothing is left to flush).
+_CLOSE_FAILED_S = 0.5
+
+
 async def connect(config: NATSConfig, events: ConnectionEvents, name: str | None) -> NATS:
     """A connected client; raises `ConnectionFailed` naming the server and the cause.
 
     The first connect fails within `connect_timeout`, as the Go client's does; the configured
-    reconnect settings apply once connected.
+    reconnect settings apply once connected. Credential and TLS files are checked first: one
+    that cannot be read, or a creds file whose JWT has expired, fails before any attempt.
     """
+    try:
+        servers, options = security_options(config)
+    except Refused as exc:
+        raise ConnectionFailed(f"cannot connect to NATS at {events.url}: {exc}") from None
     nc = _Client()
     try:
         with anyio.fail_after(config.connect_timeout):
             await nc.connect(
-                config.servers,
+                servers,
                 name=name,
                 connect_timeout=config.connect_timeout,  # type: ignore[arg-type]  # float works
                 # nats-py would otherwise retry the first connect per the reconnect settings
@@ -101,16 +113,49 @@ async def connect(config: NATSConfig, events: ConnectionEvents, name: str | None
                 reconnected_cb=events.reconnected,
                 error_cb=events.error,
                 closed_cb=events.closed,
+                **options,
             )
     except (OSError, TimeoutError, nats.errors.Error) as exc:
-        await nc.close()
-        errors = events.first_errors
-        cause = errors[-1] if errors and not isinstance(exc, OSError) else exc
-        raise ConnectionFailed(
-            f"cannot connect to NATS at {events.url}: {describe(cause)}"
-        ) from None
+        # After a failed TLS handshake nats-py's close() waits forever for a socket the TLS
+        # layer already closed (a tls:// worker hung here): bound it.
+        with anyio.move_on_after(_CLOSE_FAILED_S):
+            await nc.close()
+        cause = _cause(exc, events.first_errors, config, options)
+        raise ConnectionFailed(f"cannot connect to NATS at {events.url}: {cause}") from None
     # Once connected, reconnect as configured (nats-py: 0 attempts would mean forever).
     nc.options["allow_reconnect"] = config.max_reconnect_attempts != 0
     nc.options["max_reconnect_attempts"] = config.max_reconnect_attempts
     nc.options["reconnect_time_wait"] = config.reconnect_wait
     return nc
+
+
+def _cause(
+    exc: BaseException, errors: list[BaseException], config: NATSConfig, options: dict[str, Any]
+) -> str:
+    """Why the first connect failed, in words: the server's refusal before a reset socket."""
+    for error in (*errors, exc):
+        if isinstance(error, nats.errors.AuthorizationError) or (
+            "authorization violation" in str(error).lower()
+        ):
+            return f"authorization violation: the server refused {credentials(config, options)}"
+    first = (
+        " (does the server expect the TLS handshake first? unset tls_handshake_first)"
+        if config.tls_handshake_first
+        else ""
+    )
+    for error in (exc, *reversed(errors)):
+        if isinstance(error, ssl.SSLCertVerificationError):
+            return f"TLS: the server's certificate is not trusted: {error.verify_message}"
+        if isinstance(error, ssl.SSLError) and "CERTIFICATE_REQUIRED" in str(error.reason):
+            return "TLS: the server requires a client certificate (tls_cert_file and tls_key_file)"
+        if isinstance(error, ssl.SSLError):
+            return f"TLS handshake failed: {error.reason or describe(error)}{first}"
+    cause = errors[-1] if errors and not isinstance(exc, OSError) else exc
+    if isinstance(cause, TimeoutError):
+        return f"no answer within {config.connect_timeout:g}s{first}"
+    if isinstance(cause, ConnectionError) and config.uses_tls and not config.tls_cert_file:
+        # A TLS 1.3 server refuses a missing client certificate after the handshake: the
+        # client may only see the connection end.
+        hint = " (does the server require a client certificate? tls_cert_file, tls_key_file)"
+        return describe(cause) + hint
+    return describe(cause)

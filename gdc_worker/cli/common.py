@@ -15,6 +15,7 @@ from click.core import ParameterSource
 from ..errors import ConnectionFailed, GDCWorkerError, TargetError, one_error
 
 __all__ = [
+    "CREDS_ENVVAR",
     "EXIT_CODES_HELP",
     "EXIT_CONNECT",
     "EXIT_FAILURE",
@@ -24,6 +25,8 @@ __all__ = [
     "URL_ENVVAR",
     "ReportedError",
     "configure_logging",
+    "connection",
+    "creds_option",
     "exit_code_of",
     "reported_errors",
     "url_option",
@@ -42,6 +45,7 @@ EXIT_CODES_HELP = (
 )
 
 URL_ENVVAR = "GDC_NATS_URL"
+CREDS_ENVVAR = "GDC_NATS_CREDS_FILE"
 
 
 class ReportedError(click.ClickException):
@@ -108,3 +112,24 @@ url_option = click.option(
     callback=_nonempty_url,
     help="NATS server URL (env GDC_NATS_URL; default nats://localhost:4222).",
 )
+
+
+def _nonempty_creds(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+    if value is not None and not str(value).strip():
+        raise ReportedError("--creds is empty: give a .creds file or leave it out", EXIT_USAGE)
+    return value
+
+
+creds_option = click.option(
+    "--creds",
+    metavar="FILE",
+    default=None,
+    callback=_nonempty_creds,
+    help="NATS user credentials (JWT .creds) file (env GDC_NATS_CREDS_FILE).",
+)
+
+
+def connection(url: str | None, creds: str | None) -> dict[str, str]:
+    """The settings `--url` and `--creds` override, for `NATSConfig.replace`/`from_env`."""
+    given = {"url": url, "creds_file": creds}
+    return {name: value for name, value in given.items() if value is not None}

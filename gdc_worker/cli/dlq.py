@@ -16,7 +16,14 @@ from ..bus import NATSEventBus
 from ..config import NATSConfig
 from ..dlq import DeadLetterEntry, DeadLetterQueue
 from ..errors import GDCWorkerError
-from .common import EXIT_FAILURE, EXIT_OK, reported_errors, url_option
+from .common import (
+    EXIT_FAILURE,
+    EXIT_OK,
+    connection,
+    creds_option,
+    reported_errors,
+    url_option,
+)
 
 __all__ = ["dlq"]
 
@@ -32,15 +39,17 @@ def dlq() -> None:
 
 
 @asynccontextmanager
-async def _dead_letters(url: str | None) -> AsyncIterator[DeadLetterQueue]:
-    config = NATSConfig.from_env(url=url)
+async def _dead_letters(url: str | None, creds: str | None) -> AsyncIterator[DeadLetterQueue]:
+    config = NATSConfig.from_env(None, **connection(url, creds))
     async with await NATSEventBus.connect(config, setup_stream=False) as bus:
         yield DeadLetterQueue(bus)
 
 
-def _run_dlq(url: str | None, action: Callable[[DeadLetterQueue], Awaitable[int]]) -> None:
+def _run_dlq(
+    url: str | None, creds: str | None, action: Callable[[DeadLetterQueue], Awaitable[int]]
+) -> None:
     async def main() -> int:
-        async with _dead_letters(url) as queue:
+        async with _dead_letters(url, creds) as queue:
             return await action(queue)
 
     with reported_errors():
@@ -93,11 +102,17 @@ def _filters(func: F) -> F:
 
 @dlq.command("list")
 @url_option
+@creds_option
 @_filters
 @click.option("--limit", type=click.IntRange(min=1), help="At most this many entries.")
 @click.option("--json", "as_json", is_flag=True, help="JSON lines instead of a table.")
 def dlq_list(
-    url: str | None, event_type: str | None, consumer: str | None, limit: int | None, as_json: bool
+    url: str | None,
+    creds: str | None,
+    event_type: str | None,
+    consumer: str | None,
+    limit: int | None,
+    as_json: bool,
 ) -> None:
     """List dead letters, oldest first."""
 
@@ -122,13 +137,14 @@ def dlq_list(
             )
         return EXIT_OK
 
-    _run_dlq(url, action)
+    _run_dlq(url, creds, action)
 
 
 @dlq.command("show")
 @url_option
+@creds_option
 @click.argument("entry_id", metavar="ID", type=ENTRY_ID)
-def dlq_show(url: str | None, entry_id: int) -> None:
+def dlq_show(url: str | None, creds: str | None, entry_id: int) -> None:
     """Show one dead letter: the event, the error and the traceback."""
 
     async def action(queue: DeadLetterQueue) -> int:
@@ -161,7 +177,7 @@ def dlq_show(url: str | None, entry_id: int) -> None:
             return EXIT_FAILURE
         return EXIT_OK
 
-    _run_dlq(url, action)
+    _run_dlq(url, creds, action)
 
 
 def _shown(data: bytes, limit: int = 1000) -> str:
@@ -188,11 +204,13 @@ async def _targets(
 
 @dlq.command("replay")
 @url_option
+@creds_option
 @click.argument("ids", metavar="[ID]...", type=ENTRY_ID, nargs=-1)
 @click.option("--all", "select_all", is_flag=True, help="Every entry (matching the filters).")
 @_filters
 def dlq_replay(
     url: str | None,
+    creds: str | None,
     ids: tuple[int, ...],
     select_all: bool,
     event_type: str | None,
@@ -218,17 +236,19 @@ def dlq_replay(
             click.echo("no dead letters")
         return code
 
-    _run_dlq(url, action)
+    _run_dlq(url, creds, action)
 
 
 @dlq.command("purge")
 @url_option
+@creds_option
 @click.argument("ids", metavar="[ID]...", type=ENTRY_ID, nargs=-1)
 @click.option("--all", "select_all", is_flag=True, help="Every entry (matching the filters).")
 @_filters
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
 def dlq_purge(
     url: str | None,
+    creds: str | None,
     ids: tuple[int, ...],
     select_all: bool,
     event_type: str | None,
@@ -260,4 +280,4 @@ def dlq_purge(
             click.echo(f"purged #{entry_id}")
         return code
 
-    _run_dlq(url, action)
+    _run_dlq(url, creds, action)

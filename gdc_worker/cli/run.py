@@ -22,12 +22,15 @@ from ..server import NATSServer
 from ..supervisor import supervise
 from ..worker import Worker, serve
 from .common import (
+    CREDS_ENVVAR,
     EXIT_CODES_HELP,
     EXIT_IMPORT,
     EXIT_OK,
     EXIT_USAGE,
     URL_ENVVAR,
     configure_logging,
+    connection,
+    creds_option,
     reported_errors,
     url_option,
 )
@@ -88,6 +91,7 @@ def load_app(target: str) -> App:
 )
 @click.argument("target")
 @url_option
+@creds_option
 @click.option(
     "--concurrency",
     type=click.IntRange(min=1),
@@ -131,6 +135,7 @@ def run(
     ctx: click.Context,
     target: str,
     url: str | None,
+    creds: str | None,
     concurrency: int | None,
     processes: int,
     handlers: tuple[str, ...],
@@ -152,7 +157,7 @@ def run(
             click.echo(f"embedded nats-server at {server.url} (store .gdc-nats)", err=True)
             url = server.url
         try:
-            config = app.config.replace(url=url) if url else app.config
+            config = app.config.replace(**connection(url, creds))
             # Built here even for --processes, so a bad --handler fails once, not per replica.
             worker = Worker(
                 app, config=config, concurrency=concurrency, handlers=handlers, grace=grace
@@ -177,6 +182,8 @@ def _supervise(target: str, args: list[str], config: NATSConfig, processes: int)
     command = [sys.executable, "-m", "gdc_worker", "run", target, *args]
     # The URL goes in the environment, not on the command line, where `ps` shows a password.
     env = {**os.environ, URL_ENVVAR: config.url}
+    if config.creds_file:
+        env[CREDS_ENVVAR] = config.creds_file
     fatal = {EXIT_USAGE: "bad usage", EXIT_IMPORT: "the app cannot be imported"}
     return supervise(command, processes, env=env, fatal_codes=fatal)
 

@@ -10,7 +10,7 @@ import click
 
 from ..bus import LimitChange, NATSEventBus
 from ..config import NATSConfig
-from .common import EXIT_FAILURE, EXIT_OK, reported_errors, url_option
+from .common import EXIT_FAILURE, EXIT_OK, connection, creds_option, reported_errors, url_option
 
 __all__ = ["stream"]
 
@@ -22,8 +22,9 @@ def stream() -> None:
 
 @stream.command("apply")
 @url_option
+@creds_option
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
-def stream_apply(url: str | None, yes: bool) -> None:
+def stream_apply(url: str | None, creds: str | None, yes: bool) -> None:
     """Show how the event stream's limits differ from the configuration, then apply them.
 
     The configuration is `GDC_NATS_*` (see the README). Lowering a limit deletes the stored
@@ -31,7 +32,7 @@ def stream_apply(url: str | None, yes: bool) -> None:
     """
 
     async def main() -> int:
-        config = NATSConfig.from_env(url=url)
+        config = NATSConfig.from_env(None, **connection(url, creds))
         async with await NATSEventBus.connect(config, setup_stream=False) as bus:
             changes = await bus.stream_changes()
             name = config.stream_name
