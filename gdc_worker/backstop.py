@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 import anyio
 import msgspec
 
+from .bus.admin import StreamSpec
 from .errors import ConfigError, GDCWorkerError, describe
 from .runner import ConsumerLoop
 from .subjects import safe_name
@@ -131,7 +132,14 @@ class Backstop(ConsumerLoop):
     async def prepare(self) -> None:
         """Create or update the advisory stream and the shared consumer, then start pulling."""
         try:
-            await self._bus.ensure_stream(self.stream, [self.subject], max_age=ADVISORY_MAX_AGE_S)
+            await self._bus.ensure_stream(
+                StreamSpec(
+                    self.stream,
+                    (self.subject,),
+                    max_age=ADVISORY_MAX_AGE_S,
+                    replicas=self._bus.config.replicas,
+                )
+            )
             await self._bus.ensure_consumer(
                 self.durable,
                 self.subject,

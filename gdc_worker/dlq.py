@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import msgspec
 
+from .bus.admin import StreamSpec
 from .bus.publish import message_size
 from .errors import (
     DeadLetterNotFound,
@@ -194,10 +195,13 @@ class DeadLetterQueue:
         """Create or update the dead-letter stream."""
         config = self._bus.config
         await self._bus.ensure_stream(
-            self.stream,
-            [f"{self.prefix}.>"],
-            max_age=config.dlq_max_age,
-            duplicate_window=min(config.duplicate_window, config.dlq_max_age or float("inf")),
+            StreamSpec(
+                self.stream,
+                (f"{self.prefix}.>",),
+                max_age=config.dlq_max_age,
+                duplicate_window=min(config.duplicate_window, config.dlq_max_age or float("inf")),
+                replicas=config.replicas,
+            )
         )
 
     async def record(

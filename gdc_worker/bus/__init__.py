@@ -27,7 +27,7 @@ from ..events import Event, event_headers
 from ..hooks import Hook, Hooks
 from ..retry import DEFAULT_BACKOFF, DEFAULT_RETRY, RetryPolicy
 from ..subjects import check_event_type, safe_name
-from .admin import Admin, BoundConsumer, LimitChange, StoredMessage
+from .admin import Admin, BoundConsumer, LimitChange, StoredMessage, StreamSpec
 from .connection import ConnectionEvents, connect
 from .publish import AsyncPublishWindow, publish
 from .pull import Delivery, PullConsumer
@@ -41,6 +41,7 @@ __all__ = [
     "NATSEventBus",
     "PullConsumer",
     "StoredMessage",
+    "StreamSpec",
 ]
 
 log = logging.getLogger(__name__)
@@ -88,15 +89,7 @@ class NATSEventBus:
         bus = cls(await connect(config, events, name), config, events)
         if setup_stream:
             try:
-                await bus.ensure_stream(
-                    config.stream_name,
-                    list(config.stream_subjects),
-                    max_age=config.max_age,
-                    max_bytes=config.max_bytes,
-                    max_msgs=config.max_msgs,
-                    duplicate_window=config.duplicate_window,
-                    setup=config.stream_setup,
-                )
+                await bus.ensure_stream(bus.event_stream, setup=config.stream_setup)
             except BaseException:
                 await bus.close()
                 raise
@@ -170,44 +163,13 @@ class NATSEventBus:
 
     # -- streams and consumers ----------------------------------------------------------------
 
-    async def ensure_stream(
-        self,
-        name: str,
-        subjects: list[str],
-        *,
-        max_age: float,
-        max_bytes: int = -1,
-        max_msgs: int = -1,
-        duplicate_window: float = 120.0,
-        setup: str = "update",
-    ) -> None:
-        """Create the stream, or update its limits (file storage, `config.replicas`).
-
-        `setup` is what may be done to it (`update`, `create` or `none`, as
-        `NATSConfig.stream_setup`). A stream of that name with another shape raises
-        `ConfigError` (see `Admin`).
-        """
-        await self._admin.ensure_stream(
-            name,
-            subjects,
-            max_age=max_age,
-            max_bytes=max_bytes,
-            max_msgs=max_msgs,
-            duplicate_window=duplicate_window,
-            replicas=self.config.replicas,
-            setup=setup,
-        )
-
-    async def stream_changes(self) -> list[LimitChange] | None:
-        """The limits of the event stream that differ from the configuration; None: no stream.
-
-        What `stream_setup="update"` (or `apply_stream()`) would change. Raises `ConfigError`
-        for a stream of another shape.
-        """
+    @property
+    def event_stream(self) -> StreamSpec:
+        """The event stream as the configuration describes it."""
         config = self.config
-        return await self._admin.stream_changes(
+        return StreamSpec(
             config.stream_name,
-            list(config.stream_subjects),
+            config.stream_subjects,
             max_age=config.max_age,
             max_bytes=config.max_bytes,
             max_msgs=config.max_msgs,
@@ -215,18 +177,23 @@ class NATSEventBus:
             replicas=config.replicas,
         )
 
+    async def ensure_stream(self, spec: StreamSpec, setup: str = "update") -> None:
+        """Set up a stream: `setup` is what may be done to it (`update`, `create` or `none`,
+        as `NATSConfig.stream_setup`). A stream of that name with another shape raises
+        `ConfigError` (see `Admin`)."""
+        await self._admin.ensure_stream(spec, setup)
+
+    async def stream_changes(self) -> list[LimitChange] | None:
+        """The limits of the event stream that differ from the configuration; None: no stream.
+
+        What `stream_setup="update"` (or `apply_stream()`) would change. Raises `ConfigError`
+        for a stream of another shape.
+        """
+        return await self._admin.stream_changes(self.event_stream)
+
     async def apply_stream(self) -> None:
         """Create the event stream, or update its limits to the configuration."""
-        config = self.config
-        await self.ensure_stream(
-            config.stream_name,
-            list(config.stream_subjects),
-            max_age=config.max_age,
-            max_bytes=config.max_bytes,
-            max_msgs=config.max_msgs,
-            duplicate_window=config.duplicate_window,
-            setup="update",
-        )
+        await self.ensure_stream(self.event_stream, setup="update")
 
     async def ensure_consumer(
         self,

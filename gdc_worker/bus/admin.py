@@ -20,15 +20,14 @@ from nats.js.api import (
     StreamConfig,
 )
 
+from ..config import STREAM_SETUPS
 from ..errors import ConfigError, ConnectionFailed, EventBusError, SubscriptionError, describe
 
-__all__ = ["Admin", "BoundConsumer", "LimitChange", "StoredMessage"]
+__all__ = ["Admin", "BoundConsumer", "LimitChange", "StoredMessage", "StreamSpec"]
 
 log = logging.getLogger("gdc_worker.bus")
 
 _STREAM_NAME_IN_USE = 10058
-#: What `ensure_stream` may do to a stream: see `NATSConfig.stream_setup`.
-_SETUPS = ("create", "update", "none")
 
 
 @dataclass(frozen=True)
@@ -66,6 +65,33 @@ def _stored(raw: RawStreamMsg) -> StoredMessage:
     )
 
 
+@dataclass(frozen=True)
+class StreamSpec:
+    """A stream as gdc-worker wants it: limits retention, file storage, these limits."""
+
+    name: str
+    subjects: tuple[str, ...]
+    max_age: float
+    max_bytes: int = -1
+    max_msgs: int = -1
+    duplicate_window: float = 120.0
+    replicas: int = 1
+
+    def config(self) -> StreamConfig:
+        """The JetStream configuration (0 for a limit means none, as in `NATSConfig`)."""
+        return StreamConfig(
+            name=self.name,
+            subjects=list(self.subjects),
+            retention=RetentionPolicy.LIMITS,
+            storage=StorageType.FILE,
+            max_age=self.max_age,
+            max_bytes=self.max_bytes or -1,
+            max_msgs=self.max_msgs or -1,
+            num_replicas=self.replicas,
+            duplicate_window=self.duplicate_window,
+        )
+
+
 class Admin:
     """JetStream's management API as gdc-worker uses it; errors are `EventBusError`s."""
 
@@ -73,18 +99,7 @@ class Admin:
         self._js = js
         self._url = url
 
-    async def ensure_stream(
-        self,
-        name: str,
-        subjects: list[str],
-        *,
-        max_age: float,
-        max_bytes: int = -1,
-        max_msgs: int = -1,
-        duplicate_window: float = 120.0,
-        replicas: int = 1,
-        setup: str = "update",
-    ) -> None:
+    async def ensure_stream(self, spec: StreamSpec, setup: str = "update") -> None:
         """Set the stream up as `setup` says (see `NATSConfig.stream_setup`).
 
         - `update`: create it, or update its limits to these (the Go bus's way);
@@ -96,11 +111,11 @@ class Admin:
         need, or has another retention or storage, is never reshaped: that raises
         `ConfigError`, since it belongs to something else.
         """
-        if setup not in _SETUPS:
-            raise ConfigError(f"stream_setup: must be one of {', '.join(_SETUPS)}, got {setup!r}")
-        wanted = _stream_config(
-            name, subjects, max_age, max_bytes, max_msgs, duplicate_window, replicas
-        )
+        if setup not in STREAM_SETUPS:
+            raise ConfigError(
+                f"stream_setup: must be one of {', '.join(STREAM_SETUPS)}, got {setup!r}"
+            )
+        name, wanted = spec.name, spec.config()
         try:
             current = await self._stream_config(name)
             if current is None:
@@ -134,24 +149,12 @@ class Admin:
                 f"cannot set up stream {name} at {self._url}: {describe(exc)}"
             ) from None
 
-    async def stream_changes(
-        self,
-        name: str,
-        subjects: list[str],
-        *,
-        max_age: float,
-        max_bytes: int = -1,
-        max_msgs: int = -1,
-        duplicate_window: float = 120.0,
-        replicas: int = 1,
-    ) -> list[LimitChange] | None:
+    async def stream_changes(self, spec: StreamSpec) -> list[LimitChange] | None:
         """The limits `ensure_stream(..., setup="update")` would change; None: no such stream.
 
         Raises `ConfigError` for a stream of another shape, as `ensure_stream` does.
         """
-        wanted = _stream_config(
-            name, subjects, max_age, max_bytes, max_msgs, duplicate_window, replicas
-        )
+        name, wanted = spec.name, spec.config()
         try:
             current = await self._stream_config(name)
         except (nats.errors.Error, TimeoutError) as exc:
@@ -296,28 +299,6 @@ def _check_same_shape(current: StreamConfig, wanted: StreamConfig) -> None:
             "not reshape a stream it does not own: use another stream name, or change the "
             "stream yourself"
         )
-
-
-def _stream_config(
-    name: str,
-    subjects: list[str],
-    max_age: float,
-    max_bytes: int,
-    max_msgs: int,
-    duplicate_window: float,
-    replicas: int,
-) -> StreamConfig:
-    return StreamConfig(
-        name=name,
-        subjects=subjects,
-        retention=RetentionPolicy.LIMITS,
-        storage=StorageType.FILE,
-        max_age=max_age,
-        max_bytes=max_bytes or -1,
-        max_msgs=max_msgs or -1,
-        num_replicas=replicas,
-        duplicate_window=duplicate_window,
-    )
 
 
 def _limit(value: float | None) -> float:
