@@ -4,24 +4,53 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 import anyio
 import msgspec
 import nats.errors
+import nats.js.errors
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
 from ..errors import PublishError, describe
 
-__all__ = ["MAX_PENDING_PUBLISHES", "AsyncPublishWindow", "check_size", "message_size", "publish"]
+__all__ = [
+    "MAX_PENDING_PUBLISHES",
+    "MAX_RETRY_WAIT_S",
+    "RETRY_WAIT_S",
+    "TRY_TIMEOUT_S",
+    "AsyncPublishWindow",
+    "check_size",
+    "message_size",
+    "publish",
+]
 
 log = logging.getLogger("gdc_worker.bus")
 
 #: What `AsyncPublishWindow` allows in flight before `publish()` waits for acks.
 MAX_PENDING_PUBLISHES = 4000
+#: The pause before a publish that failed for a passing reason is tried again; it doubles...
+RETRY_WAIT_S = 0.05
+#: ... up to this.
+MAX_RETRY_WAIT_S = 0.5
+#: The longest one try of `publish()` waits for its ack, so that a try lost with a dying server
+#: leaves time for more within the publish's timeout.
+TRY_TIMEOUT_S = 2.0
+_MIN_TRY_TIMEOUT_S = 0.01
+_UNAVAILABLE = 503
+_STREAM_NAMES = "$JS.API.STREAM.NAMES"
+#: Failures after which the same publish may well succeed: no ack in time (the server that had
+#: the stream's leader died, or is slow), and the client between two connections.
+_PASSING = (
+    TimeoutError,
+    nats.errors.ConnectionReconnectingError,
+    nats.errors.OutboundBufferLimitError,
+    nats.errors.StaleConnectionError,
+)
 
 
 def message_size(headers: Mapping[str, str], payload: bytes) -> int:
@@ -59,14 +88,91 @@ async def publish(
 ) -> int:
     """Publish bytes to a stream subject and wait for the ack; returns the stream sequence.
 
-    Raises `PublishError` naming `what`, the subject and the cause.
+    A failure that passes (no stream leader while one is elected, no ack in time, JetStream
+    unavailable, the connection coming back) is tried again with the same headers, so with
+    the same `Nats-Msg-Id` the stream stores the message once however often it is sent, after
+    a pause that doubles from `RETRY_WAIT_S` up to `MAX_RETRY_WAIT_S`, for up to `timeout`
+    seconds in all. Then, or at once for a failure that does not pass (no stream for the
+    subject, a request JetStream refuses, the connection closed), raises `PublishError` naming
+    `what`, the subject and the cause.
     """
     check_size(nc, subject, payload, headers, what)
+    headers = dict(headers)
+    start = time.monotonic()
+    deadline = start + timeout
+    wait = RETRY_WAIT_S
+    tries = 0
+    stream_known = False  # a stream captures the subject: no responders means an election
+    while True:
+        tries += 1
+        try_timeout = max(min(TRY_TIMEOUT_S, deadline - time.monotonic()), _MIN_TRY_TIMEOUT_S)
+        try:
+            ack = await js.publish(subject, payload, headers=headers, timeout=try_timeout)
+        except (nats.errors.Error, TimeoutError) as exc:
+            failure = exc
+        else:
+            if tries > 1:
+                log.info(
+                    "publish of %s to %s stored after %d tries in %.1fs",
+                    what,
+                    subject,
+                    tries,
+                    time.monotonic() - start,
+                )
+            return ack.seq
+        passes = _passes(failure)
+        note = ""
+        if passes is None:  # no responders
+            remaining = deadline - time.monotonic()
+            stream_known = stream_known or await _stream_captures(nc, subject, remaining)
+            passes = stream_known
+            note = "" if passes else " (no stream captures the subject)"
+        if passes and time.monotonic() + wait >= deadline:
+            took = time.monotonic() - start
+            note = f" (after {tries} {'try' if tries == 1 else 'tries'} in {took:.1f}s)"
+            passes = False
+        if not passes:
+            raise PublishError(
+                f"publish of {what} to {subject} failed: {describe(failure)}{note}"
+            ) from None
+        log.debug("publish of %s to %s: %s; trying again", what, subject, describe(failure))
+        await anyio.sleep(wait)
+        wait = min(wait * 2, MAX_RETRY_WAIT_S)
+
+
+def _passes(failure: BaseException) -> bool | None:
+    """Whether trying a failed publish again may store it; None for no responders at all.
+
+    No responders means either that no stream captures the subject, which lasts, or that the
+    stream has no leader while one is elected (`_stream_captures` tells them apart).
+    """
+    if isinstance(failure, nats.js.errors.NoStreamResponseError | nats.errors.NoRespondersError):
+        return None
+    if isinstance(failure, nats.js.errors.APIError):
+        return failure.code == _UNAVAILABLE  # 400s and 500s say the same on every try
+    return isinstance(failure, _PASSING)
+
+
+async def _stream_captures(nc: NATS, subject: str, timeout: float) -> bool:
+    """Whether a stream captures `subject`, asking JetStream's meta leader; True if it cannot
+    tell within `timeout` (itself being elected, say), so the publish goes on trying."""
+    request = msgspec.json.encode({"subject": subject})
     try:
-        ack = await js.publish(subject, payload, headers=dict(headers), timeout=timeout)
-    except (nats.errors.Error, TimeoutError) as exc:
-        raise PublishError(f"publish of {what} to {subject} failed: {describe(exc)}") from None
-    return ack.seq
+        reply = await nc.request(
+            _STREAM_NAMES, request, timeout=max(min(TRY_TIMEOUT_S, timeout), _MIN_TRY_TIMEOUT_S)
+        )
+        names = _names_decoder.decode(reply.data)
+    except (nats.errors.Error, TimeoutError, msgspec.DecodeError):
+        return True
+    return names.error is not None or bool(names.streams)
+
+
+class _StreamNames(msgspec.Struct):
+    streams: list[str] | None = None
+    error: dict[str, object] | None = None
+
+
+_names_decoder = msgspec.json.Decoder(_StreamNames)
 
 
 class _ApiError(msgspec.Struct):

@@ -38,6 +38,10 @@ _PENDING_MSGS = "Nats-Pending-Messages"
 _ACK_PREFIX = "$JS.ACK."
 # 409 descriptions after which the consumer cannot deliver any more.
 _FATAL_409 = ("Consumer Deleted", "Consumer is push based")
+# No one took our pull request: the consumer has no leader (one is being elected), or is gone.
+_NO_RESPONDERS = "503"
+#: How long `stop()` waits for the server to drop our requests and what was on its way.
+_DRAIN_TIMEOUT_S = 5.0
 
 
 class Delivery:
@@ -106,6 +110,12 @@ class PullConsumer:
     `start()` it, run `watch()` in a task group, take deliveries with `next()`, and call
     `release()` once per delivery after settling it. After `stop()`, `next()` ends (with
     `EndOfStream`) once what is held was taken.
+
+    Each pull request lasts `expires` seconds, and while it has nothing to deliver the server
+    sends a heartbeat every `heartbeat` seconds. Requests die with the consumer's leader (a
+    crash, a failover in a cluster) without a word: after two heartbeats of silence they are
+    issued again, and every `heartbeat / 2` seconds while the consumer has no leader to take
+    them, so deliveries resume within about `heartbeat / 2` of a new leader being elected.
     """
 
     def __init__(
@@ -116,7 +126,7 @@ class PullConsumer:
         *,
         capacity: int,
         expires: float = 30.0,
-        heartbeat: float = 5.0,
+        heartbeat: float = 1.0,
     ) -> None:
         if capacity < 1:
             raise ValueError(f"capacity: must be at least 1, got {capacity}")
@@ -130,6 +140,8 @@ class PullConsumer:
         self._heartbeat = heartbeat
         self._heartbeat_ns = int(heartbeat * 1e9)
         self._requested = 0  # asked for and not yet arrived or expired
+        self._leaderless = False  # our last request found no consumer leader: ask again soon
+        self._unanswered_since: float | None = None  # when requests began to find no one
         # Arrived and not yet released, with when they arrived (for keep-alives).
         self._held: dict[int, tuple[Delivery, float]] = {}
         self._last_seen = time.monotonic()
@@ -161,14 +173,16 @@ class PullConsumer:
         """
         try:
             while not self._stopping.is_set():
-                with anyio.move_on_after(self._heartbeat):
+                with anyio.move_on_after(self._heartbeat / 2):
                     await self._woken.wait()
                 if self._failure is not None:
                     raise self._failure
                 silent = time.monotonic() - self._last_seen > 2 * self._heartbeat
-                if self._requested and silent:
-                    # No message and no heartbeat: the server lost our requests (a restart or
-                    # a reconnect), so ask again.
+                if self._leaderless:
+                    await self.reset()
+                elif self._requested and silent:
+                    # No message and no heartbeat: the server lost our requests (a restart,
+                    # a reconnect, the consumer's leader gone), so ask again.
                     log.info("pull requests for %s went silent; re-issuing", self.name)
                     await self.reset()
         finally:
@@ -199,7 +213,7 @@ class PullConsumer:
         with anyio.CancelScope(shield=True):
             with contextlib.suppress(nats.errors.Error, TimeoutError):
                 if self._nc.is_connected:
-                    with anyio.move_on_after(self._heartbeat):
+                    with anyio.move_on_after(_DRAIN_TIMEOUT_S):
                         # Sends the UNSUB first, then what is queued reaches _on_msg.
                         await sub.drain()  # type: ignore[no-untyped-call]
                         sub = None
@@ -235,6 +249,7 @@ class PullConsumer:
     async def reset(self) -> None:
         """Forget outstanding requests (they are gone after a reconnect) and ask again."""
         self._requested = 0
+        self._leaderless = False
         self._last_seen = time.monotonic()
         await self._top_up()
 
@@ -258,10 +273,17 @@ class PullConsumer:
         # server (heartbeat, end of a request) never does. Headers cannot tell them apart:
         # anyone may publish an event with a `Status` header.
         if msg.reply.startswith(_ACK_PREFIX):
+            if self._unanswered_since is not None:
+                self._answered()
             await self._on_delivery(msg)
             return
         headers = msg.headers or {}
         status = headers.get("Status")
+        if status == _NO_RESPONDERS:
+            self._on_no_responders()
+            return
+        if self._unanswered_since is not None:
+            self._answered()
         if status == "100":  # idle heartbeat
             return
         description = headers.get("Description", "")
@@ -279,6 +301,29 @@ class PullConsumer:
         if status not in ("404", "408"):
             log.debug("pull request for %s ended: %s %s", self.name, status, description)
         await self._top_up()
+
+    def _answered(self) -> None:
+        since, self._unanswered_since = self._unanswered_since, None
+        log.info(
+            "consumer %s takes pull requests again after %.1fs",
+            self.name,
+            self._last_seen - (since or self._last_seen),
+        )
+
+    def _on_no_responders(self) -> None:
+        # No server took a pull request: the consumer has no leader (one is being elected after
+        # the last one died), or it is gone. The requests the old leader had died with it.
+        # Asking again at once would spin until there is a leader: watch() asks again shortly.
+        if self._unanswered_since is None:
+            self._unanswered_since = self._last_seen
+            log.info(
+                "no server takes pull requests for consumer %s (no leader yet, or it is "
+                "gone); asking again every %gs",
+                self.name,
+                self._heartbeat / 2,
+            )
+        self._requested = 0
+        self._leaderless = True
 
     async def _on_delivery(self, msg: Msg) -> None:
         try:

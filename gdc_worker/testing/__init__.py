@@ -2,8 +2,10 @@
 
 - `nats_server`: one server per test session.
 - `nats_config`: a `NATSConfig` for that server with a stream and subjects of the test's own,
-  so tests never see each other's events.
+  so tests never see each other's events (`isolated_config` makes one for any server).
 - `event_bus`: a connected `NATSEventBus` on that config (async tests, anyio plugin).
+- `nats_cluster`: a `NATSCluster` of three routed `nats-server -js` nodes of the test's own,
+  for failover tests (kill a node, find a stream's leader); stopped after the test.
 """
 
 from __future__ import annotations
@@ -16,25 +18,26 @@ import pytest
 from ..bus import NATSEventBus
 from ..config import NATSConfig
 from ..server import NATSServer
+from .cluster import FORM_TIMEOUT_S, NATSCluster
 
-__all__ = ["event_bus", "nats_config", "nats_server"]
+__all__ = [
+    "NATSCluster",
+    "event_bus",
+    "isolated_config",
+    "nats_cluster",
+    "nats_config",
+    "nats_server",
+]
 
 _counter = itertools.count(1)
 
 
-@pytest.fixture(scope="session")
-def nats_server() -> Iterator[NATSServer]:
-    """A nats-server with JetStream on a free loopback port, for the whole session."""
-    with NATSServer() as server:
-        yield server
-
-
-@pytest.fixture
-def nats_config(nats_server: NATSServer) -> NATSConfig:
-    """Config for the session's server with a stream of this test's own (`T<n>_EVENTS`)."""
+def isolated_config(url: str) -> NATSConfig:
+    """Config for `url` with a stream, subjects and dead-letter stream no other call gets
+    (`T<n>_EVENTS` on `t<n>.events.>`), quick reconnects, and no byte limits."""
     n = next(_counter)
     return NATSConfig(
-        url=nats_server.url,
+        url=url,
         stream_name=f"T{n}_EVENTS",
         stream_subjects=(f"t{n}.events.>",),
         dlq_stream_name=f"T{n}_DLQ",
@@ -48,8 +51,33 @@ def nats_config(nats_server: NATSServer) -> NATSConfig:
     )
 
 
+@pytest.fixture(scope="session")
+def nats_server() -> Iterator[NATSServer]:
+    """A nats-server with JetStream on a free loopback port, for the whole session."""
+    with NATSServer() as server:
+        yield server
+
+
+@pytest.fixture
+def nats_config(nats_server: NATSServer) -> NATSConfig:
+    """Config for the session's server with a stream of this test's own (`T<n>_EVENTS`)."""
+    return isolated_config(nats_server.url)
+
+
 @pytest.fixture
 async def event_bus(nats_config: NATSConfig) -> AsyncIterator[NATSEventBus]:
     """A bus connected to this test's stream, closed after the test."""
     async with await NATSEventBus.connect(nats_config) as bus:
         yield bus
+
+
+@pytest.fixture
+def nats_cluster() -> Iterator[NATSCluster]:
+    """Three routed nats-server nodes with JetStream on free loopback ports, for this test.
+
+    Yields once they agree on a JetStream meta leader; fails the test's setup with
+    `NATSServerError` (naming what each node saw) if that takes over `FORM_TIMEOUT_S`.
+    Every node is stopped and its store removed after the test, killed ones included.
+    """
+    with NATSCluster(3, form_timeout=FORM_TIMEOUT_S) as cluster:
+        yield cluster
