@@ -63,11 +63,12 @@ class NATSEventBus:
         self._events = events
         js = nc.jetstream(timeout=config.connect_timeout)
         self._js = js
-        self._admin = Admin(js, redact_url(config.url))
+        self._admin = Admin(nc, js, redact_url(config.url))
         self._window = AsyncPublishWindow(nc, timeout=config.connect_timeout)
         self._consumers: set[PullConsumer] = set()
         self._subscriptions = Subscriptions(self)
         self._closed = False
+        self._last_server = redact_url(config.url)
         events.on_reconnect = self._on_reconnect
         events.on_lost = self._on_lost
         events.server = lambda: self.server_url
@@ -107,9 +108,11 @@ class NATSEventBus:
 
     @property
     def server_url(self) -> str:
-        """The server the client is connected to now (password hidden), else the configured."""
+        """The server the client is connected to now, else the last one (password hidden)."""
         current = self._nc.connected_url
-        return redact_url(current.geturl() if current is not None else self.config.url)
+        if current is not None:
+            self._last_server = redact_url(current.geturl())
+        return self._last_server
 
     async def close(self) -> None:
         """Stop the subscriptions, wait briefly for async publishes, close. Idempotent.
@@ -194,6 +197,16 @@ class NATSEventBus:
     async def apply_stream(self) -> None:
         """Create the event stream, or update its limits to the configuration."""
         await self.ensure_stream(self.event_stream, setup="update")
+
+    async def leader(self, stream: str, durable: str | None = None) -> str | None:
+        """The server leading `stream` (or its consumer `durable`) in a cluster; see `Admin`."""
+        return await self._admin.leader(stream, durable)
+
+    async def step_down(
+        self, stream: str, durable: str | None = None, preferred: str | None = None
+    ) -> None:
+        """Have the leader of `stream` (or of its consumer) step down; see `Admin`."""
+        await self._admin.step_down(stream, durable, preferred)
 
     async def ensure_consumer(
         self,

@@ -7,8 +7,10 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
+import msgspec
 import nats.errors
 import nats.js.errors
+from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 from nats.js.api import (
     AckPolicy,
@@ -95,9 +97,40 @@ class StreamSpec:
 class Admin:
     """JetStream's management API as gdc-worker uses it; errors are `EventBusError`s."""
 
-    def __init__(self, js: JetStreamContext, url: str) -> None:
+    def __init__(self, nc: NATS, js: JetStreamContext, url: str) -> None:
+        self._nc = nc
         self._js = js
         self._url = url
+
+    async def leader(self, stream: str, durable: str | None = None) -> str | None:
+        """The server name leading `stream` (or its consumer `durable`); None without one.
+
+        Raises `EventBusError` when the server cannot say (no such stream, no answer).
+        """
+        try:
+            if durable is None:
+                cluster = (await self._js.stream_info(stream)).cluster
+            else:
+                cluster = (await self._js.consumer_info(stream, durable)).cluster
+        except (nats.errors.Error, TimeoutError) as exc:
+            raise EventBusError(f"cannot read the leader of {stream}: {describe(exc)}") from None
+        return cluster.leader if cluster is not None else None
+
+    async def step_down(
+        self, stream: str, durable: str | None = None, preferred: str | None = None
+    ) -> None:
+        """Ask the leader of `stream` (or of its consumer) to step down, naming a `preferred`
+        successor if given (servers before 2.11 refuse a preferred one: `EventBusError`)."""
+        kind = "STREAM" if durable is None else "CONSUMER"
+        subject = f"$JS.API.{kind}.LEADER.STEPDOWN.{stream}" + (f".{durable}" if durable else "")
+        request = {"placement": {"preferred": preferred}} if preferred else {}
+        try:
+            reply = await self._nc.request(subject, msgspec.json.encode(request), timeout=5.0)
+        except (nats.errors.Error, TimeoutError) as exc:
+            raise EventBusError(f"{subject} failed: {describe(exc)}") from None
+        error = msgspec.json.decode(reply.data).get("error")
+        if error:
+            raise EventBusError(f"{subject} failed: {error.get('description', error)}")
 
     async def ensure_stream(self, spec: StreamSpec, setup: str = "update") -> None:
         """Set the stream up as `setup` says (see `NATSConfig.stream_setup`).
