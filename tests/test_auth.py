@@ -9,6 +9,7 @@ through the CLI, and never the secret.
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import os
 import subprocess
@@ -293,6 +294,104 @@ async def test_unusable_nkey_seed_file(
 
 
 # -- creds files ---------------------------------------------------------------------------
+
+
+def _key(prefix: int) -> nkeys.KeyPair:
+    return nkeys.from_seed(bytearray(nkeys.encode_seed(os.urandom(32), prefix)))
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).decode().rstrip("=")
+
+
+def _signed_jwt(claims: dict[str, object], signer: nkeys.KeyPair) -> str:
+    """A NATS JWT (v2): `claims` with iat and jti, signed with ed25519 by `signer`."""
+    claims = {"iat": int(time.time()), **claims}
+    digest = hashlib.sha256(json.dumps(claims, separators=(",", ":")).encode()).digest()
+    claims["jti"] = base64.b32encode(digest).decode().rstrip("=")
+    signed = f"{_b64(json.dumps({'typ': 'JWT', 'alg': 'ed25519-nkey'}).encode())}."
+    signed += _b64(json.dumps(claims).encode())
+    return f"{signed}.{_b64(signer.sign(signed.encode()))}"
+
+
+def _public(key: nkeys.KeyPair) -> str:
+    public: bytes = key.public_key
+    return public.decode()
+
+
+@dataclass
+class CredsServer:
+    """A server in operator mode (JWTs preloaded), a valid user's creds file, and one for a
+    user its account never signed."""
+
+    server: NATSServer
+    creds_file: Path
+    stranger_creds_file: Path
+
+
+@pytest.fixture(scope="module")
+def creds_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CredsServer]:
+    """An operator, its system account and an account with JetStream, and that account's
+    user: the chain of JWTs a real deployment's `nsc` makes."""
+    operator = _key(nkeys.PREFIX_BYTE_OPERATOR)
+    system, account = _key(nkeys.PREFIX_BYTE_ACCOUNT), _key(nkeys.PREFIX_BYTE_ACCOUNT)
+    unlimited = {"subs": -1, "data": -1, "payload": -1, "conn": -1, "mem_storage": -1}
+    unlimited |= {"disk_storage": -1, "streams": -1, "consumer": -1, "wildcards": True}
+
+    def account_jwt(key: nkeys.KeyPair, name: str, limits: dict[str, object]) -> str:
+        claims = {"iss": _public(operator), "sub": _public(key), "name": name}
+        return _signed_jwt(
+            {**claims, "nats": {"type": "account", "version": 2, **limits}}, operator
+        )
+
+    def creds_of(signer: nkeys.KeyPair, path: Path) -> Path:
+        user = _key(nkeys.PREFIX_BYTE_USER)
+        limits = {"pub": {}, "sub": {}, "subs": -1, "data": -1, "payload": -1}
+        claims = {"iss": _public(signer), "sub": _public(user), "name": "worker"}
+        jwt = _signed_jwt({**claims, "nats": {"type": "user", "version": 2, **limits}}, signer)
+        path.write_text(
+            f"-----BEGIN NATS USER JWT-----\n{jwt}\n------END NATS USER JWT------\n\n"
+            f"-----BEGIN USER NKEY SEED-----\n{user.seed.decode()}\n"
+            "------END USER NKEY SEED------\n"
+        )
+        return path
+
+    operator_claims = {"iss": _public(operator), "sub": _public(operator), "name": "gdc"}
+    operator_jwt = _signed_jwt(
+        {**operator_claims, "nats": {"type": "operator", "version": 2}}, operator
+    )
+    preload = {
+        _public(system): account_jwt(system, "SYS", {}),
+        _public(account): account_jwt(account, "GDC", {"limits": unlimited}),
+    }
+    config = f"operator: {operator_jwt}\nsystem_account: {_public(system)}\n"
+    config += "resolver: MEMORY\nresolver_preload: {\n"
+    config += "".join(f"  {key}: {jwt}\n" for key, jwt in preload.items()) + "}\n"
+    where = tmp_path_factory.mktemp("creds")
+    with NATSServer(config=config) as server:
+        yield CredsServer(
+            server,
+            creds_of(account, where / "worker.creds"),
+            creds_of(_key(nkeys.PREFIX_BYTE_ACCOUNT), where / "stranger.creds"),
+        )
+
+
+async def test_a_creds_file_of_a_real_jwt_chain_connects(creds_server: CredsServer) -> None:
+    """Given a server in operator mode and a user's creds file signed by its account,
+    when the bus connects with creds_file, then it publishes to JetStream."""
+    config = isolated_config(creds_server.server.url)
+    await connects_and_publishes(config.replace(creds_file=str(creds_server.creds_file)))
+
+
+async def test_a_creds_file_the_server_does_not_trust_is_refused_naming_it(
+    creds_server: CredsServer,
+) -> None:
+    """Given a creds file whose user no account of the server signed,
+    when the bus connects, then ConnectionFailed says the server refused that creds file."""
+    path = str(creds_server.stranger_creds_file)
+    config = isolated_config(creds_server.server.url).replace(creds_file=path)
+    message = await refused(config)
+    assert message.endswith(f"authorization violation: the server refused the creds file {path}")
 
 
 def _creds(path: Path, claims: dict[str, object]) -> Path:
