@@ -275,7 +275,18 @@ class PullConsumer:
         if msg.reply.startswith(_ACK_PREFIX):
             if self._unanswered_since is not None:
                 self._answered()
-            await self._on_delivery(msg)
+            try:
+                delivery = Delivery(self._nc, msg)
+            except ValueError:
+                log.warning("%s: ignoring a malformed reply subject %r", self.name, msg.reply)
+                return
+            if self._stopping.is_set():
+                await self.hand_back(delivery)
+                return
+            if self._requested:
+                self._requested -= 1
+            self._held[id(delivery)] = (delivery, self._last_seen)
+            self._handoff.put(delivery)
             return
         headers = msg.headers or {}
         status = headers.get("Status")
@@ -324,22 +335,6 @@ class PullConsumer:
             )
         self._requested = 0
         self._leaderless = True
-
-    async def _on_delivery(self, msg: Msg) -> None:
-        try:
-            delivery = Delivery(self._nc, msg)
-        except ValueError:
-            log.warning(
-                "%s: ignoring a message with a malformed reply subject %r", self.name, msg.reply
-            )
-            return
-        if self._stopping.is_set():
-            await self.hand_back(delivery)
-            return
-        if self._requested:
-            self._requested -= 1
-        self._held[id(delivery)] = (delivery, self._last_seen)
-        self._handoff.put(delivery)
 
 
 class _Handoff:
