@@ -6,6 +6,7 @@ import dataclasses
 import difflib
 import math
 import os
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -236,13 +237,17 @@ class NATSConfig:
 
 #: `GDC_NATS_*` variables that are not settings: the nats-server binary to run.
 _OTHER_VARIABLES = frozenset({"GDC_NATS_SERVER"})
+#: What Kubernetes sets in every pod for a Service named `gdc-nats` (service links).
+_SERVICE_LINK = re.compile(
+    r"^GDC_NATS_(SERVICE_HOST|SERVICE_PORT(_\w+)?|PORT(_\d+_(TCP|UDP|SCTP)(_ADDR|_PORT|_PROTO)?)?)$"
+)
 
 
 def _check_names(env: Mapping[str, str]) -> None:
     known = {ENV_PREFIX + f.name.upper() for f in dataclasses.fields(NATSConfig)}
     unknown = sorted(k for k in env if k.startswith(ENV_PREFIX) and k not in known)
     for key in unknown:
-        if key in _OTHER_VARIABLES:
+        if key in _OTHER_VARIABLES or _SERVICE_LINK.match(key):
             continue
         suffixes = sorted(k.removeprefix(ENV_PREFIX) for k in known)
         close = difflib.get_close_matches(key.removeprefix(ENV_PREFIX), suffixes, n=1)

@@ -534,3 +534,21 @@ def test_gdc_nats_server_names_the_binary_not_a_setting() -> None:
     when the config is read from the environment,
     then it is not taken for a misspelt setting."""
     assert NATSConfig.from_env({"GDC_NATS_SERVER": "/usr/bin/nats-server"}) == NATSConfig()
+
+
+def test_kubernetes_service_links_of_a_gdc_nats_service_are_not_taken_for_settings() -> None:
+    """Given the variables Kubernetes sets in every pod for a Service named `gdc-nats`,
+    when the config is read from the environment,
+    then they are not taken for misspelt settings (every worker would refuse to start)."""
+    links = {
+        "GDC_NATS_SERVICE_HOST": "10.0.0.7",
+        "GDC_NATS_SERVICE_PORT": "4222",
+        "GDC_NATS_SERVICE_PORT_CLIENT": "4222",
+        "GDC_NATS_PORT": "tcp://10.0.0.7:4222",
+        "GDC_NATS_PORT_4222_TCP": "tcp://10.0.0.7:4222",
+        "GDC_NATS_PORT_4222_TCP_ADDR": "10.0.0.7",
+        "GDC_NATS_PORT_4222_TCP_PORT": "4222",
+        "GDC_NATS_PORT_4222_TCP_PROTO": "tcp",
+    }
+
+    assert NATSConfig.from_env(links) == NATSConfig()
