@@ -828,3 +828,25 @@ async def test_a_stream_with_more_subjects_keeps_them(
 
     info = await jetstream.stream_info(nats_config.stream_name)
     assert sorted(info.config.subjects or []) == sorted(subjects)
+
+
+async def test_a_consumer_the_worker_created_follows_the_handler_s_new_options(
+    nats_config: NATSConfig, jetstream: JetStreamContext
+) -> None:
+    """Given a handler whose consumer a worker created with ack_wait 30 s,
+    when the handler is changed to ack_wait 45 s and max_ack_pending 1500 and a worker starts,
+    then the consumer has the new options: it is gdc-worker's own, so it follows the handler
+    (a consumer another service created is bound as it is; see test_go_peer)."""
+    for ack_wait, max_ack_pending in ((30.0, None), (45.0, 1500)):
+        app = App("svc", nats_config)
+
+        @app.on("node.up", ack_wait=ack_wait, max_ack_pending=max_ack_pending)
+        async def handle(event: Event) -> None:
+            pass
+
+        async with running(worker_for(app, nats_config)):
+            pass
+
+    info = await jetstream.consumer_info(nats_config.stream_name, "svc-handle")
+    assert (info.config.ack_wait, info.config.max_ack_pending) == (45.0, 1500)
+    assert info.config.description == "gdc-worker"

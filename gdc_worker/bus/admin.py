@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import msgspec
@@ -30,6 +30,8 @@ __all__ = ["Admin", "BoundConsumer", "LimitChange", "StoredMessage", "StreamSpec
 log = logging.getLogger("gdc_worker.bus")
 
 _STREAM_NAME_IN_USE = 10058
+#: The description of every consumer gdc-worker creates: it may update those, and no other.
+CONSUMER_DESCRIPTION = "gdc-worker"
 
 
 @dataclass(frozen=True)
@@ -228,16 +230,19 @@ class Admin:
         max_deliver: int = -1,
         max_ack_pending: int = 1000,
     ) -> BoundConsumer:
-        """Create the durable pull consumer, or bind the one that exists as it is.
+        """Create the durable pull consumer, or bind the one that exists.
 
-        An existing consumer is never updated (another service, a Go one say, may share it):
-        the options it has at other values than these are logged in one warning. One that
-        cannot serve a handler of `filter_subject` (another filter, a push consumer, no
-        explicit acks) raises `SubscriptionError` naming it and why.
+        A consumer gdc-worker created (its description says so) follows the handler's
+        options: ack_wait and max_ack_pending are updated when they changed. One that
+        another service created (a Go one, say) is never updated: the options it has at other
+        values are logged in one warning, and it is bound as it is. One that cannot serve a
+        handler of `filter_subject` (another filter, a push consumer, no explicit acks)
+        raises `SubscriptionError` naming it and why.
         """
         wanted = ConsumerConfig(
             name=durable,
             durable_name=durable,
+            description=CONSUMER_DESCRIPTION,
             filter_subject=filter_subject,
             ack_policy=AckPolicy.EXPLICIT,
             deliver_policy=DeliverPolicy.ALL,
@@ -251,26 +256,59 @@ class Admin:
             except nats.js.errors.NotFoundError:
                 current = (await self._js.add_consumer(stream, wanted)).config
                 return _bound(current, wanted)
+            problem = _cannot_serve(current, filter_subject)
+            if problem:
+                raise SubscriptionError(
+                    f"consumer {durable} of stream {stream} exists but cannot serve a handler "
+                    f"of {filter_subject}: {problem}. gdc-worker does not change a consumer it "
+                    "did not create: delete it (its position is lost), or give the handler "
+                    "another durable"
+                )
+            differences = _option_differences(current, wanted)
+            if differences and current.description == CONSUMER_DESCRIPTION:
+                current = await self._update_ours(stream, current, wanted, differences)
+            elif differences:
+                log.warning(
+                    "consumer %s of stream %s exists with other options; bound as it is: %s",
+                    durable,
+                    stream,
+                    "; ".join(differences),
+                )
         except (nats.errors.Error, TimeoutError, ValueError) as exc:
             raise SubscriptionError(
                 f"cannot create consumer {durable} on {filter_subject}: {describe(exc)}"
             ) from None
-        problem = _cannot_serve(current, filter_subject)
-        if problem:
-            raise SubscriptionError(
-                f"consumer {durable} of stream {stream} exists but cannot serve a handler of "
-                f"{filter_subject}: {problem}. gdc-worker does not change a consumer it did not "
-                "create: delete it (its position is lost), or give the handler another durable"
-            )
-        differences = _option_differences(current, wanted)
-        if differences:
+        return _bound(current, wanted)
+
+    async def _update_ours(
+        self,
+        stream: str,
+        current: ConsumerConfig,
+        wanted: ConsumerConfig,
+        differences: list[str],
+    ) -> ConsumerConfig:
+        """Bring a consumer gdc-worker created to the handler's ack_wait and max_ack_pending
+        (what the server lets change); what it refuses is logged, and the consumer bound."""
+        update = replace(current, ack_wait=wanted.ack_wait, max_ack_pending=wanted.max_ack_pending)
+        try:
+            updated = (await self._js.add_consumer(stream, update)).config
+        except nats.js.errors.BadRequestError as exc:
             log.warning(
-                "consumer %s of stream %s exists with other options; bound as it is: %s",
-                durable,
+                "consumer %s of stream %s has other options, and the server would not update "
+                "them (%s); bound as it is: %s",
+                current.durable_name,
                 stream,
+                describe(exc),
                 "; ".join(differences),
             )
-        return _bound(current, wanted)
+            return current
+        log.info(
+            "consumer %s of stream %s updated to the handler's options: %s",
+            current.durable_name,
+            stream,
+            "; ".join(differences),
+        )
+        return updated
 
     async def stream_messages(
         self, stream: str, subject: str | None = None, start_seq: int = 1
