@@ -10,7 +10,6 @@ import nats.errors
 import nats.js.errors
 import pytest
 from nats.js import JetStreamContext
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from gdc_worker import (
     App,
@@ -24,6 +23,7 @@ from gdc_worker import (
     Worker,
 )
 from gdc_worker.backstop import ADVISORY_PREFIX, advisory_stream_name, backstop_durable
+from tests.go_peer import GO_DURABLE, GO_MAX_DELIVER, add_go_consumer
 from tests.recording import ARRIVAL_TIMEOUT
 from tests.support import (
     consumer_info,
@@ -37,8 +37,6 @@ from tests.support import (
 pytestmark = pytest.mark.anyio
 
 #: The Go services' default consumer name for node.up, and its server-side limit.
-GO_CONSUMER = "gdc-consumer-node-up"
-GO_MAX_DELIVER = 3
 
 
 def unrelated_app(nats_config: NATSConfig) -> App:
@@ -58,18 +56,8 @@ async def go_peer_drops(
     """Reproduce a Go service: a pull consumer with MaxDeliver 3 that naks `event` without delay
     on each delivery, and keeps pulling (as `Consume()` does), so the server gives up on it and
     publishes its max-deliveries advisory. Returns the event's stream sequence."""
-    await jetstream.add_consumer(
-        nats_config.stream_name,
-        ConsumerConfig(
-            durable_name=GO_CONSUMER,
-            filter_subject=nats_config.subject_for("node.up"),
-            ack_policy=AckPolicy.EXPLICIT,
-            deliver_policy=DeliverPolicy.NEW,
-            ack_wait=30.0,
-            max_deliver=GO_MAX_DELIVER,
-        ),
-    )
-    sub = await jetstream.pull_subscribe_bind(GO_CONSUMER, stream=nats_config.stream_name)
+    await add_go_consumer(jetstream, nats_config)
+    sub = await jetstream.pull_subscribe_bind(GO_DURABLE, stream=nats_config.stream_name)
     seq = await bus.publish_event(event)
     for delivery in range(1, GO_MAX_DELIVER + 1):
         (msg,) = await sub.fetch(1, timeout=ARRIVAL_TIMEOUT)
@@ -97,10 +85,10 @@ async def advisories_settled(
 
 
 def assert_backstop_record(record: DeadLetterRecord, event: Event, seq: int) -> None:
-    assert record.consumer == GO_CONSUMER
+    assert record.consumer == GO_DURABLE
     assert record.handler == "(server)"
     assert record.reason == (
-        f"the server stopped redelivering after {GO_MAX_DELIVER} deliveries to {GO_CONSUMER}"
+        f"the server stopped redelivering after {GO_MAX_DELIVER} deliveries to {GO_DURABLE}"
     )
     assert record.deliveries == GO_MAX_DELIVER
     assert record.data == event.to_json()
@@ -135,9 +123,9 @@ async def test_a_message_a_go_consumer_drops_is_dead_lettered_once(
         # The same advisory again (a server repeating itself, a replayed capture).
         stream = advisory_stream_name(nats_config)
         advisory = await jetstream.get_msg(stream, 1)
-        assert advisory.subject == f"{ADVISORY_PREFIX}.{nats_config.stream_name}.{GO_CONSUMER}"
+        assert advisory.subject == f"{ADVISORY_PREFIX}.{nats_config.stream_name}.{GO_DURABLE}"
         fields = msgspec.json.decode(advisory.data or b"")
-        assert (fields["consumer"], fields["stream_seq"]) == (GO_CONSUMER, seq)
+        assert (fields["consumer"], fields["stream_seq"]) == (GO_DURABLE, seq)
         await jetstream.publish(advisory.subject, advisory.data or b"")
         await advisories_settled(jetstream, nats_config, 2)
 
@@ -184,9 +172,9 @@ async def test_an_advisory_kept_while_no_worker_ran_is_recorded_even_if_the_mess
 
     async with running(worker_for(app, nats_config)):
         (record,) = await dead_letters(event_bus, 1)
-    assert record.consumer == GO_CONSUMER
+    assert record.consumer == GO_DURABLE
     assert record.reason == (
-        f"the server stopped redelivering after {GO_MAX_DELIVER} deliveries to {GO_CONSUMER}; "
+        f"the server stopped redelivering after {GO_MAX_DELIVER} deliveries to {GO_DURABLE}; "
         f"the message is gone from {nats_config.stream_name}, only its sequence is known"
     )
     assert (record.stream, record.stream_seq, record.data) == (nats_config.stream_name, seq, b"")
@@ -260,7 +248,7 @@ async def test_workers_of_two_event_streams_sharing_a_dead_letter_stream_both_ru
         await go_peer_drops(jetstream, nats_config, event_bus, event)
         (record,) = await dead_letters(event_bus, 1)
 
-    assert (record.consumer, record.event_id) == (GO_CONSUMER, event.id)
+    assert (record.consumer, record.event_id) == (GO_DURABLE, event.id)
 
 
 async def test_a_backstop_that_cannot_be_set_up_leaves_the_handlers_working(

@@ -4,11 +4,10 @@ nats-py exactly as the official nats.go client leaves it on the server."""
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 import pytest
 from nats.js import JetStreamContext
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, StreamConfig
+from nats.js.api import AckPolicy, DeliverPolicy
 
 from gdc_worker import (
     App,
@@ -19,22 +18,19 @@ from gdc_worker import (
     SubscriptionError,
 )
 from gdc_worker.subjects import safe_name
+from tests.go_peer import (
+    DEFAULTS,
+    GIB,
+    GO_DURABLE,
+    RAISED,
+    add_go_consumer,
+    add_raised_stream,
+    stream_limits,
+)
 from tests.recording import Recording
 from tests.support import consumer_info, dead_letters, node_up, running, worker_for
 
-#: The Go bus's durable for node.up: `gdc-consumer-<type>`, dots as dashes.
 pytestmark = pytest.mark.anyio
-
-GO_DURABLE = "gdc-consumer-node-up"
-DAY = 24 * 3600.0
-GIB = 1024**3
-#: Limits a Go service raised the stream to.
-RAISED: dict[str, Any] = {
-    "max_age": 7 * DAY,
-    "max_bytes": 10 * GIB,
-    "max_msgs": 10_000_000,
-    "duplicate_window": 600.0,
-}
 
 
 class Collector(Recording[Event]):
@@ -45,21 +41,6 @@ class Collector(Recording[Event]):
 
     async def __call__(self, event: Event) -> None:
         self.note(event)
-
-
-async def add_go_consumer(js: JetStreamContext, config: NATSConfig, **changes: object) -> None:
-    """The consumer the Go bus's SubscribeToEventType("node.up") creates (or a variant)."""
-    consumer = ConsumerConfig(
-        durable_name=GO_DURABLE,
-        ack_policy=AckPolicy.EXPLICIT,
-        deliver_policy=DeliverPolicy.NEW,
-        max_deliver=3,
-        ack_wait=30.0,
-        filter_subject=config.subject_for("node.up"),
-    )
-    for name, value in changes.items():
-        setattr(consumer, name, value)
-    await js.add_consumer(config.stream_name, consumer)
 
 
 def warnings_about(caplog: pytest.LogCaptureFixture, text: str) -> list[str]:
@@ -174,20 +155,9 @@ async def test_a_consumer_that_cannot_serve_is_refused_with_a_clear_error(
 # -- the stream -------------------------------------------------------------------------------
 
 
-async def add_raised_stream(js: JetStreamContext, config: NATSConfig) -> None:
-    await js.add_stream(
-        StreamConfig(name=config.stream_name, subjects=list(config.stream_subjects), **RAISED)
-    )
-
-
 def defaults(nats_config: NATSConfig, stream_setup: str) -> NATSConfig:
     """The test's stream with the default limits (24 h, 1 GiB, 1 M, 5 min)."""
     return nats_config.replace(max_bytes=GIB, stream_setup=stream_setup)
-
-
-async def stream_limits(js: JetStreamContext, config: NATSConfig) -> dict[str, object]:
-    current = (await js.stream_info(config.stream_name)).config
-    return {name: getattr(current, name) for name in RAISED}
 
 
 async def test_create_keeps_a_go_peers_raised_limits_with_one_warning(
@@ -227,12 +197,7 @@ async def test_update_applies_the_configured_limits_as_the_go_bus_does(
     async with await NATSEventBus.connect(config):
         pass
 
-    assert await stream_limits(jetstream, nats_config) == {
-        "max_age": DAY,
-        "max_bytes": GIB,
-        "max_msgs": 1_000_000,
-        "duplicate_window": 300.0,
-    }
+    assert await stream_limits(jetstream, nats_config) == DEFAULTS
 
 
 async def test_none_never_touches_the_stream(

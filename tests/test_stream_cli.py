@@ -4,35 +4,17 @@ server, in-process through click's `CliRunner` in a thread beside the test's eve
 from __future__ import annotations
 
 import functools
-from typing import Any
 
 import anyio.to_thread
 import pytest
 from click.testing import CliRunner, Result
 from nats.js import JetStreamContext
-from nats.js.api import StreamConfig
 
 from gdc_worker import NATSConfig
 from gdc_worker.cli import main
+from tests.go_peer import DEFAULTS, GIB, RAISED, add_raised_stream, stream_limits
 
 pytestmark = pytest.mark.anyio
-
-DAY = 24 * 3600.0
-GIB = 1024**3
-#: Limits a Go service raised the stream to.
-RAISED: dict[str, Any] = {
-    "max_age": 7 * DAY,
-    "max_bytes": 10 * GIB,
-    "max_msgs": 10_000_000,
-    "duplicate_window": 600.0,
-}
-#: The configured (default) limits.
-CONFIGURED: dict[str, Any] = {
-    "max_age": DAY,
-    "max_bytes": GIB,
-    "max_msgs": 1_000_000,
-    "duplicate_window": 300.0,
-}
 
 
 async def stream(config: NATSConfig, *args: str, answer: str | None = None) -> Result:
@@ -49,17 +31,6 @@ async def stream(config: NATSConfig, *args: str, answer: str | None = None) -> R
         CliRunner().invoke, main, ["stream", *args], env=env, input=answer, catch_exceptions=False
     )
     return await anyio.to_thread.run_sync(invoke)
-
-
-async def add_raised_stream(js: JetStreamContext, config: NATSConfig) -> None:
-    await js.add_stream(
-        StreamConfig(name=config.stream_name, subjects=list(config.stream_subjects), **RAISED)
-    )
-
-
-async def limits(js: JetStreamContext, config: NATSConfig) -> dict[str, Any]:
-    current = (await js.stream_info(config.stream_name)).config
-    return {name: getattr(current, name) for name in RAISED}
 
 
 async def test_apply_shows_the_difference_and_changes_nothing_when_declined(
@@ -92,7 +63,7 @@ async def test_apply_shows_the_difference_and_changes_nothing_when_declined(
     ]
     assert "nothing changed" in result.output
     assert result.exit_code == 1
-    assert await limits(jetstream, nats_config) == RAISED
+    assert await stream_limits(jetstream, nats_config) == RAISED
 
 
 async def test_apply_yes_updates_the_stream_then_there_is_nothing_to_change(
@@ -110,7 +81,7 @@ async def test_apply_yes_updates_the_stream_then_there_is_nothing_to_change(
     assert (first.exit_code, second.exit_code) == (0, 0)
     assert "max_age" in first.output
     assert f"stream {nats_config.stream_name}: updated" in first.output
-    assert await limits(jetstream, nats_config) == CONFIGURED
+    assert await stream_limits(jetstream, nats_config) == DEFAULTS
     assert second.output.strip() == f"stream {nats_config.stream_name}: nothing to change"
 
 
@@ -124,7 +95,7 @@ async def test_apply_creates_a_missing_stream_on_confirmation(
 
     assert result.exit_code == 0, result.output
     assert "does not exist" in result.output
-    assert await limits(jetstream, nats_config) == CONFIGURED
+    assert await stream_limits(jetstream, nats_config) == DEFAULTS
 
 
 async def test_apply_refuses_a_stream_of_another_shape(
