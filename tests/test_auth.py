@@ -601,3 +601,31 @@ def test_uses_tls() -> None:
     assert not NATSConfig().uses_tls
     assert NATSConfig(url="tls://h:4222").uses_tls
     assert NATSConfig(tls_ca_file="/ca.pem").uses_tls
+
+
+def test_creds_from_the_environment_reach_an_app_with_its_own_config(
+    password_server: NATSServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Given an app built with its own NATSConfig (which reads no environment), and an
+    expired creds file in GDC_NATS_CREDS_FILE,
+    when `gdc-worker run` runs it, then the creds file is used, as --url's variable is: the
+    run exits 4 saying it expired (replicas of --processes get it the same way)."""
+    module = tmp_path / "own_config.py"
+    module.write_text(
+        "from gdc_worker import App, NATSConfig\n"
+        f"app = App('own', NATSConfig(url={password_server.url!r}))\n"
+        "@app.on('node.up')\n"
+        "async def handle(event):\n"
+        "    pass\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    creds = _creds(tmp_path / "user.creds", {"sub": "U", "exp": 1_700_000_000})
+
+    result = CliRunner().invoke(
+        main, ["run", "own_config:app"], env={"GDC_NATS_CREDS_FILE": str(creds)}
+    )
+
+    assert result.exit_code == 4, result.output
+    assert result.output.splitlines()[-1].endswith(
+        f"creds_file: the user JWT in {creds} expired at 2023-11-14 22:13:20 UTC"
+    )

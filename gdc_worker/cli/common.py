@@ -115,14 +115,17 @@ url_option = click.option(
 
 
 def _nonempty_creds(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
-    if value is not None and not str(value).strip():
-        raise ReportedError("--creds is empty: give a .creds file or leave it out", EXIT_USAGE)
-    return value
+    if value is None or str(value).strip():
+        return value
+    if ctx.get_parameter_source(param.name or "creds") == click.core.ParameterSource.ENVIRONMENT:
+        return None  # an empty GDC_NATS_CREDS_FILE means none, as for NATSConfig.from_env
+    raise ReportedError("--creds is empty: give a .creds file or leave it out", EXIT_USAGE)
 
 
 creds_option = click.option(
     "--creds",
     metavar="FILE",
+    envvar=CREDS_ENVVAR,
     default=None,
     callback=_nonempty_creds,
     help="NATS user credentials (JWT .creds) file (env GDC_NATS_CREDS_FILE).",
