@@ -100,6 +100,15 @@ def _filters(func: F) -> F:
     return click.option("--type", "event_type", help="Only entries of this event type.")(func)
 
 
+def _selection(func: F) -> F:
+    """Entry IDs, or --all with the filters: what `replay` and `purge` act on."""
+    func = _filters(func)
+    func = click.option(
+        "--all", "select_all", is_flag=True, help="Every entry (matching the filters)."
+    )(func)
+    return click.argument("ids", metavar="[ID]...", type=ENTRY_ID, nargs=-1)(func)
+
+
 @dlq.command("list")
 @url_option
 @creds_option
@@ -205,9 +214,7 @@ async def _targets(
 @dlq.command("replay")
 @url_option
 @creds_option
-@click.argument("ids", metavar="[ID]...", type=ENTRY_ID, nargs=-1)
-@click.option("--all", "select_all", is_flag=True, help="Every entry (matching the filters).")
-@_filters
+@_selection
 def dlq_replay(
     url: str | None,
     creds: str | None,
@@ -242,9 +249,7 @@ def dlq_replay(
 @dlq.command("purge")
 @url_option
 @creds_option
-@click.argument("ids", metavar="[ID]...", type=ENTRY_ID, nargs=-1)
-@click.option("--all", "select_all", is_flag=True, help="Every entry (matching the filters).")
-@_filters
+@_selection
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
 def dlq_purge(
     url: str | None,
