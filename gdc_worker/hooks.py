@@ -1,7 +1,8 @@
 """The seam for cross-cutting features (metrics, tracing, circuit breaking): `Hook`.
 
 A hook subclasses `Hook` and overrides the points it needs; the worker's runner calls them,
-on the event loop, at each step of a delivery. A method that is not overridden costs nothing:
+on the event loop, at each step of a delivery, and the bus around each event publish and
+when the connection drops or comes back. A method that is not overridden costs nothing:
 the runner only calls hooks that override it, and with none registered it checks one empty
 tuple per step. A hook that raises never breaks settlement: its error is logged once per hook
 and method, and the delivery goes on.
@@ -60,6 +61,24 @@ class Hook:
     ) -> None:
         """`delivery` was settled as `decision` (ack, nak with a delay, dead letter)."""
 
+    def publishing(self, subject: str, event: Event, headers: dict[str, str]) -> None:
+        """`event` is about to be published to `subject`; `headers` may still be added to
+        (trace context, say). Dead-letter records and replays are not event publishes."""
+
+    def published(
+        self,
+        subject: str,
+        event: Event,
+        outcome: str,
+        error: BaseException | None,
+        duration_s: float,
+    ) -> None:
+        """A publish of `event` ended: `outcome` is `stored`, `duplicate` (JetStream had it
+        already, within its duplicate window) or `failed` (with `error`)."""
+
+    def connection_changed(self, connected: bool) -> None:
+        """The connection to NATS was lost (False: the client tries to reconnect) or is back."""
+
 
 _POINTS = (
     "worker_ready",
@@ -68,6 +87,9 @@ _POINTS = (
     "call_started",
     "call_finished",
     "delivery_settled",
+    "publishing",
+    "published",
+    "connection_changed",
 )
 
 
@@ -84,6 +106,9 @@ class Hooks:
     call_started: tuple[Callable[..., None], ...]
     call_finished: tuple[Callable[..., None], ...]
     delivery_settled: tuple[Callable[..., None], ...]
+    publishing: tuple[Callable[..., None], ...]
+    published: tuple[Callable[..., None], ...]
+    connection_changed: tuple[Callable[..., None], ...]
 
     def __init__(self, hooks: Sequence[Hook] = ()) -> None:
         for hook in hooks:

@@ -99,7 +99,7 @@ class Worker:
 
     async def _run(self, task_status: anyio.abc.TaskStatus[None]) -> None:
         async with await NATSEventBus.connect(
-            self.config, name=f"gdc-worker:{self.app.name}"
+            self.config, name=f"gdc-worker:{self.app.name}", hooks=self.hooks
         ) as bus:
             dlq = DeadLetterQueue(bus)
             await dlq.ensure()

@@ -12,6 +12,7 @@ from nats.js import JetStreamContext
 from gdc_worker import (
     Ack,
     App,
+    Context,
     DeadLetter,
     Decision,
     Delivery,
@@ -22,6 +23,7 @@ from gdc_worker import (
     Nak,
     NATSConfig,
     NATSEventBus,
+    PublishError,
     Reject,
     Worker,
 )
@@ -184,6 +186,84 @@ async def test_a_raising_hook_never_breaks_settlement_and_is_logged_once(
         "hook Broken.delivery_received failed (reported once; the delivery goes on)",
         "hook Broken.delivery_settled failed (reported once; the delivery goes on)",
     ]
+
+
+class Publishes(Hook):
+    """Notes each event publish's outcome, and adds a header to each."""
+
+    def __init__(self) -> None:
+        self.outcomes: list[tuple[str, str, str]] = []
+
+    def publishing(self, subject: str, event: Event, headers: dict[str, str]) -> None:
+        headers["X-Seen-By"] = "journal"
+
+    def published(
+        self,
+        subject: str,
+        event: Event,
+        outcome: str,
+        error: BaseException | None,
+        duration_s: float,
+    ) -> None:
+        assert (error is None) == (outcome != "failed")
+        assert duration_s >= 0
+        self.outcomes.append((event.subject, outcome, type(error).__name__ if error else ""))
+
+
+async def test_publish_hooks_see_stored_duplicate_and_failed_publishes(
+    nats_config: NATSConfig, jetstream: JetStreamContext
+) -> None:
+    """Given a bus with a hook on its publishes,
+    when an event is published, published again (same id), published async, published async
+    again, and one goes to a subject no stream captures,
+    then the hook sees stored, duplicate, stored, duplicate and failed, and the header it
+    added is stored with the event."""
+    hook = Publishes()
+    async with await NATSEventBus.connect(nats_config, hooks=[hook]) as bus:
+        event = node_up("sync")
+        seq = await bus.publish_event(event)
+        await bus.publish_event(event)
+        later = node_up("async")
+        await bus.publish_event_async(later)
+        await bus.publish_event_async(later)
+        await bus.flush()
+    async with await NATSEventBus.connect(
+        nats_config.replace(stream_subjects=("nowhere.>",)), hooks=[hook], setup_stream=False
+    ) as stray:
+        with pytest.raises(PublishError):
+            await stray.publish_event(node_up("lost"))
+
+    assert hook.outcomes == [
+        ("sync", "stored", ""),
+        ("sync", "duplicate", ""),
+        ("async", "stored", ""),
+        ("async", "duplicate", ""),
+        ("lost", "failed", "PublishError"),
+    ]
+    stored = await jetstream.get_msg(nats_config.stream_name, seq)
+    assert stored.headers is not None
+    assert stored.headers["X-Seen-By"] == "journal"
+
+
+async def test_a_handlers_publishes_reach_the_worker_hooks(
+    nats_config: NATSConfig, event_bus: NATSEventBus
+) -> None:
+    """Given a worker hook on publishes and a handler that publishes one event per delivery,
+    when two events are handled,
+    then the hook sees both of the handler's publishes stored."""
+    hook = Publishes()
+    app = App("svc", nats_config)
+
+    @app.on("node.up")
+    async def relay(event: Event, ctx: Context) -> None:
+        await ctx.publish(Event.new("node.down", "svc", event.subject, {}))
+
+    async with running(Worker(app, config=nats_config, grace=GRACE, hooks=[hook])):
+        for node in ("a", "b"):
+            await event_bus.publish_event(node_up(node))
+        await _wait(lambda: len(hook.outcomes) == 2)
+
+    assert sorted(hook.outcomes) == [("a", "stored", ""), ("b", "stored", "")]
 
 
 def test_only_the_methods_a_hook_overrides_are_called() -> None:

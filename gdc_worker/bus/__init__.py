@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from types import TracebackType
 
@@ -22,14 +23,14 @@ from nats.aio.client import Client as NATS
 
 from ..app import HandlerFunc, HandlerOptions, handler_spec
 from ..config import NATSConfig, redact_url
-from ..errors import ConnectionFailed, GDCWorkerError, SubscriptionError
+from ..errors import ConnectionFailed, GDCWorkerError, PublishError, SubscriptionError
 from ..events import Event, event_headers
 from ..hooks import Hook, Hooks
 from ..retry import DEFAULT_BACKOFF, DEFAULT_RETRY, RetryPolicy
 from ..subjects import check_event_type, safe_name
 from .admin import Admin, BoundConsumer, LimitChange, StoredMessage, StreamSpec
 from .connection import ConnectionEvents, connect
-from .publish import AsyncPublishWindow, publish
+from .publish import AsyncPublishWindow, Stored, publish
 from .pull import Delivery, PullConsumer
 from .subscriptions import Subscriptions
 
@@ -53,12 +54,15 @@ class NATSEventBus:
     """Publish and consume GDC events on a JetStream stream.
 
     Create it with `await NATSEventBus.connect(config)`; use it as an async context manager or
-    call `close()`.
+    call `close()`. Its `hooks` see every event publish and the connection's drops.
     """
 
-    def __init__(self, nc: NATS, config: NATSConfig, events: ConnectionEvents) -> None:
+    def __init__(
+        self, nc: NATS, config: NATSConfig, events: ConnectionEvents, hooks: Hooks | None = None
+    ) -> None:
         """Wrap a connected client; use `connect()`, which also sets up the stream."""
         self.config = config
+        self.hooks = hooks or Hooks()
         self._nc = nc
         self._events = events
         js = nc.jetstream(timeout=config.connect_timeout)
@@ -71,11 +75,17 @@ class NATSEventBus:
         self._last_server = redact_url(config.url)
         events.on_reconnect = self._on_reconnect
         events.on_lost = self._on_lost
+        events.on_change = self._on_change
         events.server = lambda: self.server_url
 
     @classmethod
     async def connect(
-        cls, config: NATSConfig | None = None, *, name: str | None = None, setup_stream: bool = True
+        cls,
+        config: NATSConfig | None = None,
+        *,
+        name: str | None = None,
+        setup_stream: bool = True,
+        hooks: Sequence[Hook] | Hooks = (),
     ) -> NATSEventBus:
         """Connect, then set the event stream up as `config.stream_setup` says.
 
@@ -87,7 +97,8 @@ class NATSEventBus:
         """
         config = config or NATSConfig.from_env()
         events = ConnectionEvents(redact_url(config.url))
-        bus = cls(await connect(config, events, name), config, events)
+        hooks = hooks if isinstance(hooks, Hooks) else Hooks(hooks)
+        bus = cls(await connect(config, events, name), config, events, hooks)
         if setup_stream:
             try:
                 await bus.ensure_stream(bus.event_stream, setup=config.stream_setup)
@@ -158,6 +169,10 @@ class NATSEventBus:
         failure = ConnectionFailed(f"the connection to NATS at {self.server_url} was lost")
         for consumer in list(self._consumers):
             consumer.fail(failure)
+
+    def _on_change(self, connected: bool) -> None:
+        if self.hooks.connection_changed:
+            self.hooks.run("connection_changed", connected)
 
     async def _on_reconnect(self) -> None:
         # Pull requests die with the connection (nats-py #504/#544): issue them again.
@@ -276,9 +291,20 @@ class NATSEventBus:
         not a literal subject (`pin.*`, `a b`) raises `PublishError` before anything is sent.
         """
         subject = self.config.subject_for(check_event_type(event.type))
-        return await self.publish_raw(
-            subject, event.to_json(), event_headers(event), what=f"event {event.id}"
-        )
+        headers = event_headers(event)
+        hooks = self.hooks
+        if not (hooks.publishing or hooks.published):
+            return (await self._publish(subject, event.to_json(), headers, f"event {event.id}")).seq
+        hooks.run("publishing", subject, event, headers)
+        started = time.perf_counter()
+        try:
+            stored = await self._publish(subject, event.to_json(), headers, f"event {event.id}")
+        except Exception as exc:
+            hooks.run("published", subject, event, "failed", exc, time.perf_counter() - started)
+            raise
+        outcome = "duplicate" if stored.duplicate else "stored"
+        hooks.run("published", subject, event, outcome, None, time.perf_counter() - started)
+        return stored.seq
 
     async def publish_raw(
         self, subject: str, payload: bytes, headers: Mapping[str, str], *, what: str = "message"
@@ -289,8 +315,13 @@ class NATSEventBus:
         `bus.publish.publish`), for up to the connect timeout in all; then, or at once for one
         that does not (no stream captures the subject, a request JetStream refuses, the
         connection closed), raises `PublishError`. With a `Nats-Msg-Id` header (every event has
-        one), a try whose ack was lost cannot store the message twice.
+        one), a try whose ack was lost cannot store the message twice. Not seen by the hooks.
         """
+        return (await self._publish(subject, payload, headers, what)).seq
+
+    async def _publish(
+        self, subject: str, payload: bytes, headers: Mapping[str, str], what: str
+    ) -> Stored:
         return await publish(
             self._nc,
             self._js,
@@ -308,9 +339,26 @@ class NATSEventBus:
         connect timeout: acks that do not come by then count as failed.
         """
         subject = self.config.subject_for(check_event_type(event.type))
-        await self._window.publish(
-            subject, event.to_json(), event_headers(event), what=f"event {event.id}"
-        )
+        headers = event_headers(event)
+        hooks = self.hooks
+        if not (hooks.publishing or hooks.published):
+            await self._window.publish(subject, event.to_json(), headers, what=f"event {event.id}")
+            return
+        hooks.run("publishing", subject, event, headers)
+        started = time.perf_counter()
+
+        def done(error: str | None, duplicate: bool) -> None:
+            failure = PublishError(error) if error is not None else None
+            outcome = "failed" if failure else "duplicate" if duplicate else "stored"
+            hooks.run("published", subject, event, outcome, failure, time.perf_counter() - started)
+
+        try:
+            await self._window.publish(
+                subject, event.to_json(), headers, what=f"event {event.id}", done=done
+            )
+        except Exception as exc:
+            hooks.run("published", subject, event, "failed", exc, time.perf_counter() - started)
+            raise
 
     async def flush(self, timeout: float | None = None) -> None:
         """Wait for the ack of every async publish; raise one `PublishError` naming the failures.

@@ -31,6 +31,8 @@ class ConnectionEvents:
         self.url = url  # the configured servers, passwords hidden
         self.on_reconnect: Callable[[], Awaitable[None]] | None = None
         self.on_lost: Callable[[], None] | None = None
+        #: Told False when the connection drops (the client reconnects), True when it is back.
+        self.on_change: Callable[[bool], None] | None = None
         #: The server the client is (or was last) connected to, set by the bus.
         self.server: Callable[[], str] = lambda: url
         self.closing = False  # set by the bus before it closes on purpose
@@ -39,9 +41,13 @@ class ConnectionEvents:
     async def disconnected(self) -> None:
         if self.on_lost is not None and not self.closing:
             log.warning("disconnected from NATS at %s", self.server())
+            if self.on_change is not None:
+                self.on_change(False)
 
     async def reconnected(self) -> None:
         log.warning("reconnected to NATS at %s", self.server())
+        if self.on_change is not None:
+            self.on_change(True)
         if self.on_reconnect is not None:
             await self.on_reconnect()
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import anyio
 import msgspec
@@ -24,6 +25,7 @@ __all__ = [
     "RETRY_WAIT_S",
     "TRY_TIMEOUT_S",
     "AsyncPublishWindow",
+    "Stored",
     "check_size",
     "message_size",
     "publish",
@@ -51,6 +53,18 @@ _PASSING = (
     nats.errors.OutboundBufferLimitError,
     nats.errors.StaleConnectionError,
 )
+
+
+class Stored(NamedTuple):
+    """Where JetStream stored a publish: its sequence, and whether it had it already."""
+
+    seq: int
+    #: True when the stream had a message of this `Nats-Msg-Id` within its duplicate window.
+    duplicate: bool
+
+
+#: Called when an async publish's ack comes: the error, or None, and whether it was a duplicate.
+AckCallback = Callable[[str | None, bool], None]
 
 
 def message_size(headers: Mapping[str, str], payload: bytes) -> int:
@@ -85,8 +99,8 @@ async def publish(
     *,
     timeout: float,
     what: str,
-) -> int:
-    """Publish bytes to a stream subject and wait for the ack; returns the stream sequence.
+) -> Stored:
+    """Publish bytes to a stream subject and wait for the ack; returns where it is stored.
 
     A failure that passes (no stream leader while one is elected, no ack in time, JetStream
     unavailable, the connection coming back) is tried again with the same headers, so with
@@ -119,7 +133,7 @@ async def publish(
                     tries,
                     time.monotonic() - start,
                 )
-            return ack.seq
+            return Stored(ack.seq, bool(ack.duplicate))
         passes = _passes(failure)
         note = ""
         if passes is None:  # no responders
@@ -181,6 +195,7 @@ class _ApiError(msgspec.Struct):
 
 class _PubAckReply(msgspec.Struct):
     error: _ApiError | None = None
+    duplicate: bool = False
 
 
 _ack_decoder = msgspec.json.Decoder(_PubAckReply)
@@ -190,6 +205,7 @@ _ack_decoder = msgspec.json.Decoder(_PubAckReply)
 class _Pending:
     what: str
     subject: str
+    done: AckCallback | None
 
 
 class AsyncPublishWindow:
@@ -213,9 +229,16 @@ class AsyncPublishWindow:
         self._room.set()
 
     async def publish(
-        self, subject: str, payload: bytes, headers: Mapping[str, str], *, what: str
+        self,
+        subject: str,
+        payload: bytes,
+        headers: Mapping[str, str],
+        *,
+        what: str,
+        done: AckCallback | None = None,
     ) -> None:
-        """Send without waiting for the ack; a failure is reported by `flush()`.
+        """Send without waiting for the ack; a failure is reported by `flush()`, and to `done`
+        when given, once the ack (or the failure) is known.
 
         A message over the server's max_payload raises `PublishError` at once.
         """
@@ -232,7 +255,7 @@ class AsyncPublishWindow:
             await self._nc.subscribe(self._prefix + "*", cb=self._on_ack)
         self._next_token += 1
         token = str(self._next_token)
-        self._pending[token] = _Pending(what, subject)
+        self._pending[token] = _Pending(what, subject, done)
         self._drained.clear()
         try:
             await self._nc.publish(
@@ -269,22 +292,26 @@ class AsyncPublishWindow:
     async def _on_ack(self, msg: Msg) -> None:
         token = msg.subject[len(self._prefix) :]
         error = None
+        duplicate = False
         if msg.headers and msg.headers.get("Status") == "503":
             error = "no stream listens on the subject"
         else:
             try:
                 reply = _ack_decoder.decode(msg.data)
                 error = reply.error.description if reply.error is not None else None
+                duplicate = reply.duplicate
             except msgspec.DecodeError:
                 error = f"unreadable acknowledgement {msg.data[:80]!r}"
-        self._settle(token, error)
+        self._settle(token, error, duplicate)
 
-    def _settle(self, token: str, error: str | None) -> None:
+    def _settle(self, token: str, error: str | None, duplicate: bool = False) -> None:
         pending = self._pending.pop(token, None)
         if pending is None:
             return
         if error is not None:
             self._failed.append(f"{pending.what} to {pending.subject}: {error}")
+        if pending.done is not None:
+            pending.done(error, duplicate)
         if not self._pending:
             self._drained.set()
         self._room.set()
