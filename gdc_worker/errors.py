@@ -36,7 +36,8 @@ class GDCWorkerError(Exception):
 
 
 class ConfigError(GDCWorkerError, ValueError):
-    """Raised by `NATSConfig` for a setting that is invalid; the message names it."""
+    """Raised by `NATSConfig` for a setting that is invalid, and by a feature whose optional
+    extra is not installed (`Tracing`); the message names it."""
 
 
 class HandlerDefinitionError(GDCWorkerError, TypeError):
