@@ -91,6 +91,16 @@ async def run_gdc_hooked(args: argparse.Namespace, progress: Progress) -> None:
     await run_gdc(args, progress, hooks=[Noop()])
 
 
+async def run_gdc_traced(args: argparse.Namespace, progress: Progress) -> None:
+    """`run_gdc` with `Tracing` on an SDK tracer provider that records spans and exports none:
+    what the spans cost, without an exporter's."""
+    from opentelemetry.sdk.trace import TracerProvider
+
+    from gdc_worker.tracing import Tracing
+
+    await run_gdc(args, progress, hooks=[Tracing(TracerProvider())])
+
+
 async def run_gdc(args: argparse.Namespace, progress: Progress, hooks: Sequence[Hook] = ()) -> None:
     """gdc-worker's runner with default settings and a no-op handler."""
     config = NATSConfig(
@@ -173,6 +183,7 @@ async def run_faststream(args: argparse.Namespace, progress: Progress) -> None:
 IMPLEMENTATIONS: dict[str, Callable[[argparse.Namespace, Progress], Any]] = {
     "gdc": run_gdc,
     "gdc-hooked": run_gdc_hooked,
+    "gdc-traced": run_gdc_traced,
     "raw": run_raw,
     "faststream": run_faststream,
 }

@@ -129,9 +129,10 @@ class Tracing(Hook):
         if processing is None or processing.delivery is not delivery:
             return
         span = processing.span
-        span.set_attribute(MESSAGE_ID, event.id)
         if event.trace_id:
-            span.set_attribute(TRACE_ID, event.trace_id)
+            span.set_attributes({MESSAGE_ID: event.id, TRACE_ID: event.trace_id})
+        else:
+            span.set_attribute(MESSAGE_ID, event.id)
         if error is not None:
             span.record_exception(error)
 

@@ -173,6 +173,40 @@ async def test_an_event_without_trace_context_starts_a_trace_linked_by_its_trace
     assert attributes(span)["gdc.outcome"] == "acked"
 
 
+async def test_an_upstream_trace_context_and_its_tracestate_carry_on(
+    nats_config: NATSConfig, spans: InMemorySpanExporter, jetstream: JetStreamContext
+) -> None:
+    """Given a worker with Tracing and a handler that publishes node.down through ctx.publish,
+    when node.up arrives with another service's traceparent and tracestate headers,
+    then the delivery's span is the child of that remote span, and the event the handler
+    publishes carries the same trace and tracestate on."""
+    app = App("svc", nats_config, hooks=[Tracing()])
+    relayed: list[int] = []
+
+    @app.on("node.up")
+    async def relay(event: Event, ctx: Context) -> None:
+        relayed.append(await ctx.publish(Event.new("node.down", "svc", event.subject, {})))
+
+    trace_id, parent_id = 0x0AF7651916CD43DD8448EB211C80319C, 0xB7AD6B7169203331
+    upstream = {
+        "traceparent": f"00-{trace_id:032x}-{parent_id:016x}-01",
+        "tracestate": "vendor=opaque",
+    }
+    async with running(Worker(app, config=nats_config, grace=GRACE)):
+        await jetstream.publish(
+            nats_config.subject_for("node.up"), node_up().to_json(), headers=upstream
+        )
+        [span] = await eventually(finished(spans, SpanKind.CONSUMER, 1), "the delivery's span")
+
+    assert ids(span.parent) == (trace_id, parent_id)
+    assert span.parent is not None
+    assert span.parent.is_remote
+    stored = await jetstream.get_msg(nats_config.stream_name, relayed[0])
+    assert stored.headers is not None
+    assert stored.headers["traceparent"].split("-")[1] == f"{trace_id:032x}"
+    assert stored.headers["tracestate"] == "vendor=opaque"
+
+
 class CurrentSpans(Hook):
     """Notes, for each delivery, whether a span is current before Tracing makes its own."""
 
