@@ -267,5 +267,8 @@ def status(url: str | None, creds: str | None, as_json: bool, watch: float | Non
                 lags = await show(bus, lags)
 
     with reported_errors():
-        run_until_stopped(main)
+        if watch is None:
+            anyio.run(main)
+        else:
+            run_until_stopped(main)
     sys.exit(EXIT_OK)
