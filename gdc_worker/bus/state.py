@@ -127,9 +127,8 @@ class _StreamInfo(msgspec.Struct):
     config: _StreamConfig = msgspec.field(default_factory=_StreamConfig)
     state: _StreamCounts = msgspec.field(default_factory=_StreamCounts)
     cluster: _Cluster | None = None
+    #: With `subjects_filter`: how many subjects match in all (the answer comes in pages).
     total: int = 0
-    offset: int = 0
-    limit: int = 0
 
 
 class _ConsumerConfig(msgspec.Struct):
@@ -158,8 +157,6 @@ class _ConsumerInfo(msgspec.Struct):
 class _Names(msgspec.Struct):
     consumers: list[str] | None = None
     total: int = 0
-    offset: int = 0
-    limit: int = 0
 
 
 class _StoredTime(msgspec.Struct):
@@ -240,7 +237,7 @@ class StateReader:
 
     async def consumer_states(self, stream: str) -> list[ConsumerState]:
         """The state of each durable consumer of the stream, by name; ephemeral consumers (a
-        `tail`, another tool's) are left out. None at all for no stream."""
+        `tail`, another tool's) are left out. Empty when there is no such stream."""
         states = []
         for name in await self.consumer_names(stream):
             info = await self._consumer_info(stream, name)
