@@ -332,6 +332,18 @@ class DeadLetterQueue:
         )
         return replace(entry, stored=loaded)
 
+    async def depths(self) -> dict[tuple[str, str], int]:
+        """How many entries there are per `(consumer, event type)`, counted by the server
+        without reading them. Entries others put on a subject of another shape count under
+        the rest of their subject, with consumer ""."""
+        counts = await self._bus.subject_counts(self.stream, f"{self.prefix}.>")
+        depths: dict[tuple[str, str], int] = {}
+        for subject, count in counts.items():
+            consumer, _, event_type = subject[len(self.prefix) + 1 :].partition(".")
+            key = (consumer, event_type) if event_type else ("", consumer)
+            depths[key] = depths.get(key, 0) + count
+        return depths
+
 
 _record_decoder = msgspec.json.Decoder(DeadLetterRecord)
 

@@ -28,9 +28,16 @@ if TYPE_CHECKING:
     from .bus.pull import Delivery, PullConsumer
     from .dlq import DeadLetterQueue
 
-__all__ = ["ConsumerLoop", "HandlerRunner"]
+__all__ = ["ConsumerLoop", "HandlerRunner", "consumer_max_ack_pending"]
 
 log = logging.getLogger("gdc_worker.worker")
+
+
+def consumer_max_ack_pending(spec: HandlerSpec, concurrency: int) -> int:
+    """The max_ack_pending a handler's consumer is created with: the handler's, else room for
+    four times what one process holds (`2 * concurrency`), at least 1000. It counts across
+    replicas and includes nak'd events waiting for their backoff."""
+    return spec.max_ack_pending or max(1000, 8 * concurrency)
 
 
 class ConsumerLoop:
@@ -190,8 +197,7 @@ class HandlerRunner(ConsumerLoop):
                 # max_deliver (one whose earlier attempt died unsettled) without running it,
                 # and if that dead letter cannot be written it naks, so the event comes back.
                 max_deliver=-1,
-                # Counts across replicas and includes nak'd events waiting for their backoff.
-                max_ack_pending=spec.max_ack_pending or max(1000, 4 * self._capacity),
+                max_ack_pending=consumer_max_ack_pending(spec, self._concurrency),
             )
         except BaseException:
             await self._forget()

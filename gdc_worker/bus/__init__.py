@@ -15,6 +15,7 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
+from datetime import datetime
 from types import TracebackType
 
 import anyio
@@ -32,17 +33,24 @@ from .admin import Admin, BoundConsumer, LimitChange, StoredMessage, StreamSpec
 from .connection import ConnectionEvents, connect
 from .publish import AsyncPublishWindow, Stored, publish
 from .pull import Delivery, PullConsumer
+from .state import ConsumerState, StateReader, StreamLimits, StreamState
 from .subscriptions import Subscriptions
+from .tail import Tail, TailedMessage
 
 __all__ = [
     "BoundConsumer",
+    "ConsumerState",
     "Delivery",
     "EventHandler",
     "LimitChange",
     "NATSEventBus",
     "PullConsumer",
     "StoredMessage",
+    "StreamLimits",
     "StreamSpec",
+    "StreamState",
+    "Tail",
+    "TailedMessage",
 ]
 
 log = logging.getLogger(__name__)
@@ -68,6 +76,7 @@ class NATSEventBus:
         js = nc.jetstream(timeout=config.connect_timeout)
         self._js = js
         self._admin = Admin(nc, js, redact_url(config.url))
+        self._state = StateReader(nc, timeout=config.connect_timeout)
         self._window = AsyncPublishWindow(nc, timeout=config.connect_timeout)
         self._consumers: set[PullConsumer] = set()
         self._subscriptions = Subscriptions(self)
@@ -278,6 +287,56 @@ class NATSEventBus:
     async def delete_message(self, stream: str, seq: int) -> bool:
         """Remove the message at `seq` from `stream`; False if it was not there."""
         return await self._admin.delete_message(stream, seq)
+
+    # -- state: what streams and consumers hold now --------------------------------------------
+
+    async def stream_state(self, stream: str | None = None) -> StreamState | None:
+        """The event stream's (or `stream`'s) counts, times, limits and leader; None: no stream."""
+        return await self._state.stream_state(stream or self.config.stream_name)
+
+    async def consumer_states(self, stream: str | None = None) -> list[ConsumerState]:
+        """The state of each durable consumer of the event stream (or `stream`), by name."""
+        return await self._state.consumer_states(stream or self.config.stream_name)
+
+    async def consumer_state(self, durable: str, stream: str | None = None) -> ConsumerState | None:
+        """One consumer's state, read from its leader; None if it (or the stream) is gone."""
+        return await self._state.consumer_state(stream or self.config.stream_name, durable)
+
+    async def subject_counts(self, stream: str, subjects: str) -> dict[str, int]:
+        """How many messages `stream` holds on each subject matching `subjects`, unread."""
+        return await self._state.subject_counts(stream, subjects)
+
+    async def consumer_differences(
+        self,
+        durable: str,
+        filter_subject: str,
+        *,
+        ack_wait: float,
+        max_ack_pending: int,
+        stream: str | None = None,
+    ) -> list[str] | None:
+        """How the existing consumer differs from what a handler's worker would create;
+        None when there is no such consumer. See `Admin.consumer_differences`."""
+        return await self._admin.consumer_differences(
+            stream or self.config.stream_name,
+            durable,
+            filter_subject,
+            ack_wait=ack_wait,
+            max_deliver=-1,  # what HandlerRunner.prepare creates: the runner counts deliveries
+            max_ack_pending=max_ack_pending,
+        )
+
+    def tail(
+        self,
+        subject: str,
+        *,
+        last: int = 0,
+        since: datetime | None = None,
+        stream: str | None = None,
+    ) -> Tail:
+        """Follow the messages on `subject` (a pattern) of the event stream (or `stream`) as
+        they come, through an ephemeral ordered consumer; see `Tail`."""
+        return Tail(self._js, stream or self.config.stream_name, subject, last=last, since=since)
 
     # -- publishing ---------------------------------------------------------------------------
 

@@ -239,17 +239,7 @@ class Admin:
         handler of `filter_subject` (another filter, a push consumer, no explicit acks)
         raises `SubscriptionError` naming it and why.
         """
-        wanted = ConsumerConfig(
-            name=durable,
-            durable_name=durable,
-            description=CONSUMER_DESCRIPTION,
-            filter_subject=filter_subject,
-            ack_policy=AckPolicy.EXPLICIT,
-            deliver_policy=DeliverPolicy.ALL,
-            ack_wait=ack_wait,
-            max_deliver=max_deliver,
-            max_ack_pending=max_ack_pending,
-        )
+        wanted = _wanted(durable, filter_subject, ack_wait, max_deliver, max_ack_pending)
         try:
             try:
                 current = (await self._js.consumer_info(stream, durable)).config
@@ -279,6 +269,32 @@ class Admin:
                 f"cannot create consumer {durable} on {filter_subject}: {describe(exc)}"
             ) from None
         return _bound(current, wanted)
+
+    async def consumer_differences(
+        self,
+        stream: str,
+        durable: str,
+        filter_subject: str,
+        *,
+        ack_wait: float,
+        max_deliver: int,
+        max_ack_pending: int,
+    ) -> list[str] | None:
+        """How an existing consumer differs from what `ensure_consumer` would create, as text
+        (why it cannot serve first, if it cannot); None when there is no such consumer.
+
+        For a consumer gdc-worker created, ack_wait and max_ack_pending are brought to the
+        handler's when a worker binds it; the rest stays as the server has it.
+        """
+        try:
+            current = (await self._js.consumer_info(stream, durable)).config
+        except nats.js.errors.NotFoundError:
+            return None
+        except (nats.errors.Error, TimeoutError) as exc:
+            raise EventBusError(f"cannot read consumer {durable}: {describe(exc)}") from None
+        wanted = _wanted(durable, filter_subject, ack_wait, max_deliver, max_ack_pending)
+        problem = _cannot_serve(current, filter_subject)
+        return ([problem] if problem else []) + _option_differences(current, wanted)
 
     async def _update_ours(
         self,
@@ -427,6 +443,23 @@ def _filters(config: ConsumerConfig) -> list[str]:
     if config.filter_subjects:
         return list(config.filter_subjects)
     return [config.filter_subject] if config.filter_subject else []
+
+
+def _wanted(
+    durable: str, filter_subject: str, ack_wait: float, max_deliver: int, max_ack_pending: int
+) -> ConsumerConfig:
+    """The durable pull consumer gdc-worker creates for a handler of `filter_subject`."""
+    return ConsumerConfig(
+        name=durable,
+        durable_name=durable,
+        description=CONSUMER_DESCRIPTION,
+        filter_subject=filter_subject,
+        ack_policy=AckPolicy.EXPLICIT,
+        deliver_policy=DeliverPolicy.ALL,
+        ack_wait=ack_wait,
+        max_deliver=max_deliver,
+        max_ack_pending=max_ack_pending,
+    )
 
 
 def _cannot_serve(current: ConsumerConfig, filter_subject: str) -> str | None:

@@ -10,11 +10,15 @@ import sys
 
 import click
 
+from .check import check
 from .common import EXIT_CODES_HELP
 from .dlq import dlq
+from .publish import publish
 from .run import run
 from .server import server
+from .status import status
 from .stream import stream
+from .tail import tail
 
 __all__ = ["main"]
 
@@ -29,6 +33,10 @@ main.add_command(run)
 main.add_command(dlq)
 main.add_command(server)
 main.add_command(stream)
+main.add_command(status)
+main.add_command(tail)
+main.add_command(publish)
+main.add_command(check)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import signal
 import sys
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
+import anyio
 import click
 from click.core import ParameterSource
 
@@ -24,11 +27,13 @@ __all__ = [
     "EXIT_USAGE",
     "URL_ENVVAR",
     "ReportedError",
+    "aligned",
     "configure_logging",
     "connection",
     "creds_option",
     "exit_code_of",
     "reported_errors",
+    "run_until_stopped",
     "url_option",
 ]
 
@@ -136,3 +141,43 @@ def connection(url: str | None, creds: str | None) -> dict[str, str]:
     """The settings `--url` and `--creds` override, for `NATSConfig.replace`/`from_env`."""
     given = {"url": url, "creds_file": creds}
     return {name: value for name, value in given.items() if value is not None}
+
+
+def aligned(rows: Sequence[Sequence[str]], right: frozenset[int] = frozenset()) -> list[str]:
+    """Rows as lines of aligned columns two spaces apart; the columns in `right` (numbers)
+    aligned right. An empty cell shows as `-`, so that the columns stay apart."""
+    cells = [[cell or "-" for cell in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(cells[0]))] if cells else []
+    return [
+        "  ".join(
+            cell.rjust(width) if i in right else cell.ljust(width)
+            for i, (cell, width) in enumerate(zip(row, widths, strict=True))
+        ).rstrip()
+        for row in cells
+    ]
+
+
+def run_until_stopped(work: Callable[[], Awaitable[None]]) -> None:
+    """Run `work` until it returns, or SIGINT or SIGTERM arrives (then cancel it), so that
+    Ctrl-C ends a command that follows something (`tail`, `status --watch`) cleanly."""
+    with contextlib.suppress(KeyboardInterrupt):  # a Ctrl-C before the handler was in place
+        anyio.run(_until_stopped, work)
+
+
+async def _until_stopped(work: Callable[[], Awaitable[None]]) -> None:
+    try:
+        async with anyio.create_task_group() as tg:
+            with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+
+                async def stop() -> None:
+                    async for _ in signals:
+                        tg.cancel_scope.cancel()
+                        return
+
+                tg.start_soon(stop)
+                await work()
+                tg.cancel_scope.cancel()
+    except BaseExceptionGroup as group:  # the task group's wrapping of what `work` raised
+        if len(group.exceptions) == 1:
+            raise group.exceptions[0] from None
+        raise

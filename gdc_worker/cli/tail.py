@@ -1,0 +1,143 @@
+"""`gdc-worker tail [PATTERN]`: print the events of the stream as they are stored."""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import click
+import msgspec
+
+from ..bus import NATSEventBus, TailedMessage
+from ..config import NATSConfig
+from ..errors import EventDecodeError
+from ..events import Event
+from ..subjects import check_pattern
+from .common import (
+    EXIT_OK,
+    connection,
+    creds_option,
+    reported_errors,
+    run_until_stopped,
+    url_option,
+)
+
+__all__ = ["Since", "tail"]
+
+#: How many events `tail` shows first, without --last, --since or --new.
+DEFAULT_LAST = 10
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+_AGO = re.compile(r"^(\d+(?:\.\d+)?)([smhd])$")
+
+
+class Since(click.ParamType):  # type: ignore[type-arg]
+    """A time: `10m`, `90s`, `2h`, `1d` ago, or an ISO 8601 time (UTC unless it says)."""
+
+    name = "since"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if isinstance(value, datetime):
+            return value
+        text = str(value).strip()
+        ago = _AGO.match(text)
+        if ago:
+            return datetime.now(UTC) - timedelta(seconds=float(ago[1]) * _UNITS[ago[2]])
+        try:
+            when = datetime.fromisoformat(text)
+        except ValueError:
+            self.fail(f"{text!r} is neither a duration (10m, 90s, 2h, 1d) nor an ISO 8601 time")
+        return when if when.tzinfo else when.replace(tzinfo=UTC)
+
+
+@click.command(
+    epilog="""Examples:
+
+\b
+  gdc-worker tail                      # the last 10 events, then each new one
+  gdc-worker tail 'pin.*' --since 10m
+  gdc-worker tail node.up --new --json | jq .data
+"""
+)
+@click.argument("pattern", default=">")
+@url_option
+@creds_option
+@click.option(
+    "--last", type=click.IntRange(min=1), help=f"Start with the last N events ({DEFAULT_LAST})."
+)
+@click.option(
+    "--since", type=Since(), help="Start with the events stored since then (10m, ISO time)."
+)
+@click.option("--new", "new_only", is_flag=True, help="Only events stored from now on.")
+@click.option("--json", "as_json", is_flag=True, help="One event envelope (JSON) per line.")
+def tail(
+    pattern: str,
+    url: str | None,
+    creds: str | None,
+    last: int | None,
+    since: datetime | None,
+    new_only: bool,
+    as_json: bool,
+) -> None:
+    """Print the events of type PATTERN (`pin.*`; every type by default) as they are stored,
+    until Ctrl-C.
+
+    It reads through an ephemeral ordered consumer of its own: no durable consumer, and so no
+    worker, sees a difference. A message that is not an event is printed as its bytes.
+    """
+    if sum((last is not None, since is not None, new_only)) > 1:
+        raise click.UsageError("give one of --last, --since and --new")
+    if last is None and since is None and not new_only:
+        last = DEFAULT_LAST
+
+    async def follow() -> None:
+        config = NATSConfig.from_env(None, **connection(url, creds))
+        subject = config.subject_for(check_pattern(pattern))
+        async with (
+            await NATSEventBus.connect(config, setup_stream=False) as bus,
+            bus.tail(subject, last=last or 0, since=since) as messages,
+        ):
+            click.echo(f"following {subject} on stream {config.stream_name}", err=True)
+            async for message in messages:
+                click.echo(_json_line(message) if as_json else _text_line(message))
+
+    with reported_errors():
+        run_until_stopped(follow)
+    sys.exit(EXIT_OK)
+
+
+def _event(message: TailedMessage) -> Event | None:
+    try:
+        return Event.from_json(message.data)
+    except EventDecodeError:
+        return None
+
+
+def _text_line(message: TailedMessage) -> str:
+    when = message.time.isoformat(timespec="milliseconds")
+    event = _event(message)
+    if event is None:
+        return f"#{message.seq} {when} {message.subject}: not an event: {message.data!r}"
+    data = json.dumps(event.data, sort_keys=True, separators=(",", ":"))
+    trace = f" trace={event.trace_id}" if event.trace_id else ""
+    return (
+        f"#{message.seq} {when} {event.type} id={event.id} source={event.source} "
+        f"subject={event.subject}{trace} data={data}"
+    )
+
+
+def _json_line(message: TailedMessage) -> str:
+    """The event as stored (its envelope); a message that is not one as an object saying so."""
+    event = _event(message)
+    if event is not None:
+        return event.to_json().decode()
+    return msgspec.json.encode(
+        {
+            "not_an_event": True,
+            "seq": message.seq,
+            "subject": message.subject,
+            "data": message.data.decode("utf-8", "backslashreplace"),
+        }
+    ).decode()

@@ -1,0 +1,464 @@
+"""The operator commands `status`, `check`, `publish` and `tail`, on a real server.
+
+`status`, `check` and `publish` run in-process through click's `CliRunner`, in a thread beside
+the test's event loop; `tail` runs as a subprocess, since it follows the stream until SIGINT.
+Times, ages, sizes and the server's name vary from run to run: the golden tests replace them
+with placeholders before comparing.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import re
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Protocol
+
+import anyio.to_thread
+import click
+import pytest
+from click.testing import CliRunner, Result
+from nats.js import JetStreamContext
+from nats.js.api import AckPolicy, ConsumerConfig
+
+from gdc_worker import App, Event, NATSConfig, NATSEventBus, Reject, new_node_down_event
+from gdc_worker.bus import ConsumerState, StreamLimits, StreamState
+from gdc_worker.cli import main
+from gdc_worker.cli.status import Snapshot
+from tests.support import consumer_info, dead_letters, free_port, node_up, running, worker_for
+from tests.test_cli import GDC_WORKER, Process, worker_env
+
+pytestmark = pytest.mark.anyio
+
+#: Deadline for a subprocess to print what it should.
+SOON = 20.0
+_PLACEHOLDERS = (
+    (re.compile(r"\b\d+(?:\.\d+)?s\b"), "<age>"),  # a test's ages are seconds
+    (re.compile(r"\b\d+(?:\.\d+)? (?:B|KiB|MiB)\b"), "<size>"),
+    (re.compile(r"\b\d+\.\d+%"), "<pct>"),
+    (re.compile(r"leader \S+"), "leader <server>"),
+)
+
+
+class Tails(Protocol):
+    def __call__(self, *args: str) -> Process: ...
+
+
+@pytest.fixture
+def tails(tmp_path: Path, nats_config: NATSConfig) -> Iterator[Tails]:
+    """Start `gdc-worker tail ARGS...` subprocesses on the test's stream; any still running
+    afterwards is killed."""
+    started: list[Process] = []
+
+    def start(*args: str) -> Process:
+        process = Process(
+            ["tail", *args], worker_env(nats_config), tmp_path / f"tail-{len(started)}"
+        )
+        started.append(process)
+        return process
+
+    yield start
+    for process in started:
+        process.close()
+
+
+def normalised(text: str) -> list[list[str]]:
+    """The lines of `text` as words, with ages, sizes, percentages and the leader replaced."""
+    lines = []
+    for line in text.splitlines():
+        for pattern, placeholder in _PLACEHOLDERS:
+            line = pattern.sub(placeholder, line)
+        lines.append(line.split())
+    return lines
+
+
+async def cli(config: NATSConfig, *args: str) -> Result:
+    """`gdc-worker ARGS...` on the test's streams (GDC_NATS_* of `config`)."""
+    invoke = functools.partial(CliRunner().invoke, main, list(args), env=worker_env(config))
+    return await anyio.to_thread.run_sync(invoke)
+
+
+def auditing(config: NATSConfig) -> App:
+    """An app whose `audit` handler (durable `ops-audit`) rejects the node.up of `bad-*`."""
+    app = App("ops", config)
+
+    @app.on("node.up")
+    async def audit(event: Event) -> None:
+        if str((event.data or {}).get("node_id", "")).startswith("bad"):
+            raise Reject("a bad node")
+
+    return app
+
+
+async def audited_backlog(bus: NATSEventBus, jetstream: JetStreamContext) -> None:
+    """Four node.up events (two of them bad) audited by `ops-audit`, two dead-lettered, and
+    three node.down events waiting on `ops-idle`, which nobody consumes."""
+    config = bus.config
+    await bus.ensure_consumer("ops-idle", config.subject_for("node.down"))
+    for node in ("n-1", "bad-1", "n-2", "bad-2"):
+        await bus.publish_event(node_up(node))
+    for node in ("n-1", "n-2", "n-3"):
+        await bus.publish_event(new_node_down_event("health-monitor", node, "gone"))
+    async with running(worker_for(auditing(config), config)):
+        await dead_letters(bus, count=2)
+        await consumer_info(jetstream, config.stream_name, "ops-audit")
+    # The stopped worker's pull requests are dropped once the server sees nobody listens.
+    await consumer_info(
+        jetstream, config.stream_name, "ops-audit", until=lambda info: info.num_waiting == 0
+    )
+
+
+async def test_status_shows_the_stream_each_consumer_and_the_dead_letters(
+    event_bus: NATSEventBus, jetstream: JetStreamContext, nats_config: NATSConfig
+) -> None:
+    """Given a stream of 7 events: 4 node.up audited by `ops-audit` (2 dead-lettered), and 3
+    node.down waiting on `ops-idle`,
+    when `status` runs,
+    then it prints the stream line (counts, use of its limits, ages, replicas and leader), an
+    aligned row per consumer with lag = pending + ack pending, and the dead letters per
+    consumer and event type; exit 0."""
+    await audited_backlog(event_bus, jetstream)
+    up, down = nats_config.subject_for("node.up"), nats_config.subject_for("node.down")
+
+    result = await cli(nats_config, "status")
+
+    assert result.exit_code == 0, result.output
+    assert normalised(result.output) == [
+        f"stream {nats_config.stream_name}: 7 messages; <size>; <pct> of 1,000,000 messages, "
+        "<pct> of 1d; first <age> ago, last <age> ago; 1 replica, leader <server>".split(),
+        [],
+        [
+            "CONSUMER",
+            "FILTER",
+            "LAG",
+            "PENDING",
+            "ACK",
+            "PENDING",
+            "REDELIVERED",
+            "WAITING",
+            "OLDEST",
+            "UNACKED",
+            "LAST",
+            "ACTIVE",
+            "PAUSED",
+        ],
+        f"ops-audit {up} 0 0 0 0 0 - <age> ago -".split(),
+        f"ops-idle {down} 3 3 0 0 0 <age> never -".split(),
+        [],
+        f"dead letters ({nats_config.dlq_stream_name}): 2".split(),
+        ["CONSUMER", "EVENT", "TYPE", "COUNT"],
+        ["ops-audit", "node.up", "2"],
+    ]
+    header, *rows = result.output.splitlines()[2:5]
+    lag_end, active = header.index("LAG") + len("LAG"), header.index("LAST ACTIVE")
+    for row in rows:  # numbers end under their heading, the rest start under theirs
+        assert row[lag_end - 1] != " "
+        assert row[lag_end] == " "
+        assert row[active - 1] == " "
+        assert row[active] != " "
+
+
+async def test_status_json_has_the_stream_the_consumers_and_the_dead_letters(
+    event_bus: NATSEventBus, jetstream: JetStreamContext, nats_config: NATSConfig
+) -> None:
+    """Given the same audited backlog,
+    when `status --json` runs,
+    then it prints one object: `stream` (name, messages, bytes...), `consumers` (name,
+    filter as a list, lag, pending, ack_pending, redelivered...) and `dead_letters`
+    (consumer, event_type, count)."""
+    await audited_backlog(event_bus, jetstream)
+
+    result = await cli(nats_config, "status", "--json")
+
+    assert result.exit_code == 0, result.output
+    status = json.loads(result.output)
+    stream = status["stream"]
+    assert (stream["name"], stream["messages"], stream["replicas"]) == (
+        nats_config.stream_name,
+        7,
+        1,
+    )
+    assert stream["bytes"] > 0
+    assert stream["limits"]["max_msgs"] == 1_000_000
+    consumers = [
+        {k: v for k, v in c.items() if k not in ("last_active", "oldest_unacked_age_s")}
+        for c in status["consumers"]
+    ]
+    common = {"ack_pending": 0, "redelivered": 0, "waiting": 0, "paused": False}
+    assert consumers == [
+        {"name": "ops-audit", "filter": [nats_config.subject_for("node.up")], "lag": 0,
+         "pending": 0, **common},
+        {"name": "ops-idle", "filter": [nats_config.subject_for("node.down")], "lag": 3,
+         "pending": 3, **common},
+    ]  # fmt: skip
+    assert status["consumers"][1]["oldest_unacked_age_s"] > 0
+    assert status["dead_letters"] == [
+        {"consumer": "ops-audit", "event_type": "node.up", "count": 2}
+    ]
+
+
+async def half_done(bus: NATSEventBus, jetstream: JetStreamContext) -> float:
+    """10 node.up events on `ops-half`, 6 of them fetched and the first 4 acked; returns the
+    time (epoch seconds) just before the 5th was published."""
+    config = bus.config
+    await bus.ensure_consumer("ops-half", config.subject_for("node.up"))
+    fifth = 0.0
+    for i in range(10):
+        if i == 4:
+            fifth = time.time()
+        await bus.publish_event(node_up(f"n-{i}"))
+    sub = await jetstream.pull_subscribe_bind("ops-half", config.stream_name)
+    fetched = await sub.fetch(6, timeout=10)
+    assert len(fetched) == 6
+    for message in fetched[:4]:
+        await message.ack_sync()
+    await sub.unsubscribe()
+    return fifth
+
+
+async def test_lag_and_the_oldest_unacked_age_match_what_was_consumed(
+    event_bus: NATSEventBus, jetstream: JetStreamContext, nats_config: NATSConfig
+) -> None:
+    """Given 10 events on a consumer that fetched 6 and acked the first 4,
+    when the bus reads the consumer's state,
+    then pending is 4, ack pending 2 and lag 6, and the oldest unacked event is the 5th: its
+    age is at most the time since it was published."""
+    fifth = await half_done(event_bus, jetstream)
+
+    state = await event_bus.consumer_state("ops-half")
+
+    assert state is not None
+    assert (state.pending, state.ack_pending, state.lag) == (4, 2, 6)
+    assert 0 < state.oldest_unacked_age_s <= time.time() - fifth
+
+
+HEALTHY = (
+    "OK: stream {stream}, 1 consumer: highest lag 6 (ops-half), oldest unacked <age> (ops-half)"
+)
+
+
+@pytest.mark.parametrize(
+    ("thresholds", "code", "verdict"),
+    [
+        ((), 0, HEALTHY),
+        (("--max-lag", "6", "--max-age", "3600"), 0, HEALTHY),
+        (("--max-lag", "5"), 1, "FAIL: consumer ops-half: lag 6 is above 5"),
+        (
+            ("--max-age", "0"),
+            1,
+            "FAIL: consumer ops-half: oldest unacked event is <age> old, above <age>",
+        ),
+        (("--consumer", "nobody"), 1, "FAIL: consumer nobody does not exist on {stream}"),
+    ],
+    ids=["no-thresholds", "within", "lag-above", "age-above", "missing-consumer"],
+)
+async def test_check_exits_0_when_healthy_and_1_with_one_line_of_why(
+    event_bus: NATSEventBus,
+    jetstream: JetStreamContext,
+    nats_config: NATSConfig,
+    thresholds: tuple[str, ...],
+    code: int,
+    verdict: str,
+) -> None:
+    """Given a consumer with lag 6 (4 pending, 2 unacked),
+    when `check` runs with these thresholds,
+    then it prints one OK line (exit 0), or one FAIL line naming the consumer, the value and
+    the threshold (exit 1)."""
+    await half_done(event_bus, jetstream)
+
+    result = await cli(nats_config, "check", *thresholds)
+
+    assert normalised(result.output) == [verdict.format(stream=nats_config.stream_name).split()]
+    assert result.exit_code == code
+
+
+async def test_check_app_warns_on_settings_that_cannot_work(
+    event_bus: NATSEventBus, jetstream: JetStreamContext, nats_config: NATSConfig
+) -> None:
+    """Given the app `tests.apps.misconfigured` (a timeout over ack_wait, more backoff steps
+    than redeliveries, max_ack_pending 8 for 4 calls per process) and its `fine` handler's
+    consumer created by another service with other options,
+    when `check APP --processes 4` runs,
+    then it prints one WARN line per problem, notes the consumers no worker created yet,
+    ends with the OK line of the health check, and exits 1."""
+    await jetstream.add_consumer(
+        nats_config.stream_name,
+        ConsumerConfig(
+            durable_name="ops-fine",
+            filter_subject=nats_config.subject_for("zone.down"),
+            ack_policy=AckPolicy.EXPLICIT,
+            ack_wait=5.0,
+            max_ack_pending=100,
+        ),
+    )
+
+    result = await cli(nats_config, "check", "tests.apps.misconfigured:app", "--processes", "4")
+
+    assert result.output.splitlines() == [
+        "note: consumer ops-slow does not exist yet (a worker creates it)",
+        "note: consumer ops-eager does not exist yet (a worker creates it)",
+        "note: consumer ops-narrow does not exist yet (a worker creates it)",
+        "WARN: handler slow: timeout 60s is longer than ack_wait 30s: an attempt outlives the "
+        "ack wait, and the event is delivered again whenever the worker cannot keep extending "
+        "it (a blocked loop, a lost connection)",
+        "WARN: handler eager: backoff has 6 steps, but max_deliver 3 redelivers 2 times at "
+        "most: 3s, 4s, 5s, 6s never apply",
+        "WARN: handler narrow: max_ack_pending 8 is below replicas x concurrency = 4 x 4 = 16: "
+        "some handler slots stay idle",
+        "WARN: consumer ops-fine differs from handler fine: ack_wait 5s (ours 30s); "
+        "max_ack_pending 100 (ours 1,000)",
+        f"OK: stream {nats_config.stream_name}, 1 consumer: highest lag 0 (ops-fine), oldest "
+        "unacked 0.0s (ops-fine)",
+    ]
+    assert result.exit_code == 1
+
+
+async def test_publish_checks_a_typed_payload_and_stores_nothing_when_it_is_bad(
+    event_bus: NATSEventBus, nats_config: NATSConfig
+) -> None:
+    """Given a pin.requested payload whose size is a string,
+    when `publish` runs, then it exits 1 with one error line naming the field, and the stream
+    holds nothing; with a good payload it prints the sequence, and the stored event carries
+    the data, the cid as its subject, the source and the trace id."""
+    bad = await cli(nats_config, "publish", "pin.requested", "--data", '{"cid": "c", "size": "x"}')
+    good = await cli(
+        nats_config,
+        "publish",
+        "pin.requested",
+        "--data",
+        '{"cid": "bafy1", "size": 3}',
+        "--source",
+        "ops",
+        "--trace-id",
+        "t-1",
+    )
+
+    [line] = bad.stderr.splitlines()
+    assert line.startswith("Error: data of pin.requested event ")
+    assert "`$.size`" in line
+    assert bad.exit_code == 1
+    assert good.exit_code == 0, good.output
+    assert good.stdout.endswith(f"as #1 in {nats_config.stream_name}\n")
+    stored = await event_bus.get_message(nats_config.stream_name, 1)
+    assert stored is not None
+    assert await event_bus.get_message(nats_config.stream_name, 2) is None
+    event = Event.from_json(stored.data)
+    assert (event.type, event.subject, event.source, event.trace_id, event.data) == (
+        "pin.requested",
+        "bafy1",
+        "ops",
+        "t-1",
+        {"cid": "bafy1", "size": 3},
+    )
+
+
+async def test_tail_prints_live_events_without_touching_a_durable_and_ends_0_on_sigint(
+    event_bus: NATSEventBus, nats_config: NATSConfig, tails: Tails
+) -> None:
+    """Given a durable consumer with 1 event pending, and `tail --new --json` following,
+    when two events and a message that is not an event are published, and SIGINT is sent,
+    then tail prints each as one JSON line (the envelopes, then the bytes marked
+    `not_an_event`), exits 0, and the durable still has every message pending, and is the
+    stream's only consumer."""
+    await event_bus.ensure_consumer("ops-durable", nats_config.subject_for(">"))
+    await event_bus.publish_event(node_up("before"))
+    tail = tails("--new", "--json")
+    await tail.wait_for(re.compile(r"^following ", re.M), timeout=SOON)
+    events = [node_up("live-1"), new_node_down_event("health-monitor", "live-2", "gone")]
+
+    for event in events:
+        await event_bus.publish_event(event)
+    await event_bus.publish_raw(nats_config.subject_for("node.up"), b"\xff not json", {})
+    lines = await _lines(tail, 3)
+    tail.send(signal.SIGINT)
+
+    assert await tail.exit_code() == 0, tail.stderr
+    assert [json.loads(line).get("id") for line in lines[:2]] == [e.id for e in events]
+    assert json.loads(lines[2]) == {
+        "not_an_event": True,
+        "seq": 4,
+        "subject": nats_config.subject_for("node.up"),
+        "data": "\\xff not json",
+    }
+    state = await event_bus.consumer_state("ops-durable")
+    assert state is not None
+    assert (state.pending, state.ack_pending) == (4, 0)
+    assert [c.name for c in await event_bus.consumer_states()] == ["ops-durable"]
+
+
+async def test_tail_last_starts_with_the_last_events_of_its_pattern(
+    event_bus: NATSEventBus, nats_config: NATSConfig, tails: Tails
+) -> None:
+    """Given node.up and node.down events interleaved (three node.up at sequences 1, 3, 5),
+    when `tail node.up --last 2` runs,
+    then its first lines are the node.up events at sequences 3 and 5, in text."""
+    for i in range(3):
+        await event_bus.publish_event(node_up(f"n-{i}"))
+        await event_bus.publish_event(new_node_down_event("health-monitor", f"n-{i}", "gone"))
+
+    tail = tails("node.up", "--last", "2")
+    lines = await _lines(tail, 2)
+    tail.send(signal.SIGINT)
+
+    assert [line.split()[0] for line in lines] == ["#3", "#5"]
+    assert all(" node.up " in line and "subject=n-" in line for line in lines)
+    assert await tail.exit_code() == 0, tail.stderr
+
+
+async def _lines(process: Process, count: int) -> list[str]:
+    """The first `count` lines the process printed, once there are that many."""
+    with anyio.fail_after(SOON):
+        while len(lines := process.stdout.splitlines()) < count:
+            await anyio.sleep(0.05)
+    return list(lines[:count])
+
+
+@pytest.mark.parametrize(
+    "command",
+    [["status"], ["check"], ["tail", "--new"], ["publish", "node.up"]],
+    ids=lambda command: command[0],
+)
+async def test_each_command_exits_4_when_nats_cannot_be_reached(
+    nats_config: NATSConfig, command: list[str]
+) -> None:
+    """Given a URL where nothing listens,
+    when the command runs (as a process: `tail` needs the main thread for its signals),
+    then it exits 4 with one error line naming the URL."""
+    url = f"nats://127.0.0.1:{free_port()}"
+
+    env = worker_env(nats_config, GDC_NATS_URL=url)
+    run = functools.partial(
+        subprocess.run, [GDC_WORKER, *command], env=env, capture_output=True, text=True
+    )
+    result = await anyio.to_thread.run_sync(run)
+
+    assert result.returncode == 4, result.stderr
+    [line] = result.stderr.splitlines()
+    assert line.startswith(f"Error: cannot connect to NATS at {url}: ")
+
+
+def test_watch_shows_a_lag_that_grew_in_bold_red() -> None:
+    """Given two consumers, one whose lag grew since the last refresh and one whose lag fell,
+    when the status table is drawn, then only the grown lag's cell is styled, and the rows
+    stay aligned once the styling is removed."""
+    now = datetime.now(UTC)
+    stream = StreamState("S", 9, 900, 1, 9, now, now, StreamLimits(0, 0, 0.0), 1, None)
+    consumers = [
+        ConsumerState("grew", ("a",), 5, 2, 0, 0, now, False, 1.0),
+        ConsumerState("fell", ("b",), 1, 0, 0, 0, None, False, 1.0),
+    ]
+    snapshot = Snapshot(stream, consumers, {}, "S_DLQ", now)
+
+    lines = snapshot.lines({"grew": 3, "fell": 4})
+
+    styled = [line for line in lines if "\x1b[" in line]
+    assert len(styled) == 1
+    assert styled[0].startswith("grew")
+    assert click.style("7", fg="red", bold=True) in styled[0]
+    plain = [re.sub(r"\x1b\[[0-9;]*m", "", line) for line in lines]
+    assert plain == snapshot.lines()
