@@ -53,7 +53,15 @@ class Context:
     @property
     def log(self) -> logging.LoggerAdapter[logging.Logger]:
         """A logger (`gdc_worker.handler.<name>`) whose lines carry the event and trace ids."""
-        return _EventLogger(logging.getLogger(f"gdc_worker.handler.{self.handler}"), self.event)
+        return _EventLogger(
+            logging.getLogger(f"gdc_worker.handler.{self.handler}"),
+            {
+                "event_id": self.event.id,
+                "trace_id": self.event.trace_id,
+                "handler": self.handler,
+                "deliveries": self._delivery.deliveries,
+            },
+        )
 
     @property
     def deliveries(self) -> int:
@@ -73,10 +81,7 @@ class Context:
 
 
 class _EventLogger(logging.LoggerAdapter[logging.Logger]):
-    """Prefixes every line with the event id and trace id."""
-
-    def __init__(self, logger: logging.Logger, event: Event) -> None:
-        super().__init__(logger, {"event_id": event.id, "trace_id": event.trace_id})
+    """Prefixes every line with the event id and trace id, and gives it the delivery's fields."""
 
     def process(
         self, msg: Any, kwargs: MutableMapping[str, Any]

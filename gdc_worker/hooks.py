@@ -59,7 +59,9 @@ class Hook:
     def delivery_settled(
         self, handler: HandlerSpec, delivery: Delivery, decision: Decision
     ) -> None:
-        """`delivery` was settled as `decision` (ack, nak with a delay, dead letter)."""
+        """`delivery` was settled as `decision` (ack, nak with a delay, dead letter). One handed
+        back, by a forced stop or an internal error, is a `Nak(0)`: every received delivery
+        ends here once."""
 
     def publishing(self, subject: str, event: Event, headers: dict[str, str]) -> None:
         """`event` is about to be published to `subject`; `headers` may still be added to

@@ -20,6 +20,7 @@ from .app import Context, HandlerSpec
 from .errors import EventDecodeError, GDCWorkerError, describe, one_error
 from .events import Event
 from .hooks import Hooks
+from .logs import delivery_fields
 from .retry import Retry, is_handler_failure, retry_failed
 from .settle import Ack, DeadLetter, Decision, Nak, decide, exhausted
 
@@ -131,7 +132,7 @@ class ConsumerLoop:
                         delivery.stream_seq,
                     )
                     with anyio.CancelScope(shield=True):
-                        await self._consumer.hand_back(delivery)
+                        await self._hand_back(delivery)
             await self._consumer.release(delivery)
 
     async def _keep_alive(self) -> None:
@@ -147,6 +148,10 @@ class ConsumerLoop:
 
     async def _process(self, delivery: Delivery) -> None:
         raise NotImplementedError
+
+    async def _hand_back(self, delivery: Delivery) -> None:
+        """Give a delivery being processed back to the stream at once (a nak)."""
+        await self._consumer.hand_back(delivery)
 
 
 class HandlerRunner(ConsumerLoop):
@@ -251,7 +256,7 @@ class HandlerRunner(ConsumerLoop):
         except anyio.get_cancelled_exc_class():
             with anyio.CancelScope(shield=True):
                 # Cancelled by a forced stop: let another replica have it.
-                await self._consumer.hand_back(delivery)
+                await self._hand_back(delivery)
             raise
         finally:
             self._running -= 1
@@ -271,6 +276,12 @@ class HandlerRunner(ConsumerLoop):
             hooks.run("call_finished", spec, delivery, event, exc, time.perf_counter() - started)
             raise
         hooks.run("call_finished", spec, delivery, event, None, time.perf_counter() - started)
+
+    async def _hand_back(self, delivery: Delivery) -> None:
+        """The hand-back is a settlement too: the hooks see it as a nak without delay."""
+        await super()._hand_back(delivery)
+        if self._hooks.delivery_settled:
+            self._hooks.run("delivery_settled", self.spec, delivery, Nak(0.0))
 
     async def _settle(
         self,
@@ -295,6 +306,7 @@ class HandlerRunner(ConsumerLoop):
                 delivery.deliveries,
                 describe(error) if error is not None else "no error",
                 decision.delay,
+                extra=delivery_fields(self.spec, delivery, event, "nakd"),
             )
         else:
             with anyio.CancelScope(shield=True):
@@ -330,11 +342,19 @@ class HandlerRunner(ConsumerLoop):
                 exc,
                 delay,
                 self._dlq.stream,
+                extra=delivery_fields(spec, delivery, event, "nakd"),
             )
             await delivery.nak(delay)
             return Nak(delay)
         await delivery.term(decision.reason)
-        log.error("%s: %s dead-lettered as #%d: %s", spec.name, what, entry_id, decision.reason)
+        log.error(
+            "%s: %s dead-lettered as #%d: %s",
+            spec.name,
+            what,
+            entry_id,
+            decision.reason,
+            extra=delivery_fields(spec, delivery, event, "dead_lettered"),
+        )
         return decision
 
 

@@ -16,6 +16,7 @@ import click
 from click.core import ParameterSource
 
 from ..errors import ConnectionFailed, GDCWorkerError, TargetError, one_error
+from ..logs import JSONFormatter
 
 __all__ = [
     "CREDS_ENVVAR",
@@ -25,6 +26,7 @@ __all__ = [
     "EXIT_IMPORT",
     "EXIT_OK",
     "EXIT_USAGE",
+    "LOG_FORMATS",
     "URL_ENVVAR",
     "ReportedError",
     "aligned",
@@ -84,12 +86,19 @@ def reported_errors() -> Iterator[None]:
         raise ReportedError(str(error), exit_code_of(error)) from None
 
 
-def configure_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(),
-        format="%(asctime)s %(levelname)-7s [%(process)d] %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+LOG_FORMATS = ("text", "json")
+
+
+def configure_logging(level: str, log_format: str = "text") -> None:
+    """Log to stderr at `level`, as text lines or (`json`) one JSON object per line."""
+    handler = logging.StreamHandler(sys.stderr)
+    if log_format.lower() == "json":
+        handler.setFormatter(JSONFormatter())
+    else:
+        handler.setFormatter(
+            logging.Formatter("%(asctime)s %(levelname)-7s [%(process)d] %(name)s: %(message)s")
+        )
+    logging.basicConfig(level=level.upper(), handlers=[handler])
 
 
 def _nonempty_url(ctx: click.Context, param: click.Parameter, value: Any) -> Any:

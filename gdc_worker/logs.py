@@ -1,0 +1,58 @@
+"""Log lines as JSON, one object per line (`gdc-worker run --log-format json`).
+
+Lines about a delivery carry its facts as fields (`delivery_fields`), so a log pipeline can
+follow one event across services by `event_id` or `trace_id` (Go services' events included:
+their envelope has a trace_id even without a traceparent header).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .app import HandlerSpec
+    from .bus.pull import Delivery
+    from .events import Event
+
+__all__ = ["DELIVERY_KEYS", "JSONFormatter", "delivery_fields"]
+
+#: The keys of a line about a delivery.
+DELIVERY_KEYS = ("event_id", "trace_id", "handler", "consumer", "deliveries", "outcome")
+
+
+def delivery_fields(
+    spec: HandlerSpec, delivery: Delivery, event: Event | None, outcome: str
+) -> dict[str, Any]:
+    """The `extra` of a log line about `delivery`; `event` is None for one that did not decode."""
+    return {
+        "event_id": event.id if event is not None else "",
+        "trace_id": event.trace_id if event is not None else "",
+        "handler": spec.name,
+        "consumer": spec.durable,
+        "deliveries": delivery.deliveries,
+        "outcome": outcome,
+    }
+
+
+class JSONFormatter(logging.Formatter):
+    """`{"time", "level", "logger", "pid", "message", ...}`, plus the delivery keys a line has
+    and the traceback as `exc_info` when there is one."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line: dict[str, Any] = {
+            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname,
+            "logger": record.name,
+            "pid": record.process,
+            "message": record.getMessage(),
+        }
+        for key in DELIVERY_KEYS:
+            value = record.__dict__.get(key)
+            if value is not None:
+                line[key] = value
+        if record.exc_info:
+            line["exc_info"] = self.formatException(record.exc_info)
+        return json.dumps(line, default=str)
