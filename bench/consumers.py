@@ -101,6 +101,13 @@ async def run_gdc_traced(args: argparse.Namespace, progress: Progress) -> None:
     await run_gdc(args, progress, hooks=[Tracing(TracerProvider())])
 
 
+async def run_gdc_metrics(args: argparse.Namespace, progress: Progress) -> None:
+    """`run_gdc` with the Prometheus metrics hook that `gdc-worker run --metrics-port` adds."""
+    from gdc_worker.metrics import Metrics
+
+    await run_gdc(args, progress, hooks=[Metrics("bench")])
+
+
 async def run_gdc(args: argparse.Namespace, progress: Progress, hooks: Sequence[Hook] = ()) -> None:
     """gdc-worker's runner with default settings and a no-op handler."""
     config = NATSConfig(
@@ -184,6 +191,7 @@ IMPLEMENTATIONS: dict[str, Callable[[argparse.Namespace, Progress], Any]] = {
     "gdc": run_gdc,
     "gdc-hooked": run_gdc_hooked,
     "gdc-traced": run_gdc_traced,
+    "gdc-metrics": run_gdc_metrics,
     "raw": run_raw,
     "faststream": run_faststream,
 }

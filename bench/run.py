@@ -398,7 +398,8 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         nc = await nats.connect(server.url)
         bench = Bench(server.url, nc, nc.jetstream())
         publish: dict[str, list[float]] = {}
-        consume: dict[str, list[float]] = {impl: [] for impl in [*impls, "gdc-hooked"]}
+        extra = ["gdc-hooked", "gdc-metrics"]
+        consume: dict[str, list[float]] = {impl: [] for impl in [*impls, *extra]}
         if args.baseline is not None:
             consume["gdc baseline"] = []
         retry: dict[str, list[float]] = {"gdc": [], "raw": []}
@@ -411,7 +412,8 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                 publish.setdefault(name, []).append(rate)
             for impl in impls:
                 consume[impl].append((await consume_once(bench, impl, events))["rate"])
-            consume["gdc-hooked"].append((await consume_once(bench, "gdc-hooked", events))["rate"])
+            for impl in extra:
+                consume[impl].append((await consume_once(bench, impl, events))["rate"])
             if args.baseline is not None:
                 base = await consume_once(bench, "gdc", events, root=args.baseline)
                 consume["gdc baseline"].append(base["rate"])
@@ -467,6 +469,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         "peak rss gdc/raw at 4N": memory["gdc 4N"] / memory["raw 4N"],
     }
     ratios["consume gdc no-op hooks/no hooks"] = c["gdc-hooked"] / c["gdc"]
+    ratios["consume gdc metrics on/off (target >= 0.95)"] = c["gdc-metrics"] / c["gdc"]
     if "gdc baseline" in c:
         ratios["consume gdc/baseline checkout (target >= 0.97)"] = c["gdc"] / c["gdc baseline"]
     if "faststream" in c:

@@ -6,7 +6,7 @@ import logging
 import signal
 import subprocess
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from types import FrameType
 
@@ -41,6 +41,7 @@ def supervise(
     min_uptime: float = 5.0,
     restart_delay: float = 1.0,
     max_restart_delay: float = 30.0,
+    on_change: Callable[[list[int]], None] | None = None,
 ) -> int:
     """Run `command` `processes` times until SIGINT/SIGTERM; returns the exit code to use.
 
@@ -59,6 +60,7 @@ def supervise(
     (then it had nothing in flight). A replica waiting for its restart is not counted: its
     crash was reported when it happened. A failed stop returns the replicas' exit code if
     they agree on one, else 1. Signals and exits are noticed within `poll` seconds.
+    `on_change` is told the pids of the running replicas whenever one starts or exits.
     """
     group = _Group(
         command,
@@ -67,6 +69,7 @@ def supervise(
         min_uptime=min_uptime,
         restart_delay=restart_delay,
         max_restart_delay=max_restart_delay,
+        on_change=on_change,
     )
     signals: list[int] = []
 
@@ -110,8 +113,10 @@ class _Group:
         min_uptime: float,
         restart_delay: float,
         max_restart_delay: float,
+        on_change: Callable[[list[int]], None] | None,
     ) -> None:
         self.command = list(command)
+        self.on_change = on_change
         self.env = dict(env) if env is not None else None
         self.fatal_codes = fatal_codes
         self.min_uptime = min_uptime
@@ -159,6 +164,7 @@ class _Group:
         if code is None:
             return
         replica.process = None
+        self._changed()
         if replica.stops_sent:  # it was running when the stop reached it
             replica.final_code = code
             log.info("replica %d (pid %d) stopped with code %d", replica.index, process.pid, code)
@@ -211,6 +217,11 @@ class _Group:
         replica.restart_at = None
         replica.stops_sent = 0
         log.info("replica %d started (pid %d)", replica.index, process.pid)
+        self._changed()
+
+    def _changed(self) -> None:
+        if self.on_change is not None:
+            self.on_change([r.process.pid for r in self.replicas if r.process is not None])
 
     def abandon(self) -> None:
         """SIGTERM every replica still running (when supervising fails midway)."""

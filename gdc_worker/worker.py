@@ -75,6 +75,23 @@ class Worker:
         self._stopping = anyio.Event()
         self._forced = anyio.Event()
         self._runners: list[ConsumerLoop] = []
+        self._bus: NATSEventBus | None = None
+        self._bound = False
+
+    def not_ready(self) -> str | None:
+        """None while connected with every consumer bound and not stopping; else why not.
+
+        What `/readyz` answers; safe to call from another thread.
+        """
+        if self._stopping.is_set():
+            return "stopping"
+        if self._bus is None:
+            return "connecting to NATS"
+        if not self._bound:
+            return "binding consumers"
+        if not self._bus.connected:
+            return f"disconnected from NATS at {self._bus.server_url}"
+        return None
 
     def stop(self) -> None:
         """Stop fetching and finish what runs (within `grace`); a second call cancels it now."""
@@ -101,6 +118,7 @@ class Worker:
         async with await NATSEventBus.connect(
             self.config, name=f"gdc-worker:{self.app.name}", hooks=self.hooks
         ) as bus:
+            self._bus = bus
             dlq = DeadLetterQueue(bus)
             await dlq.ensure()
             runners = [
@@ -125,9 +143,11 @@ class Worker:
                             ", ".join(f"{r.spec.name} ({r.spec.durable})" for r in runners),
                             bus.server_url,
                         )
+                        self._bound = True
                         self.hooks.run("worker_ready", self.app.name, self.specs)
                         task_status.started()
                     tg.cancel_scope.cancel()
+                    self._bound = False
         log.info("worker stopped")
 
     async def _shut_down(self, runners: list[ConsumerLoop]) -> None:

@@ -5,7 +5,9 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import shutil
 import sys
+import tempfile
 import threading
 from pathlib import Path
 
@@ -18,6 +20,8 @@ from ..bus import NATSEventBus
 from ..config import NATSConfig
 from ..dlq import DeadLetterQueue
 from ..errors import GDCWorkerError, TargetError
+from ..health import GroupEndpoint, serve_monitored, serve_replica
+from ..metrics import Metrics
 from ..server import NATSServer
 from ..supervisor import supervise
 from ..worker import Worker, serve
@@ -27,6 +31,7 @@ from .common import (
     EXIT_IMPORT,
     EXIT_OK,
     EXIT_USAGE,
+    LOG_FORMATS,
     URL_ENVVAR,
     configure_logging,
     connection,
@@ -39,6 +44,9 @@ __all__ = ["load_app", "run"]
 
 #: The standard NATS port: other processes find an --embedded server without being told.
 EMBEDDED_PORT = 4222
+METRICS_PORT_ENVVAR = "GDC_METRICS_PORT"
+#: Set by the supervisor for its replicas: where they write metrics and heartbeats.
+REPLICA_METRICS_ENVVAR = "GDC_WORKER_REPLICA_METRICS_DIR"
 
 
 def load_app(target: str) -> App:
@@ -112,6 +120,20 @@ def load_app(target: str) -> App:
     show_default=True,
 )
 @click.option(
+    "--log-format",
+    type=click.Choice(LOG_FORMATS, case_sensitive=False),
+    default="text",
+    show_default=True,
+    help="json: one object per line, with event_id, trace_id, handler... on delivery lines.",
+)
+@click.option(
+    "--metrics-port",
+    type=click.IntRange(0, 65535),
+    envvar=METRICS_PORT_ENVVAR,
+    help="Serve /metrics, /healthz and /readyz on this port (env GDC_METRICS_PORT; "
+    "with --processes, one endpoint for the group).",
+)
+@click.option(
     "--grace",
     type=click.FloatRange(min=0),
     default=30.0,
@@ -140,6 +162,8 @@ def run(
     processes: int,
     handlers: tuple[str, ...],
     log_level: str,
+    log_format: str,
+    metrics_port: int | None,
     grace: float,
     embedded: bool,
     embedded_port: int,
@@ -147,7 +171,8 @@ def run(
     """Run the handlers of the App TARGET (module:app or module.app) until SIGTERM or Ctrl-C."""
     if not embedded and ctx.get_parameter_source("embedded_port") != ParameterSource.DEFAULT:
         raise click.UsageError("--embedded-port goes with --embedded", ctx)
-    configure_logging(log_level)
+    configure_logging(log_level, log_format)
+    replica_dir = os.environ.get(REPLICA_METRICS_ENVVAR)
     with reported_errors():
         app = load_app(target)
         # The standard port by default, so that other processes find it without being told.
@@ -158,34 +183,67 @@ def run(
             url = server.url
         try:
             config = app.config.replace(**connection(url, creds))
+            metrics = Metrics(app.name) if metrics_port is not None or replica_dir else None
             # Built here even for --processes, so a bad --handler fails once, not per replica.
             worker = Worker(
-                app, config=config, concurrency=concurrency, handlers=handlers, grace=grace
+                app,
+                config=config,
+                concurrency=concurrency,
+                handlers=handlers,
+                grace=grace,
+                hooks=[metrics] if metrics else [],
             )
             if processes > 1:
-                replica_args = ["--log-level", log_level, "--grace", str(grace)]
+                replica_args = ["--log-level", log_level, "--log-format", log_format]
+                replica_args += ["--grace", str(grace)]
                 replica_args += [f"--concurrency={concurrency}"] if concurrency else []
                 replica_args += [f"--handler={name}" for name in handlers]
-                sys.exit(_supervise(target, replica_args, config, processes))
-            anyio.run(serve, worker)
+                durables = [spec.durable for spec in worker.specs]
+                code = _supervise(target, replica_args, config, processes, metrics_port, durables)
+                sys.exit(code)
+            if replica_dir:
+                anyio.run(serve_replica, worker, Path(replica_dir) / "health")
+            elif metrics is not None and metrics_port is not None:
+                anyio.run(serve_monitored, worker, metrics, metrics_port)
+            else:
+                anyio.run(serve, worker)
         finally:
             if server is not None:
                 server.stop()
     _leave_stuck_threads()
 
 
-def _supervise(target: str, args: list[str], config: NATSConfig, processes: int) -> int:
-    """Check NATS once, then run `processes` replicas of `gdc-worker run TARGET ARGS...`."""
+def _supervise(
+    target: str,
+    args: list[str],
+    config: NATSConfig,
+    processes: int,
+    metrics_port: int | None,
+    durables: list[str],
+) -> int:
+    """Check NATS once, then run `processes` replicas of `gdc-worker run TARGET ARGS...`,
+    with one metrics endpoint for them all on `metrics_port`."""
     # Connect and set up the streams here first: NATS out of reach (4) or a stream of another
     # shape (1) is one error line, not N replicas restarted over and over.
     anyio.run(_preflight, config)
     command = [sys.executable, "-m", "gdc_worker", "run", target, *args]
     # The URL goes in the environment, not on the command line, where `ps` shows a password.
     env = {**os.environ, URL_ENVVAR: config.url}
+    env.pop(METRICS_PORT_ENVVAR, None)  # the supervisor serves the port, not each replica
     if config.creds_file:
         env[CREDS_ENVVAR] = config.creds_file
     fatal = {EXIT_USAGE: "bad usage", EXIT_IMPORT: "the app cannot be imported"}
-    return supervise(command, processes, env=env, fatal_codes=fatal)
+    if metrics_port is None:
+        return supervise(command, processes, env=env, fatal_codes=fatal)
+    directory = Path(tempfile.mkdtemp(prefix="gdc-worker-metrics-"))
+    try:
+        env[REPLICA_METRICS_ENVVAR] = env["PROMETHEUS_MULTIPROC_DIR"] = str(directory)
+        with GroupEndpoint(metrics_port, directory, processes, config, durables) as endpoint:
+            return supervise(
+                command, processes, env=env, fatal_codes=fatal, on_change=endpoint.replicas_changed
+            )
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 async def _preflight(config: NATSConfig) -> None:

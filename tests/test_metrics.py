@@ -1,0 +1,305 @@
+"""Metrics, health and JSON logs, scraped from real workers on a real server.
+
+`gdc-worker run --metrics-port` runs as a subprocess (one process, or `--processes 2` with
+one endpoint for the group) with `tests.apps.metered`, whose outcome follows the event's
+subject. The probes and the consumer gauges are also checked in-process, where the worker's
+state can be held still.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import anyio
+import anyio.to_thread
+import pytest
+from prometheus_client import CollectorRegistry
+from prometheus_client.parser import text_string_to_metric_families
+
+from gdc_worker import App, Event, NATSConfig, NATSEventBus, Worker
+from gdc_worker.health import HealthEndpoint, LoopProbe
+from gdc_worker.metrics import ConsumerGauges, watch_consumers
+from tests.support import GRACE, alive, eventually, free_port, node_up, running
+from tests.test_cli import Spawn, spawn, worker_env
+
+__all__ = ["spawn"]  # the fixture, used by name
+
+pytestmark = pytest.mark.anyio
+
+DURABLE = "metered-judge"
+HANDLER = {"app": "metered", "handler": "judge"}
+#: Generous: the consumer gauges are read every 5 s, and CI machines are busy.
+SCRAPE_TIMEOUT = 30.0
+
+
+def get(port: int, path: str) -> tuple[int, str]:
+    """The status and body of GET http://127.0.0.1:port/path (no exception for a 503)."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read().decode()
+    except OSError as error:  # not listening yet
+        return 0, str(error)
+
+
+def samples(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    """Every sample of an exposition, by name and labels."""
+    return {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def value(
+    scraped: dict[tuple[str, frozenset[tuple[str, str]]], float], name: str, **labels: str
+) -> float:
+    return scraped.get((name, frozenset(labels.items())), -1.0)
+
+
+async def scrape(port: int) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    status, body = await anyio.to_thread.run_sync(get, port, "/metrics")
+    assert status == 200, body
+    return samples(body)
+
+
+def outcomes_event_list() -> list[Event]:
+    """3 ok, 1 flaky, 1 bad, 1 broken: see `tests.apps.metered`."""
+    return [node_up(s) for s in ("ok", "ok", "ok", "flaky", "bad", "broken")]
+
+
+#: What those events come to, per metric (see `tests.apps.metered`).
+EXPECTED = {
+    ("gdc_worker_deliveries_total", "acked"): 4.0,  # 3 ok, flaky
+    ("gdc_worker_deliveries_total", "nakd"): 1.0,  # broken, delivery 1
+    ("gdc_worker_deliveries_total", "dead_lettered"): 2.0,  # bad, broken on delivery 2
+}
+
+
+async def test_metrics_count_what_happened_and_lag_falls_to_0(
+    spawn: Spawn, nats_config: NATSConfig, event_bus: NATSEventBus
+) -> None:
+    """Given `gdc-worker run --metrics-port` on the metered app,
+    when 3 good events, a flaky one, a rejected one and a broken one are handled,
+    then /metrics counts 4 acked, 1 nak'd and 2 dead-lettered deliveries, 3 retries (flaky
+    once, broken once per delivery), 1 redelivery, 10 handler calls in the duration histogram,
+    3 stored publishes from the handler, the connection up, and the consumer's lag, ack
+    pending and oldest unacked age back at 0."""
+    port = free_port()
+    worker = spawn(
+        "run", "tests.apps.metered:app", "--metrics-port", str(port), env=worker_env(nats_config)
+    )
+    await worker.ready()
+    for event in outcomes_event_list():
+        await event_bus.publish_event(event)
+
+    async def counted() -> dict[tuple[str, frozenset[tuple[str, str]]], float] | None:
+        scraped = await scrape(port)
+        done = all(
+            value(scraped, name, **HANDLER, consumer=DURABLE, outcome=outcome) == count
+            for (name, outcome), count in EXPECTED.items()
+        )
+        pending = value(scraped, "gdc_worker_consumer_pending", consumer=DURABLE)
+        acks = value(scraped, "gdc_worker_consumer_ack_pending", consumer=DURABLE)
+        return scraped if done and (pending, acks) == (0.0, 0.0) else None
+
+    scraped = await eventually(counted, "the deliveries counted, lag 0", SCRAPE_TIMEOUT)
+
+    assert value(scraped, "gdc_worker_handler_retries_total", **HANDLER) == 3.0
+    assert value(scraped, "gdc_worker_redeliveries_total", **HANDLER) == 1.0
+    assert value(scraped, "gdc_worker_handler_duration_seconds_count", **HANDLER) == 10.0
+    assert value(scraped, "gdc_worker_handlers_in_flight", **HANDLER) == 0.0
+    assert value(scraped, "gdc_worker_publishes_total", app="metered", result="stored") == 3.0
+    assert value(scraped, "gdc_worker_publishes_total", app="metered", result="failed") == 0.0
+    assert value(scraped, "gdc_worker_publish_duration_seconds_count", app="metered") == 3.0
+    assert value(scraped, "gdc_worker_connected", app="metered") == 1.0
+    assert value(scraped, "gdc_worker_consumer_oldest_unacked_age_seconds", consumer=DURABLE) == 0
+    assert await anyio.to_thread.run_sync(get, port, "/readyz") == (200, "ok\n")
+    assert await anyio.to_thread.run_sync(get, port, "/healthz") == (200, "ok\n")
+    worker.send(signal.SIGTERM)
+    assert await worker.exit_code() == 0, worker.stderr
+
+
+async def test_consumer_gauges_show_a_backlog_and_its_age_then_0(
+    nats_config: NATSConfig, event_bus: NATSEventBus
+) -> None:
+    """Given a consumer bound with nothing consuming it, and the gauges read every 0.1 s,
+    when 5 events are published, then consumed by a worker,
+    then the gauges first show 5 pending and an oldest-unacked age above 0, then 0 and 0."""
+    app = App("svc", nats_config)
+    handled: list[str] = []
+
+    @app.on("node.up")
+    async def handle(event: Event) -> None:
+        handled.append(event.id)
+
+    await event_bus.ensure_consumer("svc-handle", nats_config.subject_for("node.up"))
+    for n in range(5):
+        await event_bus.publish_event(node_up(f"node-{n}"))
+    gauges = ConsumerGauges()
+    registry = CollectorRegistry()
+    registry.register(gauges)
+
+    def reading(name: str) -> float | None:
+        return registry.get_sample_value(f"gdc_worker_consumer_{name}", {"consumer": "svc-handle"})
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(watch_consumers, nats_config, ["svc-handle"], gauges, 0.1)
+        await eventually(lambda: reading("pending") == 5, "5 pending")
+        assert (reading("oldest_unacked_age_seconds") or 0) > 0
+        async with running(Worker(app, config=nats_config, grace=GRACE)):
+            await eventually(lambda: len(handled) == 5, "5 handled")
+            await eventually(
+                lambda: (reading("pending"), reading("ack_pending")) == (0, 0), "lag 0"
+            )
+        assert reading("oldest_unacked_age_seconds") == 0
+        tg.cancel_scope.cancel()
+
+
+async def test_readyz_waits_for_the_consumers_and_fails_while_stopping(
+    nats_config: NATSConfig, event_bus: NATSEventBus
+) -> None:
+    """Given a worker's endpoint started before the worker, and a handler that holds its event,
+    when the worker starts, then stops with the handler still running,
+    then /readyz says 503 before the worker runs, 200 once it is bound, and 503 `stopping`
+    as soon as it stops; /healthz says 200 all along (its loop answers)."""
+    endpoint_port = free_port()
+    app = App("svc", nats_config)
+    release = anyio.Event()
+    started = anyio.Event()
+
+    @app.on("node.up")
+    async def hold(event: Event) -> None:
+        started.set()
+        await release.wait()
+
+    worker = Worker(app, config=nats_config, grace=GRACE)
+    endpoint = HealthEndpoint(
+        endpoint_port, CollectorRegistry(), alive=LoopProbe(), ready=worker.not_ready
+    )
+    probe = await anyio.to_thread.run_sync(get, endpoint_port, "/readyz")  # not listening yet
+    assert probe[0] == 0
+    with endpoint:
+        status, body = await anyio.to_thread.run_sync(get, endpoint_port, "/readyz")
+        assert (status, body) == (503, "connecting to NATS\n")
+        async with running(worker):
+            assert await anyio.to_thread.run_sync(get, endpoint_port, "/readyz") == (200, "ok\n")
+            await event_bus.publish_event(node_up())
+            await started.wait()
+            worker.stop()
+            stopping = await anyio.to_thread.run_sync(get, endpoint_port, "/readyz")
+            healthy = await anyio.to_thread.run_sync(get, endpoint_port, "/healthz")
+            release.set()
+    assert stopping == (503, "stopping\n")
+    assert healthy == (200, "ok\n")
+
+
+async def test_healthz_fails_while_the_event_loop_is_blocked() -> None:
+    """Given an endpoint whose /healthz asks this event loop,
+    when the loop is blocked for 3 s while /healthz is asked,
+    then it answers 503 naming the loop; once unblocked, 200."""
+    endpoint_port = free_port()
+    answers: list[tuple[int, str]] = []
+    with HealthEndpoint(endpoint_port, CollectorRegistry(), alive=LoopProbe(), ready=lambda: None):
+        asked = threading.Thread(target=lambda: answers.append(get(endpoint_port, "/healthz")))
+        asked.start()
+        time.sleep(3)  # noqa: ASYNC251 - blocking the loop is the point
+        await anyio.to_thread.run_sync(asked.join)
+        after = await anyio.to_thread.run_sync(get, endpoint_port, "/healthz")
+    [(status, body)] = answers
+    assert status == 503
+    assert "event loop did not answer" in body
+    assert after == (200, "ok\n")
+
+
+async def test_processes_2_serve_one_endpoint_summing_the_replicas(
+    spawn: Spawn, nats_config: NATSConfig, event_bus: NATSEventBus
+) -> None:
+    """Given `gdc-worker run --processes 2 --metrics-port P`,
+    when 40 good events are handled and then one replica is killed with SIGKILL,
+    then the supervisor's /metrics counts 40 acked deliveries in one series (the replicas
+    summed), one value per consumer gauge, /readyz is 200 with both replicas ready, and after
+    the kill the count stays 40 and /readyz is 200 again once the replacement is ready."""
+    port = free_port()
+    supervisor = spawn(
+        "run",
+        "tests.apps.metered:app",
+        "--processes",
+        "2",
+        "--metrics-port",
+        str(port),
+        env=worker_env(nats_config),
+    )
+    replicas = await supervisor.ready(2)
+    for n in range(40):
+        await event_bus.publish_event(node_up("ok" if n % 2 else "flaky"))
+    acked = {**HANDLER, "consumer": DURABLE, "outcome": "acked"}
+
+    async def all_counted() -> dict[tuple[str, frozenset[tuple[str, str]]], float] | None:
+        scraped = await scrape(port)
+        lag = value(scraped, "gdc_worker_consumer_pending", consumer=DURABLE)
+        done = value(scraped, "gdc_worker_deliveries_total", **acked) == 40 and lag == 0
+        return scraped if done else None
+
+    scraped = await eventually(all_counted, "40 acked in one series", SCRAPE_TIMEOUT)
+    series = [key for key in scraped if key[0] == "gdc_worker_consumer_ack_pending"]
+    assert series == [("gdc_worker_consumer_ack_pending", frozenset({("consumer", DURABLE)}))]
+    assert not any("pid" in dict(labels) for _, labels in scraped)
+    await eventually(
+        lambda: get(port, "/readyz") == (200, "ok\n"), "both replicas ready", SCRAPE_TIMEOUT
+    )
+
+    os.kill(replicas[0], signal.SIGKILL)
+    await supervisor.ready(3)
+    assert not alive(replicas[0])
+    await eventually(
+        lambda: get(port, "/readyz") == (200, "ok\n"), "the replacement ready", SCRAPE_TIMEOUT
+    )
+    after = await scrape(port)
+    assert value(after, "gdc_worker_deliveries_total", **acked) == 40
+    supervisor.send(signal.SIGTERM)
+    assert await supervisor.exit_code() == 0, supervisor.stderr
+
+
+async def test_json_logs_carry_the_delivery_keys(
+    spawn: Spawn, nats_config: NATSConfig, event_bus: NATSEventBus
+) -> None:
+    """Given `gdc-worker run --log-format json`,
+    when a broken event is nak'd then dead-lettered,
+    then every stderr line is one JSON object, and the lines about the event carry its
+    event_id, trace_id, handler, consumer, deliveries and outcome."""
+    worker = spawn(
+        "run", "tests.apps.metered:app", "--log-format", "json", env=worker_env(nats_config)
+    )
+
+    def lines() -> list[dict[str, object]]:
+        return [json.loads(line) for line in Path(worker.stderr_path).read_text().splitlines()]
+
+    await eventually(
+        lambda: any(str(line["message"]).startswith("worker ready") for line in lines()),
+        "worker ready",
+    )
+    event = node_up("broken", trace_id="trace-42")
+    await event_bus.publish_event(event)
+    about = await eventually(
+        lambda: [line for line in lines() if line.get("event_id") == event.id and line["outcome"]][
+            1:
+        ],
+        "the nak and the dead letter logged",
+    )
+    worker.send(signal.SIGTERM)
+    assert await worker.exit_code() == 0
+    outcomes = [line["outcome"] for line in lines() if line.get("event_id") == event.id]
+    assert outcomes == ["nakd", "dead_lettered"]
+    for line in about:
+        assert line["trace_id"] == "trace-42"
+        assert (line["handler"], line["consumer"]) == ("judge", DURABLE)
+    assert [line["deliveries"] for line in lines() if line.get("event_id") == event.id] == [1, 2]
