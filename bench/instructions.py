@@ -3,9 +3,9 @@ depend on what else the machine is doing.
 
     python -m bench.instructions [--n 3000] [--baseline DIR]
 
-Runs the `gdc`, `gdc-hooked` and `gdc-traced` consumers of `bench.consumers` (and, with
-`--baseline`, the `gdc` consumer of another checkout, e.g. `git worktree add DIR REV`) under
-callgrind over N and 2N events, and reports (I(2N) - I(N)) / N for each, which cancels
+Runs the `gdc`, `gdc-hooked`, `gdc-metrics` and `gdc-traced` consumers of `bench.consumers`
+(and, with `--baseline`, the `gdc` consumer of another checkout, e.g. `git worktree add DIR
+REV`) under callgrind over N and 2N events, and reports (I(2N) - I(N)) / N for each, which cancels
 start-up, and their ratios.
 Wall-clock throughput (`bench.run`) on a shared 2-core machine moves by 10% or more between
 runs; this moves by well under 1%.
@@ -49,7 +49,7 @@ async def instructions(bench: Bench, root: Path, impl: str, n: int, out_dir: Pat
 
 
 async def main_async(args: argparse.Namespace) -> dict[str, float]:
-    cases = {name: (ROOT, name) for name in ("gdc", "gdc-hooked", "gdc-traced")}
+    cases = {name: (ROOT, name) for name in ("gdc", "gdc-hooked", "gdc-metrics", "gdc-traced")}
     if args.baseline is not None:
         cases["gdc baseline"] = (args.baseline, "gdc")
     per_event: dict[str, float] = {}
@@ -76,6 +76,7 @@ def main() -> int:
     per_event = anyio.run(main_async, args)
     ratios = {
         "gdc no-op hooks/no hooks": per_event["gdc-hooked"] / per_event["gdc"],
+        "gdc Metrics/no hooks": per_event["gdc-metrics"] / per_event["gdc"],
         "gdc Tracing/no hooks": per_event["gdc-traced"] / per_event["gdc"],
     }
     if "gdc baseline" in per_event:
