@@ -129,6 +129,8 @@ class TestApp:
     Hooks run as in production: the delivery points, `publishing` and `published` around
     `ctx.publish`, `worker_ready` on entering and `worker_stopping` on leaving the block, where
     handlers still running are cancelled. Handler calls are not limited by `concurrency`.
+    A running handler is kept in progress, as the worker's keep-alive does, so its delivery
+    never expires at `ack_wait`; expiry through a blocked event loop is not simulated.
     """
 
     __test__ = False  # a test helper, not a test class for pytest to collect
