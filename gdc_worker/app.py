@@ -203,8 +203,9 @@ class HandlerSpec(HandlerOptions):
     takes_context: bool
     call: Callable[..., Awaitable[Any]] = field(repr=False, compare=False)
 
-    def arguments(self, event: Event, ctx: Context) -> tuple[Any, ...]:
-        """What the handler is called with: `(event)` or `(event, ctx)`."""
+    def arguments(self, event: Event, ctx: Context | None) -> tuple[Any, ...]:
+        """What the handler is called with: `(event)`, or `(event, ctx)` for a handler that
+        takes a context (`ctx` is None for one that does not: none is built)."""
         return (event, ctx) if self.takes_context else (event,)
 
 

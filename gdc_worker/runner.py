@@ -296,7 +296,8 @@ class SettlePath(Generic[D]):
         included; only a cancellation of ours (a forced stop) ends the call early.
         """
         spec = self.spec
-        args = spec.arguments(event, Context(self._bus, event, delivery, spec.name))
+        ctx = Context(self._bus, event, delivery, spec.name) if spec.takes_context else None
+        args = spec.arguments(event, ctx)
         self.running += 1
         try:
             try:
