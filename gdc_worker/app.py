@@ -8,7 +8,7 @@ import math
 import re
 from collections.abc import Awaitable, Callable, MutableMapping, Sequence
 from dataclasses import dataclass, field, fields
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import anyio
 
@@ -19,15 +19,13 @@ from .hooks import Hook, Hooks
 from .retry import DEFAULT_BACKOFF, DEFAULT_RETRY, RetryPolicy
 from .subjects import check_pattern, safe_name
 
-if TYPE_CHECKING:
-    from .bus import NATSEventBus
-    from .bus.pull import Delivery
-
 __all__ = [
     "App",
     "Context",
+    "DeliveryFacts",
     "HandlerOptions",
     "HandlerSpec",
+    "Publisher",
     "as_async",
     "check_concurrency",
     "handler_spec",
@@ -39,12 +37,27 @@ _DURABLE = re.compile(r"^[A-Za-z0-9_-]+$")
 _APP_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 
 
+class Publisher(Protocol):
+    """Where `Context.publish` sends events: a `NATSEventBus`, or the in-memory `TestApp`."""
+
+    async def publish_event(self, event: Event) -> int: ...
+
+
+class DeliveryFacts(Protocol):
+    """What `Context` tells of a delivery: a `Delivery` has it, so does the test app's."""
+
+    @property
+    def deliveries(self) -> int: ...
+    @property
+    def stream_seq(self) -> int: ...
+
+
 class Context:
     """What a handler may use besides the event: publishing, delivery facts and a logger."""
 
     __slots__ = ("_bus", "_delivery", "event", "handler")
 
-    def __init__(self, bus: NATSEventBus, event: Event, delivery: Delivery, handler: str) -> None:
+    def __init__(self, bus: Publisher, event: Event, delivery: DeliveryFacts, handler: str) -> None:
         self._bus = bus
         self._delivery = delivery  # the worker settles it: handlers must not
         self.event = event
@@ -194,6 +207,11 @@ class HandlerSpec(HandlerOptions):
     func: HandlerFunc
     takes_context: bool
     call: Callable[..., Awaitable[Any]] = field(repr=False, compare=False)
+
+    def arguments(self, event: Event, ctx: Context | None) -> tuple[Any, ...]:
+        """What the handler is called with: `(event)`, or `(event, ctx)` for a handler that
+        takes a context (`ctx` is None for one that does not: none is built)."""
+        return (event, ctx) if self.takes_context else (event,)
 
 
 def handler_spec(

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from .app import HandlerSpec
-    from .bus.pull import Delivery
+    from .dlq import FailedMessage
     from .events import Event
 
 __all__ = ["DELIVERY_KEYS", "JSONFormatter", "delivery_fields"]
@@ -24,7 +24,7 @@ DELIVERY_KEYS = ("event_id", "trace_id", "handler", "consumer", "deliveries", "o
 
 
 def delivery_fields(
-    spec: HandlerSpec, delivery: Delivery, event: Event | None, outcome: str
+    spec: HandlerSpec, delivery: FailedMessage, event: Event | None, outcome: str
 ) -> dict[str, Any]:
     """The `extra` of a log line about `delivery`; `event` is None for one that did not decode."""
     return {

@@ -117,8 +117,8 @@ class Metrics(Hook):
         self.reconnects = Counter(
             "gdc_worker_reconnects", "Reconnections to NATS after a drop.", ["app"], registry=r
         )
-        #: Attempts so far of each delivery being handled, by its (unique) reply subject.
-        self._attempts: dict[str, int] = {}
+        #: Attempts so far of each delivery being handled, by consumer, sequence and count.
+        self._attempts: dict[tuple[str, int, int], int] = {}
 
     def worker_ready(self, app: str, handlers: Sequence[HandlerSpec]) -> None:
         for spec in handlers:
@@ -137,10 +137,11 @@ class Metrics(Hook):
             self.redeliveries.labels(self.app, handler.name).inc()
 
     def call_started(self, handler: HandlerSpec, delivery: Delivery, event: Event) -> None:
-        attempts = self._attempts.get(delivery.reply, 0)
+        key = (handler.durable, delivery.stream_seq, delivery.deliveries)
+        attempts = self._attempts.get(key, 0)
         if attempts:
             self.retries.labels(self.app, handler.name).inc()
-        self._attempts[delivery.reply] = attempts + 1
+        self._attempts[key] = attempts + 1
         self.in_flight.labels(self.app, handler.name).inc()
 
     def call_finished(
@@ -157,7 +158,7 @@ class Metrics(Hook):
     def delivery_settled(
         self, handler: HandlerSpec, delivery: Delivery, decision: Decision
     ) -> None:
-        self._attempts.pop(delivery.reply, None)
+        self._attempts.pop((handler.durable, delivery.stream_seq, delivery.deliveries), None)
         outcome = outcome_of(decision)
         self.deliveries.labels(self.app, handler.name, handler.durable, outcome).inc()
 

@@ -117,8 +117,11 @@ async def retry_failed(
     policy: RetryPolicy | None,
     attempt: Callable[[], Awaitable[Any]],
     failure: BaseException,
+    *,
+    sleep: Callable[[float], Awaitable[Any]] = anyio.sleep,
 ) -> BaseException | None:
-    """After a first attempt failed with `failure`, retry as `policy` says.
+    """After a first attempt failed with `failure`, retry as `policy` says, waiting between
+    attempts with `sleep` (the in-memory test app passes its virtual clock's).
 
     Returns None once an attempt succeeds, else the error the last attempt ended with. The
     first attempt runs outside tenacity, so a handler that succeeds pays nothing for it.
@@ -147,6 +150,6 @@ async def retry_failed(
                 return None
         elif isinstance(action, DoSleep):
             state.prepare_for_next_attempt()
-            await anyio.sleep(float(action))
+            await sleep(float(action))
         else:  # tenacity returned instead of raising: settle as the failure it is, never an ack
             return state.outcome.exception() if state.outcome is not None else failure

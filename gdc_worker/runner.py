@@ -1,8 +1,9 @@
 """One handler's deliveries, from its pull consumer to their settlement: the one settle path.
 
 `HandlerRunner` runs a bounded pool of workers over one durable pull consumer. Every delivery a
-worker takes is settled once, in `_settle`: ack, nak with a delay, or dead-letter then
-terminate (nak instead if the dead letter cannot be written). The only other settlement is the
+worker takes is settled once, by its `SettlePath`: ack, nak with a delay, or dead-letter then
+terminate (nak instead if the dead letter cannot be written); the in-memory test app settles
+its deliveries on the same path. The only other settlement is the
 immediate nak of a delivery handed back on shutdown: one taken after stopping, or one whose
 handler a forced stop cancelled. `Worker` and the bus's subscriptions both run on it.
 """
@@ -12,11 +13,13 @@ from __future__ import annotations
 import functools
 import logging
 import time
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
 import anyio
 
-from .app import Context, HandlerSpec
+from .app import Context, HandlerSpec, Publisher
+from .dlq import FailedMessage
 from .errors import EventDecodeError, GDCWorkerError, describe, one_error
 from .events import Event
 from .hooks import Hooks
@@ -29,7 +32,14 @@ if TYPE_CHECKING:
     from .bus.pull import Delivery, PullConsumer
     from .dlq import DeadLetterQueue
 
-__all__ = ["ConsumerLoop", "HandlerRunner", "consumer_max_ack_pending"]
+__all__ = [
+    "ConsumerLoop",
+    "DeadLetterSink",
+    "HandlerRunner",
+    "SettlePath",
+    "Settleable",
+    "consumer_max_ack_pending",
+]
 
 log = logging.getLogger("gdc_worker.worker")
 
@@ -178,13 +188,14 @@ class HandlerRunner(ConsumerLoop):
             spec.ack_wait,
         )
         self.spec = spec
-        self._dlq = dlq
-        self._hooks = hooks
-        # Neither a timeout nor a hook around the call: the handler is called directly.
-        self._bare = spec.timeout is None and not (hooks.call_started or hooks.call_finished)
-        # What the consumer really does, once `prepare()` bound it: an existing consumer may
-        # deliver fewer times than the handler's max_deliver, or want acks sooner.
-        self._max_deliver = spec.max_deliver
+        self._path: SettlePath[Delivery] = SettlePath(
+            bus, dlq, spec, hooks, self._consumer.hand_back
+        )
+
+    @property
+    def running(self) -> int:
+        """Handler calls running right now."""
+        return self._path.running
 
     async def prepare(self) -> None:
         """Create the durable consumer (or bind the existing one as it is), then start pulling.
@@ -208,11 +219,81 @@ class HandlerRunner(ConsumerLoop):
             await self._forget()
             raise
         if bound.max_deliver > 0:
-            self._max_deliver = min(spec.max_deliver, bound.max_deliver)
+            # An existing consumer may deliver fewer times than the handler's max_deliver.
+            self._path.max_deliver = min(spec.max_deliver, bound.max_deliver)
         self._ack_wait = min(spec.ack_wait, bound.ack_wait)
         await self._start()
 
     async def _process(self, delivery: Delivery) -> None:
+        await self._path.process(delivery)
+
+    async def _hand_back(self, delivery: Delivery) -> None:
+        await self._path.hand_back(delivery)
+
+
+class Settleable(FailedMessage, Protocol):
+    """A delivery as the settle path sees it: the message, and the ways to settle it.
+
+    A `Delivery` is one; so is the in-memory test app's.
+    """
+
+    async def ack(self) -> None: ...
+    async def nak(self, delay: float = 0.0) -> None: ...
+    async def term(self, reason: str = "") -> None: ...
+
+
+class DeadLetterSink(Protocol):
+    """Where the settle path records what it gives up on: a `DeadLetterQueue`, or in memory."""
+
+    @property
+    def stream(self) -> str: ...
+
+    async def record(
+        self,
+        *,
+        reason: str,
+        consumer: str,
+        handler: str,
+        delivery: FailedMessage,
+        error: BaseException | None,
+    ) -> int: ...
+
+
+D = TypeVar("D", bound=Settleable)
+
+
+class SettlePath(Generic[D]):
+    """One handler's deliveries from decoding to settlement: decode, call (retries, timeout,
+    hooks), `decide()`, then settle once. `HandlerRunner` and the in-memory `TestApp` share it.
+
+    `hand_back` returns a delivery whose call a cancellation of ours (a forced stop) ended;
+    `sleep` waits between in-process attempts (the test app's runs on its virtual clock).
+    """
+
+    def __init__(
+        self,
+        publisher: Publisher,
+        dlq: DeadLetterSink,
+        spec: HandlerSpec,
+        hooks: Hooks,
+        hand_back: Callable[[D], Awaitable[None]],
+        *,
+        sleep: Callable[[float], Awaitable[None]] = anyio.sleep,
+    ) -> None:
+        self.spec = spec
+        self._bus = publisher
+        self._dlq = dlq
+        self._hooks = hooks
+        self._give_back = hand_back
+        self._sleep = sleep
+        self.running = 0
+        # Neither a timeout nor a hook around the call: the handler is called directly.
+        self._bare = spec.timeout is None and not (hooks.call_started or hooks.call_finished)
+        #: Deliveries before the dead letter: the handler's, or fewer if its consumer says so.
+        self.max_deliver = spec.max_deliver
+
+    async def process(self, delivery: D) -> None:
+        """Decode, call the handler and settle `delivery` once."""
         spec = self.spec
         if self._hooks.delivery_received:
             self._hooks.run("delivery_received", spec, delivery)
@@ -221,25 +302,24 @@ class HandlerRunner(ConsumerLoop):
         except EventDecodeError as exc:
             await self._settle(delivery, None, DeadLetter(str(exc)), exc)
             return
-        dead = exhausted(delivery.deliveries, self._max_deliver)
+        dead = exhausted(delivery.deliveries, self.max_deliver)
         if dead is not None:
             await self._settle(delivery, event, dead, None)
             return
         error = await self._call(delivery, event)
-        decision = decide(error, delivery.deliveries, self._max_deliver, spec.backoff)
+        decision = decide(error, delivery.deliveries, self.max_deliver, spec.backoff)
         await self._settle(delivery, event, decision, error)
 
-    async def _call(self, delivery: Delivery, event: Event) -> BaseException | None:
+    async def _call(self, delivery: D, event: Event) -> BaseException | None:
         """Run the handler with its retries and timeout; the error it ended with, if any.
 
         Anything the handler raises is its failure, `SystemExit` and its own `CancelledError`
         included; only a cancellation of ours (a forced stop) ends the call early.
         """
         spec = self.spec
-        args: tuple[Any, ...] = (event,)
-        if spec.takes_context:
-            args = (event, Context(self._bus, event, delivery, spec.name))
-        self._running += 1
+        ctx = Context(self._bus, event, delivery, spec.name) if spec.takes_context else None
+        args = spec.arguments(event, ctx)
+        self.running += 1
         try:
             try:
                 if self._bare:  # the fast path: no timeout, no hook around the call
@@ -252,16 +332,16 @@ class HandlerRunner(ConsumerLoop):
                     raise
                 first_error = exc
             attempt = functools.partial(self._attempt, args, delivery, event)
-            return await retry_failed(spec.retry, attempt, first_error)
+            return await retry_failed(spec.retry, attempt, first_error, sleep=self._sleep)
         except anyio.get_cancelled_exc_class():
             with anyio.CancelScope(shield=True):
                 # Cancelled by a forced stop: let another replica have it.
-                await self._hand_back(delivery)
+                await self.hand_back(delivery)
             raise
         finally:
-            self._running -= 1
+            self.running -= 1
 
-    async def _attempt(self, args: tuple[Any, ...], delivery: Delivery, event: Event) -> None:
+    async def _attempt(self, args: tuple[Any, ...], delivery: Settleable, event: Event) -> None:
         """One call of the handler, within its timeout, between the call hooks."""
         hooks, spec = self._hooks, self.spec
         hooks.run("call_started", spec, delivery, event)
@@ -277,15 +357,15 @@ class HandlerRunner(ConsumerLoop):
             raise
         hooks.run("call_finished", spec, delivery, event, None, time.perf_counter() - started)
 
-    async def _hand_back(self, delivery: Delivery) -> None:
-        """The hand-back is a settlement too: the hooks see it as a nak without delay."""
-        await super()._hand_back(delivery)
+    async def hand_back(self, delivery: D) -> None:
+        """Give `delivery` back to the stream at once; the hooks see it settled as `Nak(0)`."""
+        await self._give_back(delivery)
         if self._hooks.delivery_settled:
             self._hooks.run("delivery_settled", self.spec, delivery, Nak(0.0))
 
     async def _settle(
         self,
-        delivery: Delivery,
+        delivery: Settleable,
         event: Event | None,
         decision: Decision,
         error: BaseException | None,
@@ -316,7 +396,7 @@ class HandlerRunner(ConsumerLoop):
 
     async def _dead_letter(
         self,
-        delivery: Delivery,
+        delivery: Settleable,
         event: Event | None,
         decision: DeadLetter,
         error: BaseException | None,
@@ -358,5 +438,5 @@ class HandlerRunner(ConsumerLoop):
         return decision
 
 
-def _what(delivery: Delivery, event: Event | None) -> str:
+def _what(delivery: Settleable, event: Event | None) -> str:
     return f"event {event.id}" if event is not None else f"message #{delivery.stream_seq}"

@@ -1,4 +1,5 @@
-"""Fixtures shared by the suite: a real nats-server from `gdc_worker.testing`, asyncio via anyio."""
+"""Fixtures of the suite's own; `gdc_worker.testing`'s (a real nats-server, the asyncio backend)
+come from its pytest plugin, which installing gdc-worker registers."""
 
 from collections.abc import AsyncIterator
 
@@ -7,14 +8,6 @@ import pytest
 from nats.js import JetStreamContext
 
 from gdc_worker import NATSConfig
-
-pytest_plugins = ["gdc_worker.testing"]
-
-
-@pytest.fixture
-def anyio_backend() -> str:
-    """nats-py runs on asyncio only."""
-    return "asyncio"
 
 
 @pytest.fixture

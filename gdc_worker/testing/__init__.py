@@ -1,32 +1,42 @@
-"""Pytest fixtures on a real `nats-server`: `pytest_plugins = ["gdc_worker.testing"]` enables them.
+"""Testing gdc-worker apps: the in-memory `TestApp`, and pytest fixtures on a real `nats-server`.
 
-- `nats_server`: one server per test session.
+Installing gdc-worker registers this module as a pytest plugin (the `pytest11` entry point), so
+its fixtures need no `pytest_plugins`:
+
+- `nats_server`: one server per test session; its tests are skipped, saying why, when no
+  `nats-server` binary is found (a `GDC_NATS_SERVER` that names none is an error instead).
 - `nats_config`: a `NATSConfig` for that server with a stream and subjects of the test's own,
   so tests never see each other's events (`isolated_config` makes one for any server).
 - `event_bus`: a connected `NATSEventBus` on that config (async tests, anyio plugin).
 - `nats_cluster`: a `NATSCluster` of three routed `nats-server -js` nodes of the test's own,
   for failover tests (kill a node, find a stream's leader); stopped after the test.
+- `anyio_backend`: "asyncio", since nats-py runs on asyncio only.
 """
 
 from __future__ import annotations
 
 import itertools
+import os
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
 from ..bus import NATSEventBus
 from ..config import NATSConfig
-from ..server import NATSServer
+from ..errors import NATSServerError
+from ..server import NATSServer, find_nats_server
+from .app import TestApp
 from .cluster import FORM_TIMEOUT_S, NATSCluster
 
 __all__ = [
     "NATSCluster",
+    "TestApp",
     "event_bus",
     "isolated_config",
     "nats_cluster",
     "nats_config",
     "nats_server",
+    "pytest_configure",
 ]
 
 _counter = itertools.count(1)
@@ -51,10 +61,38 @@ def isolated_config(url: str) -> NATSConfig:
     )
 
 
+def _server_binary() -> str:
+    """The nats-server binary, or a skip saying how to get one; a `GDC_NATS_SERVER` naming no
+    executable fails the test's setup instead, since that is a mistake to fix, not a gap."""
+    try:
+        return find_nats_server()
+    except NATSServerError as exc:
+        if os.environ.get("GDC_NATS_SERVER"):
+            raise
+        pytest.skip(str(exc))
+
+
+class _AsyncioOnly:
+    """Holds `anyio_backend`, registered after every installed plugin (`pytest_configure`): of
+    two plugins' fixtures the later one wins, and anyio's own runs each async test on every
+    backend it finds installed, trio included."""
+
+    @pytest.fixture(scope="module")
+    @staticmethod
+    def anyio_backend() -> str:
+        """Async tests and fixtures run on asyncio: nats-py does not support trio."""
+        return "asyncio"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Pin anyio's backend to asyncio for the whole run."""
+    config.pluginmanager.register(_AsyncioOnly(), "gdc_worker.testing.asyncio")
+
+
 @pytest.fixture(scope="session")
 def nats_server() -> Iterator[NATSServer]:
     """A nats-server with JetStream on a free loopback port, for the whole session."""
-    with NATSServer() as server:
+    with NATSServer(binary=_server_binary()) as server:
         yield server
 
 
@@ -79,5 +117,5 @@ def nats_cluster() -> Iterator[NATSCluster]:
     `NATSServerError` (naming what each node saw) if that takes over `FORM_TIMEOUT_S`.
     Every node is stopped and its store removed after the test, killed ones included.
     """
-    with NATSCluster(3, form_timeout=FORM_TIMEOUT_S) as cluster:
+    with NATSCluster(3, binary=_server_binary(), form_timeout=FORM_TIMEOUT_S) as cluster:
         yield cluster

@@ -1,0 +1,275 @@
+"""TestApp: handlers run in memory on a virtual clock, with the worker's settlement."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import pytest
+
+from gdc_worker import (
+    App,
+    Context,
+    Decision,
+    Delivery,
+    Event,
+    HandlerSpec,
+    Hook,
+    Reject,
+    Retry,
+    RetryPolicy,
+    WorkerError,
+    new_node_down_event,
+)
+from gdc_worker.testing import TestApp
+from tests.support import node_up
+
+pytestmark = pytest.mark.anyio
+
+
+class Clock:
+    """The test app a handler reads the virtual clock of."""
+
+    test: TestApp | None = None
+
+    @property
+    def now(self) -> float:
+        assert self.test is not None
+        return self.test.now
+
+
+async def test_a_five_delivery_backoff_runs_on_the_virtual_clock() -> None:
+    """Given a handler that always fails, the default backoff (1, 5, 30, 60 s) and max_deliver 5,
+    when an event is published and the test app joined,
+    then the handler ran on deliveries 1 to 5 at virtual seconds 0, 1, 6, 36 and 96, and the
+    event is dead-lettered on delivery 5, with no real wait for any of it."""
+    app = App("svc")
+    clock = Clock()
+    calls: list[tuple[int, float]] = []
+
+    @app.on("node.up", retry=None)
+    async def fails(event: Event, ctx: Context) -> None:
+        calls.append((ctx.deliveries, clock.now))
+        raise ConnectionError("upstream down")
+
+    async with TestApp(app) as t:
+        clock.test = t
+        await t.publish(node_up())
+        await t.join()
+
+    assert calls == [(1, 0.0), (2, 1.0), (3, 6.0), (4, 36.0), (5, 96.0)]
+    assert [(r.reason, r.deliveries, r.error_type) for r in t.dead_letters] == [
+        ("failed on delivery 5 of 5", 5, "ConnectionError")
+    ]
+
+
+async def test_publish_runs_what_is_due_now_and_advance_what_falls_due() -> None:
+    """Given a handler that asks for a redelivery in 30 s the first time,
+    when an event is published, then the clock advanced by 29 s, then by 1 s more,
+    then the handler ran once after the publish, still once at 29 s, and again at 30 s."""
+    app = App("svc")
+    deliveries: list[int] = []
+
+    @app.on("node.up")
+    async def later(event: Event, ctx: Context) -> None:
+        deliveries.append(ctx.deliveries)
+        if ctx.deliveries == 1:
+            raise Retry(30)
+
+    async with TestApp(app) as t:
+        await t.publish(node_up())
+        after_publish = list(deliveries)
+        await t.advance(29)
+        at_29 = list(deliveries)
+        await t.advance(1)
+
+    assert (after_publish, at_29, deliveries) == ([1], [1], [1, 2])
+    assert t.now == 30.0
+
+
+async def test_in_process_retry_waits_run_on_the_virtual_clock() -> None:
+    """Given a retry policy of three attempts 10 s apart and a handler that succeeds on its
+    third, when an event is published and joined,
+    then all three attempts ran on delivery 1 and the virtual clock moved at least 20 s."""
+    app = App("svc")
+    deliveries: list[int] = []
+
+    @app.on("node.up", retry=RetryPolicy.attempts(3, initial=10, maximum=10))
+    async def third_time_lucky(event: Event, ctx: Context) -> None:
+        deliveries.append(ctx.deliveries)
+        if len(deliveries) < 3:
+            raise ConnectionError("not yet")
+
+    async with TestApp(app) as t:
+        await t.publish(node_up())
+        await t.join()
+
+    assert deliveries == [1, 1, 1]
+    assert t.now >= 20.0
+    assert t.dead_letters == []
+
+
+async def test_join_fail_fast_reraises_the_error_an_event_was_dead_lettered_on() -> None:
+    """Given a handler that rejects node-bad and fails once on node-flaky,
+    when both are published and joined with fail_fast,
+    then the Reject is raised inside the test (node-flaky's passing failure is not), once."""
+    app = App("svc")
+
+    @app.on("node.up", retry=None)
+    async def check(event: Event, ctx: Context) -> None:
+        if event.subject == "node-bad":
+            raise Reject("unknown node")
+        if ctx.deliveries == 1:
+            raise ConnectionError("busy")
+
+    async with TestApp(app) as t:
+        await t.publish(node_up("node-flaky"))
+        await t.publish(node_up("node-bad"))
+        with pytest.raises(Reject, match="unknown node"):
+            await t.join(fail_fast=True)
+        await t.join(fail_fast=True)  # reported once
+
+    assert [r.reason for r in t.dead_letters] == ["rejected: unknown node"]
+
+
+async def test_join_without_fail_fast_keeps_errors_in_the_dead_letters() -> None:
+    """Given a handler that rejects everything, when an event is joined without fail_fast,
+    then nothing is raised and the dead letter names the rejection."""
+    app = App("svc")
+
+    @app.on("node.up")
+    async def refuse(event: Event) -> None:
+        raise Reject("no")
+
+    async with TestApp(app) as t:
+        await t.publish(node_up())
+        await t.join()
+
+    assert [(r.reason, r.consumer, r.handler) for r in t.dead_letters] == [
+        ("rejected: no", "svc-refuse", "refuse")
+    ]
+
+
+class Journal(Hook):
+    """Notes the hook points the test app calls."""
+
+    def __init__(self) -> None:
+        self.notes: list[tuple[object, ...]] = []
+
+    def worker_ready(self, app: str, handlers: Sequence[HandlerSpec]) -> None:
+        self.notes.append(("ready", app, tuple(h.name for h in handlers)))
+
+    def worker_stopping(self, app: str) -> None:
+        self.notes.append(("stopping", app))
+
+    def call_finished(
+        self,
+        handler: HandlerSpec,
+        delivery: Delivery,
+        event: Event,
+        error: BaseException | None,
+        duration_s: float,
+    ) -> None:
+        self.notes.append(("finished", delivery.deliveries, type(error).__name__))
+
+    def delivery_settled(
+        self, handler: HandlerSpec, delivery: Delivery, decision: Decision
+    ) -> None:
+        self.notes.append(("settled", delivery.deliveries, type(decision).__name__))
+
+    def published(
+        self,
+        subject: str,
+        event: Event,
+        outcome: str,
+        error: BaseException | None,
+        duration_s: float,
+    ) -> None:
+        self.notes.append(("published", event.type, outcome))
+
+
+async def test_hooks_see_what_they_see_in_production() -> None:
+    """Given an app with a hook and a handler that fails once, then publishes a node.down twice,
+    when an event is published and joined,
+    then the hook saw the app ready, each attempt and settlement, the publish stored and then
+    found a duplicate (the same event id), and the app stopping."""
+    journal = Journal()
+    app = App("svc", hooks=[journal])
+    down = new_node_down_event("svc", "node-1", "heartbeat lost")
+
+    @app.on("node.up", retry=None, backoff=(2.0,))
+    async def report(event: Event, ctx: Context) -> None:
+        if ctx.deliveries == 1:
+            raise ConnectionError("busy")
+        await ctx.publish(down)
+        await ctx.publish(down)
+
+    async with TestApp(app) as t:
+        await t.publish(node_up())
+        await t.join()
+
+    assert journal.notes == [
+        ("ready", "svc", ("report",)),
+        ("finished", 1, "ConnectionError"),
+        ("settled", 1, "Nak"),
+        ("published", "node.down", "stored"),
+        ("published", "node.down", "duplicate"),
+        ("finished", 2, "NoneType"),
+        ("settled", 2, "Ack"),
+        ("stopping", "svc"),
+    ]
+    assert t.published == [down, down]
+
+
+async def test_ctx_publish_reaches_the_matching_handlers_of_every_app() -> None:
+    """Given a monitor app that turns node.up into node.down, and an alerts app with a handler
+    on node.* and one on pin.*,
+    when a node.up is published,
+    then node.* saw the node.up and the node.down, pin.* nothing, and the trace id carried."""
+    monitor, alerts = App("monitor"), App("alerts")
+    seen: list[tuple[str, str]] = []
+
+    @monitor.on("node.up")
+    async def flip(event: Event, ctx: Context) -> None:
+        await ctx.publish(new_node_down_event("monitor", event.subject, "flipped"))
+
+    @alerts.on("node.*")
+    async def nodes(event: Event) -> None:
+        seen.append(("nodes", event.type))
+
+    @alerts.on("pin.*")
+    async def pins(event: Event) -> None:
+        seen.append(("pins", event.type))
+
+    async with TestApp(monitor, alerts) as t:
+        await t.publish(node_up(trace_id="trace-1"))
+        await t.join()
+
+    assert seen == [("nodes", "node.up"), ("nodes", "node.down")]
+    assert [(e.type, e.trace_id) for e in t.published] == [("node.down", "trace-1")]
+
+
+async def test_two_apps_on_one_durable_are_refused() -> None:
+    """Given two apps whose handlers share a durable name, when a test app is made of both,
+    then WorkerError names the durable."""
+    first, second = App("a"), App("b")
+
+    @first.on("node.up", durable="shared")
+    async def one(event: Event) -> None: ...
+
+    @second.on("node.up", durable="shared")
+    async def other(event: Event) -> None: ...
+
+    with pytest.raises(WorkerError, match="durable 'shared'"):
+        TestApp(first, second)
+
+
+async def test_publishing_outside_the_block_says_how_to_use_it() -> None:
+    """Given a test app not entered, when an event is published, then WorkerError says to use
+    `async with`."""
+    app = App("svc")
+
+    @app.on("node.up")
+    async def handle(event: Event) -> None: ...
+
+    with pytest.raises(WorkerError, match="async with TestApp"):
+        await TestApp(app).publish(node_up())
