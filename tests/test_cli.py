@@ -1057,7 +1057,10 @@ def test_dlq_unknown_id_exits_1_with_one_error_line(
 
     assert result.exit_code == 1, result.output
     stream = dead_letters.config.dlq_stream_name
-    assert result.stderr.splitlines() == [f"Error: no dead letter with id {entry} in {stream}"]
+    said = f"Error: no dead letter with id {entry} in {stream}"
+    if command == ["replay"]:
+        said = f"Error: dead letter #{entry} not replayed: no such dead letter in {stream}"
+    assert result.stderr.splitlines() == [said]
     assert dead_letters.pairs(dead_letters.rows()) == left
 
 
@@ -1091,7 +1094,9 @@ def test_dlq_replay_redelivers_the_same_event_at_once_and_removes_the_entry(
 
     assert result.exit_code == 0, result.output
     subject = dead_letters.config.subject_for("node.up")
-    assert result.stdout == f"replayed #{entry}: event {event.id} to {subject}\n"
+    said, summary = result.stdout.splitlines()
+    assert said == f"replayed #{entry}: event {event.id} to {subject}"
+    assert re.fullmatch(r"replayed 1, failed 0, in \d+\.\d s, \d+/s", summary)
     wait_until(
         lambda: dead_letters.accepted("inspect_nodes", "bad-1"),
         "the replayed event accepted",
@@ -1103,14 +1108,16 @@ def test_dlq_replay_redelivers_the_same_event_at_once_and_removes_the_entry(
 def test_dlq_replay_all_of_a_type(dead_letters: DeadLetters) -> None:
     """Given dead letters of node.up and node.down events, and handlers that now accept them,
     when `dlq replay --all --type node.down` runs,
-    then both node.down entries are replayed and removed, and the node.up one stays."""
+    then both node.down entries are replayed and removed (-v names each), and the node.up
+    one stays."""
     downs = [row["id"] for row in dead_letters.rows("--type", "node.down")]
     dead_letters.checks.accept_all()
 
-    result = dead_letters.cli("replay", "--all", "--type", "node.down")
+    result = dead_letters.cli("replay", "--all", "--type", "node.down", "-v")
 
     assert result.exit_code == 0, result.output
     assert [int(n) for n in re.findall(r"^replayed #(\d+): ", result.stdout, re.M)] == downs
+    assert result.stdout.splitlines()[-1].startswith("replayed 2, failed 0, in ")
     assert dead_letters.pairs(dead_letters.rows()) == {(INSPECT, "bad-1")}
     wait_until(
         lambda: (
@@ -1128,7 +1135,7 @@ def test_dlq_replay_all_of_a_type(dead_letters: DeadLetters) -> None:
     [
         ([], "give entry IDs or --all"),
         (["1", "--all"], "give entry IDs or --all"),
-        (["1", "--type", "node.down"], "--type and --consumer go with --all"),
+        (["1", "--type", "node.down"], "--type, --consumer, --since and --error go with --all"),
     ],
     ids=["neither", "both", "ids-with-filter"],
 )
