@@ -44,6 +44,7 @@ from gdc_worker import (
     new_node_up_event,
 )
 from gdc_worker.cli import main
+from gdc_worker.cli.dlq import since_time
 from tests.support import alive, eventually, free_port, settled, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -1287,3 +1288,32 @@ async def test_server_prints_its_url_serves_jetstream_and_stops_on_signal(
     assert server.stdout.endswith("nats-server stopped\n")
     with pytest.raises(ConnectionRefusedError):
         socket.create_connection(("127.0.0.1", port), timeout=5.0).close()
+
+
+NOW = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
+
+
+@pytest.mark.parametrize(
+    ("given", "expected"),
+    [
+        ("30s", NOW - timedelta(seconds=30)),
+        ("10m", NOW - timedelta(minutes=10)),
+        ("1.5h", NOW - timedelta(minutes=90)),
+        ("2d", NOW - timedelta(days=2)),
+        ("2024-05-01T10:00:00+02:00", datetime(2024, 5, 1, 8, 0, tzinfo=UTC)),
+        ("2024-05-01T10:00:00Z", datetime(2024, 5, 1, 10, 0, tzinfo=UTC)),
+        ("2024-05-01", datetime(2024, 5, 1).astimezone(UTC)),
+    ],
+)
+def test_since_takes_an_age_or_an_iso_time(given: str, expected: datetime) -> None:
+    """Given a --since value: an age (s, m, h, d) or an ISO time with or without an offset,
+    then it means that long before now, or that time (local time without an offset)."""
+    assert since_time(given, now=NOW) == expected
+
+
+@pytest.mark.parametrize("given", ["", "yesterday", "10", "10 m", "-5m", "2024-13-01"])
+def test_since_refuses_anything_else_saying_what_it_takes(given: str) -> None:
+    """Given a --since value that is neither an age nor an ISO time,
+    then it raises a ValueError naming the value and what it takes."""
+    with pytest.raises(ValueError, match=rf"--since {re.escape(repr(given))}: give a time ago"):
+        since_time(given, now=NOW)

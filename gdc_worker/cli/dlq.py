@@ -404,6 +404,7 @@ class _Progress:
             label="replaying",
             file=sys.stderr,
             show_pos=True,
+            show_percent=True,
             show_eta=True,
             item_show_func=lambda rate: f"{rate:,.0f}/s" if rate is not None else None,
         )
