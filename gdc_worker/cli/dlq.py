@@ -334,9 +334,7 @@ def _targets(
 @click.option(
     "--rate", callback=_rate, metavar="N", help="At most N records per second (default: no limit)."
 )
-@click.option(
-    "-v", "--verbose", is_flag=True, help="A line per record replayed (always with IDs)."
-)
+@click.option("-v", "--verbose", is_flag=True, help="A line per record replayed (always with IDs).")
 def dlq_replay(
     url: str | None,
     creds: str | None,
