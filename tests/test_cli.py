@@ -44,6 +44,7 @@ from gdc_worker import (
     new_node_up_event,
 )
 from gdc_worker.cli import main
+from gdc_worker.cli.dlq import since_time
 from tests.support import alive, eventually, free_port, settled, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -1057,7 +1058,10 @@ def test_dlq_unknown_id_exits_1_with_one_error_line(
 
     assert result.exit_code == 1, result.output
     stream = dead_letters.config.dlq_stream_name
-    assert result.stderr.splitlines() == [f"Error: no dead letter with id {entry} in {stream}"]
+    said = f"Error: no dead letter with id {entry} in {stream}"
+    if command == ["replay"]:
+        said = f"Error: dead letter #{entry} not replayed: no such dead letter in {stream}"
+    assert result.stderr.splitlines() == [said]
     assert dead_letters.pairs(dead_letters.rows()) == left
 
 
@@ -1091,7 +1095,9 @@ def test_dlq_replay_redelivers_the_same_event_at_once_and_removes_the_entry(
 
     assert result.exit_code == 0, result.output
     subject = dead_letters.config.subject_for("node.up")
-    assert result.stdout == f"replayed #{entry}: event {event.id} to {subject}\n"
+    said, summary = result.stdout.splitlines()
+    assert said == f"replayed #{entry}: event {event.id} to {subject}"
+    assert re.fullmatch(r"replayed 1, failed 0, in \d+\.\d s, \d+/s", summary)
     wait_until(
         lambda: dead_letters.accepted("inspect_nodes", "bad-1"),
         "the replayed event accepted",
@@ -1103,14 +1109,16 @@ def test_dlq_replay_redelivers_the_same_event_at_once_and_removes_the_entry(
 def test_dlq_replay_all_of_a_type(dead_letters: DeadLetters) -> None:
     """Given dead letters of node.up and node.down events, and handlers that now accept them,
     when `dlq replay --all --type node.down` runs,
-    then both node.down entries are replayed and removed, and the node.up one stays."""
+    then both node.down entries are replayed and removed (-v names each), and the node.up
+    one stays."""
     downs = [row["id"] for row in dead_letters.rows("--type", "node.down")]
     dead_letters.checks.accept_all()
 
-    result = dead_letters.cli("replay", "--all", "--type", "node.down")
+    result = dead_letters.cli("replay", "--all", "--type", "node.down", "-v")
 
     assert result.exit_code == 0, result.output
     assert [int(n) for n in re.findall(r"^replayed #(\d+): ", result.stdout, re.M)] == downs
+    assert result.stdout.splitlines()[-1].startswith("replayed 2, failed 0, in ")
     assert dead_letters.pairs(dead_letters.rows()) == {(INSPECT, "bad-1")}
     wait_until(
         lambda: (
@@ -1128,7 +1136,7 @@ def test_dlq_replay_all_of_a_type(dead_letters: DeadLetters) -> None:
     [
         ([], "give entry IDs or --all"),
         (["1", "--all"], "give entry IDs or --all"),
-        (["1", "--type", "node.down"], "--type and --consumer go with --all"),
+        (["1", "--type", "node.down"], "--type, --consumer, --since and --error go with --all"),
     ],
     ids=["neither", "both", "ids-with-filter"],
 )
@@ -1280,3 +1288,32 @@ async def test_server_prints_its_url_serves_jetstream_and_stops_on_signal(
     assert server.stdout.endswith("nats-server stopped\n")
     with pytest.raises(ConnectionRefusedError):
         socket.create_connection(("127.0.0.1", port), timeout=5.0).close()
+
+
+NOW = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
+
+
+@pytest.mark.parametrize(
+    ("given", "expected"),
+    [
+        ("30s", NOW - timedelta(seconds=30)),
+        ("10m", NOW - timedelta(minutes=10)),
+        ("1.5h", NOW - timedelta(minutes=90)),
+        ("2d", NOW - timedelta(days=2)),
+        ("2024-05-01T10:00:00+02:00", datetime(2024, 5, 1, 8, 0, tzinfo=UTC)),
+        ("2024-05-01T10:00:00Z", datetime(2024, 5, 1, 10, 0, tzinfo=UTC)),
+        ("2024-05-01", datetime(2024, 5, 1).astimezone(UTC)),
+    ],
+)
+def test_since_takes_an_age_or_an_iso_time(given: str, expected: datetime) -> None:
+    """Given a --since value: an age (s, m, h, d) or an ISO time with or without an offset,
+    then it means that long before now, or that time (local time without an offset)."""
+    assert since_time(given, now=NOW) == expected
+
+
+@pytest.mark.parametrize("given", ["", "yesterday", "10", "10 m", "-5m", "2024-13-01"])
+def test_since_refuses_anything_else_saying_what_it_takes(given: str) -> None:
+    """Given a --since value that is neither an age nor an ISO time,
+    then it raises a ValueError naming the value and what it takes."""
+    with pytest.raises(ValueError, match=rf"--since {re.escape(repr(given))}: give a time ago"):
+        since_time(given, now=NOW)

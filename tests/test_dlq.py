@@ -8,12 +8,20 @@ in-process through click's `CliRunner`, in a thread beside the test's event loop
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import itertools
 import json
 import logging
+import os
+import pty
+import re
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
 import anyio
@@ -28,13 +36,17 @@ from gdc_worker import (
     App,
     DeadLetterEntry,
     DeadLetterQueue,
+    DeadLetterRecord,
     Event,
     NATSConfig,
     NATSEventBus,
     Reject,
     Worker,
+    new_node_down_event,
+    new_node_up_event,
 )
 from gdc_worker.cli import main
+from gdc_worker.events import event_headers
 from tests.recording import Recording
 from tests.support import eventually
 
@@ -117,17 +129,21 @@ async def dead_letter_of(bus: NATSEventBus, event: Event) -> DeadLetterEntry:
     return await eventually(found, f"a dead letter of {event.id}")
 
 
-async def dlq(config: NATSConfig, *args: str) -> Result:
-    """`gdc-worker dlq ARGS...`, configured by `GDC_NATS_*` for the test's streams."""
-    env = {
+def dlq_env(config: NATSConfig) -> dict[str, str]:
+    """The `GDC_NATS_*` settings of the test's streams."""
+    return {
         "GDC_NATS_URL": config.url,
         "GDC_NATS_STREAM_NAME": config.stream_name,
         "GDC_NATS_STREAM_SUBJECTS": ",".join(config.stream_subjects),
         "GDC_NATS_DLQ_STREAM_NAME": config.dlq_stream_name,
         "GDC_NATS_DLQ_SUBJECT_PREFIX": config.dlq_subject_prefix,
     }
+
+
+async def dlq(config: NATSConfig, *args: str) -> Result:
+    """`gdc-worker dlq ARGS...`, configured by `GDC_NATS_*` for the test's streams."""
     invoke = functools.partial(
-        CliRunner().invoke, main, ["dlq", *args], env=env, catch_exceptions=False
+        CliRunner().invoke, main, ["dlq", *args], env=dlq_env(config), catch_exceptions=False
     )
     return await anyio.to_thread.run_sync(invoke)
 
@@ -210,8 +226,8 @@ async def test_a_900_kb_event_is_dead_lettered_and_replayed_byte_for_byte(
         replayed = await dlq(nats_config, "replay", str(entry.id))
 
         assert replayed.exit_code == 0, replayed.output
-        assert (
-            replayed.stdout == f"replayed #{entry.id}: event {event.id} to {entry.record.subject}\n"
+        assert replayed.stdout.splitlines()[0] == (
+            f"replayed #{entry.id}: event {event.id} to {entry.record.subject}"
         )
         await refuser.accepted.wait_for_event(event)
     assert await stream_data(event_bus, nats_config.stream_name) == [original, original]
@@ -464,21 +480,21 @@ async def test_dlq_replay_all_replays_the_records_and_names_each_message_it_cann
     """Given three records and two messages that are not records,
     when `dlq replay --all` runs,
     then it replays and removes the records, says in one error line for each of the others
-    that it cannot be replayed, leaves those, and exits 1."""
-    first, foreign, second, broken, third = mixed.ids
+    why it was not replayed, leaves those, sums it up in one line, and exits 1."""
+    _, foreign, _, broken, _ = mixed.ids
 
     result = await dlq(nats_config, "replay", "--all")
 
     assert result.exit_code == 1, result.output
-    assert [line.split(":")[0] for line in result.stdout.splitlines()] == [
-        f"replayed #{n}" for n in (first, second, third)
-    ]
-    errors = result.stderr.splitlines()
-    assert [line.split(":")[0] for line in errors] == ["Error", "Error"]
-    assert [line.split("cannot be replayed")[0] for line in errors] == [
-        f"Error: dead letter #{foreign} ",
-        f"Error: dead letter #{broken} ",
-    ]
+    assert re.fullmatch(r"replayed 3, failed 2, in \d+\.\d s, \d+/s\n", result.stdout)
+    not_a_record, undecodable = result.stderr.splitlines()
+    assert not_a_record == (
+        f"Error: dead letter #{foreign} not replayed: not a dead-letter record (no "
+        "Gdc-Dlq-Record header)"
+    )
+    assert undecodable.startswith(
+        f"Error: dead letter #{broken} not replayed: its Gdc-Dlq-Record header does not decode: "
+    )
     assert [row["id"] for row in await rows(nats_config)] == [foreign, broken]
     replayed = (await stream_data(event_bus, nats_config.stream_name))[3:]
     assert replayed == mixed.originals
@@ -530,7 +546,7 @@ async def test_a_record_by_reference_whose_original_is_gone_says_so(
     assert f"{where} is gone" in one_error_line(shown)
     assert replayed.exit_code == 1, replayed.output
     assert one_error_line(replayed) == (
-        f"Error: dead letter #{entry_id} cannot be replayed: the message was too large to "
+        f"Error: dead letter #{entry_id} not replayed: the message was too large to "
         f"copy, and {where} is gone"
     )
     assert [r["id"] for r in await rows(nats_config)] == [entry_id]
@@ -555,3 +571,338 @@ async def test_an_id_below_1_is_a_usage_error(
     assert result.stderr.splitlines()[-1].startswith("Error: ")
     assert "Traceback" not in result.output
     assert [row["id"] for row in await rows(nats_config)] == mixed.ids
+
+
+# -- at the scale of an outage ------------------------------------------------------------------
+
+#: `dlq replay`'s last line.
+SUMMARY = re.compile(r"replayed (\d+), failed (\d+), in \d+\.\d s, \d+/s")
+_fake_seqs = itertools.count(1)
+
+
+async def fill(
+    bus: NATSEventBus,
+    events: list[Event],
+    *,
+    subject: str | None = None,
+    error: BaseException | None = None,
+    failed_at: datetime | None = None,
+) -> None:
+    """A dead letter of each event (the events themselves are not stored), published many at
+    a time as `DeadLetterQueue.record` would store them; `subject` replaces the events' own."""
+    config = bus.config
+    queue = DeadLetterQueue(bus)
+    await queue.ensure()
+    async with bus.publish_window() as window:
+        for event in events:
+            message = Stored(
+                config.stream_name,
+                next(_fake_seqs),
+                subject or config.subject_for(event.type),
+                event.to_json(),
+                event_headers(event),
+            )
+            record = DeadLetterRecord.of(
+                message,
+                reason="rejected: test",
+                consumer=DURABLE,
+                handler="check",
+                error=error if error is not None else Reject("test"),
+                failed_at=failed_at,
+            )
+            await window.publish(*queue.encoded(record), what="a test's dead letter")
+        await window.flush()
+
+
+def nodes(n: int, kind: str = "up") -> list[Event]:
+    if kind == "up":
+        return [new_node_up_event("test", f"node-{i}") for i in range(n)]
+    return [new_node_down_event("test", f"node-{i}", "lost") for i in range(n)]
+
+
+async def ids(config: NATSConfig, *args: str) -> list[int]:
+    """The ids `dlq list --json ARGS...` lists."""
+    result = await dlq(config, "list", "--json", *args)
+    assert result.exit_code == 0, result.output
+    return [json.loads(line)["id"] for line in result.stdout.splitlines()]
+
+
+def summed_up(result: Result) -> tuple[int, int]:
+    """(replayed, failed) from `dlq replay`'s summary line, checked to be its last line."""
+    found = SUMMARY.fullmatch(result.stdout.splitlines()[-1])
+    assert found is not None, result.stdout
+    return int(found[1]), int(found[2])
+
+
+async def test_replay_all_of_2000_dead_letters_puts_each_event_back_once_and_empties_the_dlq(
+    nats_config: NATSConfig, event_bus: NATSEventBus
+) -> None:
+    """Given 2,000 dead letters of node.up and node.down events,
+    when `dlq replay --all` runs (not on a terminal),
+    then it prints one summary line, every event is back on its own subject exactly once,
+    with the replay's message id `<event id>:replay:<dlq stream>:<dead letter id>`, and the
+    dead-letter stream is empty."""
+    events = nodes(1500) + nodes(500, "down")
+    await fill(event_bus, events)
+    dead = {entry.record.event_id: entry.id async for entry in DeadLetterQueue(event_bus).entries()}
+
+    result = await dlq(nats_config, "replay", "--all")
+
+    assert result.exit_code == 0, result.output
+    assert (len(result.stdout.splitlines()), summed_up(result)) == (1, (2000, 0))
+    stored = [m async for m in event_bus.stream_messages(nats_config.stream_name)]
+    assert sorted((m.subject, m.data) for m in stored) == sorted(
+        (nats_config.subject_for(e.type), e.to_json()) for e in events
+    )
+    stream = nats_config.dlq_stream_name
+    assert {m.headers["Nats-Msg-Id"] for m in stored} == {
+        f"{event_id}:replay:{stream}:{entry_id}" for event_id, entry_id in dead.items()
+    }
+    assert await DeadLetterQueue(event_bus).count() == 0
+
+
+async def test_a_replay_that_fails_for_some_records_removes_only_those_acked(
+    nats_config: NATSConfig, event_bus: NATSEventBus, jetstream: JetStreamContext
+) -> None:
+    """Given 300 dead letters, every third of an event whose subject no stream captures
+    (its stream was deleted, say),
+    when `dlq replay --all` runs,
+    then the 200 others are back on their subjects and removed, the 100 stay, named by one
+    error line, the summary counts both, and it exits 1; once a stream captures that subject,
+    replaying again brings those 100 back too."""
+    nowhere = f"{nats_config.dlq_subject_prefix}x.nowhere"
+    events = nodes(300)
+    for n, event in enumerate(events):
+        await fill(event_bus, [event], subject=nowhere if n % 3 == 2 else None)
+    stayed = (await ids(nats_config))[2::3]
+
+    result = await dlq(nats_config, "replay", "--all")
+
+    assert result.exit_code == 1, result.output
+    assert summed_up(result) == (200, 100)
+    named = ", ".join(f"#{n}" for n in stayed[:10])
+    assert result.stderr.splitlines() == [
+        f"Error: 100 dead letters not replayed ({named} and 90 more): publish to {nowhere} "
+        "failed: no stream listens on the subject"
+    ]
+    assert await ids(nats_config) == stayed
+    replayed = await stream_data(event_bus, nats_config.stream_name)
+    assert sorted(replayed) == sorted(e.to_json() for n, e in enumerate(events) if n % 3 != 2)
+
+    await jetstream.add_stream(name=f"{nats_config.stream_name}_X", subjects=[nowhere])
+    again = await dlq(nats_config, "replay", "--all")
+
+    assert (again.exit_code, summed_up(again)) == (0, (100, 0))
+    assert await ids(nats_config) == []
+
+
+async def test_dry_run_says_what_would_go_where_and_changes_nothing(
+    nats_config: NATSConfig, event_bus: NATSEventBus
+) -> None:
+    """Given 30 dead letters of node.up and 12 of node.down events, and a message in the
+    dead-letter stream that is not a record,
+    when `dlq replay --all --dry-run` runs,
+    then it counts what would be replayed per subject and event type, names the message it
+    would not replay, and changes nothing: both streams are as they were."""
+    await fill(event_bus, nodes(30))
+    await fill(event_bus, nodes(12, "down"))
+    foreign = await event_bus.publish_raw(f"{nats_config.dlq_subject_prefix}.x.y", b"junk", {})
+    before = await ids(nats_config)
+
+    result = await dlq(nats_config, "replay", "--all", "--dry-run")
+
+    assert result.exit_code == 0, result.output
+    up, down = nats_config.subject_for("node.up"), nats_config.subject_for("node.down")
+    width = len(down)
+    assert result.stdout.splitlines() == [
+        "would replay 42 dead letter(s), changing nothing now",
+        f"count  {'subject'.ljust(width)}  event_type",
+        f"12     {down.ljust(width)}  node.down",
+        f"30     {up.ljust(width)}  node.up",
+        f"dead letter #{foreign} would not be replayed: not a dead-letter record (no "
+        "Gdc-Dlq-Record header)",
+    ]
+    assert await ids(nats_config) == before
+    assert await stream_data(event_bus, nats_config.stream_name) == []
+
+
+async def test_rate_spreads_the_replay_out(
+    nats_config: NATSConfig, event_bus: NATSEventBus
+) -> None:
+    """Given 30 dead letters,
+    when `dlq replay --all --rate 10` runs,
+    then the events come back a few at a time (the event stream is seen holding some but not
+    all of them, at several counts) and in the end all of them, with the DLQ empty."""
+    await fill(event_bus, nodes(30))
+    seen: set[int] = set()
+    result: list[Result] = []
+
+    async def replay() -> None:
+        result.append(await dlq(nats_config, "replay", "--all", "--rate", "10"))
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(replay)
+        with anyio.fail_after(60):
+            while not result:
+                seen.add(await event_bus.count_messages(nats_config.stream_name))
+                await anyio.sleep(0.05)
+
+    assert (result[0].exit_code, summed_up(result[0])) == (0, (30, 0))
+    assert len(seen - {0, 30}) >= 3, sorted(seen)
+    assert await event_bus.count_messages(nats_config.stream_name) == 30
+    assert await ids(nats_config) == []
+
+
+@pytest.fixture
+async def aged(nats_config: NATSConfig, event_bus: NATSEventBus) -> dict[str, list[int]]:
+    """Dead letters by kind: `old` (Reject, 2 hours ago), `timeouts` (TimeoutError, now),
+    `rejected` (Reject, now), and `foreign`, a message that is not a record."""
+    two_hours_ago = datetime.now(UTC) - timedelta(hours=2)
+    await fill(event_bus, nodes(3), failed_at=two_hours_ago)
+    await fill(event_bus, nodes(2), error=TimeoutError("slow pin service"))
+    await fill(event_bus, nodes(1))
+    foreign = await event_bus.publish_raw(f"{nats_config.dlq_subject_prefix}.x.y", b"junk", {})
+    all_ids = await ids(nats_config)
+    return {
+        "old": all_ids[:3],
+        "timeouts": all_ids[3:5],
+        "rejected": all_ids[5:6],
+        "foreign": [foreign],
+    }
+
+
+@pytest.mark.parametrize(
+    ("args", "kinds"),
+    [
+        pytest.param(["--since", "1h"], ["timeouts", "rejected"], id="since-1h"),
+        pytest.param(["--since", "90m"], ["timeouts", "rejected"], id="since-90m"),
+        pytest.param(["--since", "3h"], ["old", "timeouts", "rejected"], id="since-3h"),
+        pytest.param(["--since", "1d"], ["old", "timeouts", "rejected"], id="since-1d"),
+        pytest.param(["--error", "TimeoutError"], ["timeouts"], id="error"),
+        pytest.param(["--error", "Reject"], ["old", "rejected"], id="error-reject"),
+        pytest.param(["--error", "Reject", "--since", "1h"], ["rejected"], id="both"),
+        pytest.param(["--error", "KeyError"], [], id="no-such-error"),
+    ],
+)
+async def test_list_since_and_error_select_the_records_that_match(
+    nats_config: NATSConfig, aged: dict[str, list[int]], args: list[str], kinds: list[str]
+) -> None:
+    """Given dead letters of two hours ago and of now, with two error types, and a message
+    that is not a record,
+    when `dlq list` runs with --since (an age) and/or --error,
+    then it lists exactly the records that failed since then and/or with that error type."""
+    assert await ids(nats_config, *args) == sorted(n for kind in kinds for n in aged[kind])
+
+
+async def test_list_since_takes_an_iso_time(
+    nats_config: NATSConfig, aged: dict[str, list[int]]
+) -> None:
+    """Given dead letters of two hours ago and of now,
+    when `dlq list --since` is given an ISO time of an hour ago, with an offset or in local
+    time without one,
+    then it lists the records of now."""
+    hour_ago = datetime.now(UTC) - timedelta(hours=1)
+    recent = aged["timeouts"] + aged["rejected"]
+
+    for given in (hour_ago.isoformat(), hour_ago.astimezone().replace(tzinfo=None).isoformat()):
+        assert await ids(nats_config, "--since", given) == recent
+
+
+async def test_replay_all_with_error_replays_only_those(
+    nats_config: NATSConfig, event_bus: NATSEventBus, aged: dict[str, list[int]]
+) -> None:
+    """Given dead letters with two error types,
+    when `dlq replay --all --error TimeoutError` runs,
+    then just those two are replayed and removed, and the rest stay."""
+    result = await dlq(nats_config, "replay", "--all", "--error", "TimeoutError")
+
+    assert (result.exit_code, summed_up(result)) == (0, (2, 0))
+    assert await ids(nats_config) == sorted(aged["old"] + aged["rejected"] + aged["foreign"])
+
+
+@pytest.mark.parametrize(
+    ("args", "said"),
+    [
+        (["list", "--since", "yesterday"], "Error: --since 'yesterday': give a time ago"),
+        (["list", "--since", "10x"], "Error: --since '10x': give a time ago"),
+        (["replay", "--all", "--since", ""], "Error: --since '': give a time ago"),
+        (["replay", "--all", "--rate", "0"], "Error: --rate '0': give records per second"),
+        (["replay", "--all", "--rate", "-5"], "Error: --rate '-5': give records per second"),
+        (["replay", "--all", "--rate", "fast"], "Error: --rate 'fast': give records per second"),
+        (["replay", "--all", "--rate", "inf"], "Error: --rate 'inf': give records per second"),
+    ],
+)
+async def test_a_bad_since_or_rate_is_one_usage_line(
+    nats_config: NATSConfig, event_bus: NATSEventBus, args: list[str], said: str
+) -> None:
+    """Given dead letters,
+    when `dlq list`/`dlq replay` gets a --since or --rate it cannot read,
+    then it exits 2 (bad usage) with one `Error:` line saying what it takes, and nothing is
+    replayed."""
+    await fill(event_bus, nodes(2))
+
+    result = await dlq(nats_config, *args)
+
+    assert result.exit_code == 2, result.output
+    [line] = result.stderr.splitlines()
+    assert line.startswith(said)
+    assert len(await ids(nats_config)) == 2
+
+
+async def test_on_a_terminal_replay_shows_a_progress_bar_with_the_rate_and_eta(
+    nats_config: NATSConfig, event_bus: NATSEventBus
+) -> None:
+    """Given 45 dead letters,
+    when `gdc-worker dlq replay --all --rate 15` runs (3 s) with its stderr on a terminal,
+    then the terminal shows a progress bar with the count, the percentage, the time left and
+    the rate, up to 45/45, and stdout gets the summary line alone."""
+    await fill(event_bus, nodes(45))
+
+    shown, stdout = await anyio.to_thread.run_sync(on_a_terminal, nats_config, "--rate", "15")
+
+    assert SUMMARY.fullmatch(stdout.strip()), stdout
+    frames = [f.strip() for f in re.sub(r"\x1b\[\?25[lh]", "\n", shown).splitlines() if f.strip()]
+    bar = r"replaying\s+\[[#-]+\]\s+"
+    eta = re.compile(bar + r"\d+/45\s+\d+%\s+\d\d:\d\d:\d\d\s+\d+/s")
+    assert any(eta.fullmatch(frame) for frame in frames), frames
+    assert re.fullmatch(bar + r"45/45\s+100%\s+\d+/s", frames[-1]), frames
+
+
+def on_a_terminal(config: NATSConfig, *args: str) -> tuple[str, str]:
+    """`gdc-worker dlq replay --all ARGS...` as a subprocess with stderr on a pseudo-terminal:
+    what the terminal showed, and stdout."""
+    controller, terminal = pty.openpty()
+    env = {**os.environ, **dlq_env(config)}
+    with subprocess.Popen(
+        [sys.executable, "-m", "gdc_worker", "dlq", "replay", "--all", *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=terminal,
+        text=True,
+    ) as process:
+        os.close(terminal)
+        shown = b""
+        with contextlib.suppress(OSError):  # EIO once the process has closed the terminal
+            while chunk := os.read(controller, 4096):
+                shown += chunk
+        stdout, _ = process.communicate(timeout=60)
+    os.close(controller)
+    assert process.returncode == 0, shown
+    return shown.decode(), stdout
+
+
+async def test_list_reads_large_records_in_order_and_leaves_no_consumer_behind(
+    nats_config: NATSConfig, event_bus: NATSEventBus, jetstream: JetStreamContext
+) -> None:
+    """Given 30 dead letters of 600 KB events (18 MB, more than one read brings),
+    when `dlq list` runs, and `dlq list --limit 2`,
+    then it lists all 30 in id order (the first two), and the dead-letter stream has no
+    consumer left after either."""
+    await fill(event_bus, [blob_event(600_000) for _ in range(30)])
+
+    everything = await ids(nats_config)
+    first_two = await ids(nats_config, "--limit", "2")
+
+    assert everything == list(range(1, 31))
+    assert first_two == [1, 2]
+    assert await jetstream.consumers_info(nats_config.dlq_stream_name) == []

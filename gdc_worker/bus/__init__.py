@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
 from datetime import datetime
 from types import TracebackType
 
@@ -33,6 +33,7 @@ from .admin import Admin, BoundConsumer, LimitChange, StoredMessage, StreamSpec
 from .connection import ConnectionEvents, connect
 from .publish import AsyncPublishWindow, Stored, publish
 from .pull import Delivery, PullConsumer
+from .scan import count_messages, scan_messages
 from .state import ConsumerState, StateReader, StreamLimits, StreamState
 from .subscriptions import Subscriptions
 from .tail import Tail, TailedMessage
@@ -273,20 +274,28 @@ class NATSEventBus:
 
     def stream_messages(
         self, stream: str, subject: str | None = None, start_seq: int = 1
-    ) -> AsyncIterator[StoredMessage]:
-        """The messages stored in `stream` (only those on `subject`, a pattern, if given).
+    ) -> AsyncGenerator[StoredMessage]:
+        """The messages stored in `stream` (only those on `subject`, a pattern, if given), in
+        batches through an ephemeral consumer, up to the last one stored when it gets there.
 
         None at all when the stream does not exist.
         """
-        return self._admin.stream_messages(stream, subject, start_seq)
+        return scan_messages(
+            self._nc, self._js, stream, subject, start_seq, self.config.connect_timeout
+        )
+
+    async def count_messages(self, stream: str, subject: str | None = None) -> int:
+        """How many messages `stream` holds (on `subject`, a pattern, if given); 0 without it."""
+        return await count_messages(self._js, stream, subject)
 
     async def get_message(self, stream: str, seq: int) -> StoredMessage | None:
         """The message at `seq` in `stream`, or None if there is none (or no such stream)."""
         return await self._admin.get_message(stream, seq)
 
-    async def delete_message(self, stream: str, seq: int) -> bool:
-        """Remove the message at `seq` from `stream`; False if it was not there."""
-        return await self._admin.delete_message(stream, seq)
+    async def delete_message(self, stream: str, seq: int, *, erase: bool = True) -> bool:
+        """Remove the message at `seq` from `stream`; False if it was not there. `erase`
+        overwrites its bytes on disk too (the slow part of a delete)."""
+        return await self._admin.delete_message(stream, seq, erase=erase)
 
     # -- state: what streams and consumers hold now --------------------------------------------
 
@@ -418,6 +427,16 @@ class NATSEventBus:
         except Exception as exc:
             hooks.run("published", subject, event, "failed", exc, time.perf_counter() - started)
             raise
+
+    @contextlib.asynccontextmanager
+    async def publish_window(self) -> AsyncIterator[AsyncPublishWindow]:
+        """A window of async raw publishes of its own, for a batch job such as a replay: its
+        acks and failures go to its `done` callbacks and `flush()`, never to the bus's."""
+        window = AsyncPublishWindow(self._nc, timeout=self.config.connect_timeout)
+        try:
+            yield window
+        finally:
+            await window.close()
 
     async def flush(self, timeout: float | None = None) -> None:
         """Wait for the ack of every async publish; raise one `PublishError` naming the failures.

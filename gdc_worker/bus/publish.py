@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -15,6 +16,7 @@ import nats.errors
 import nats.js.errors
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
 
 from ..errors import PublishError, describe
@@ -220,6 +222,7 @@ class AsyncPublishWindow:
         self._timeout = timeout
         self._limit = limit
         self._prefix = ""
+        self._inbox: Subscription | None = None
         self._next_token = 0
         self._pending: dict[str, _Pending] = {}
         self._failed: list[str] = []
@@ -252,7 +255,7 @@ class AsyncPublishWindow:
                     self._settle(token, "no acknowledgement while the window was full")
         if not self._prefix:
             self._prefix = self._nc.new_inbox() + "."
-            await self._nc.subscribe(self._prefix + "*", cb=self._on_ack)
+            self._inbox = await self._nc.subscribe(self._prefix + "*", cb=self._on_ack)
         self._next_token += 1
         token = str(self._next_token)
         self._pending[token] = _Pending(what, subject, done)
@@ -284,6 +287,13 @@ class AsyncPublishWindow:
         """Wait up to `timeout` seconds for the outstanding acks."""
         with anyio.move_on_after(timeout):
             await self._drained.wait()
+
+    async def close(self) -> None:
+        """Stop listening for acks, for a window used for a while only; call `flush()` first."""
+        if self._inbox is not None:
+            with contextlib.suppress(nats.errors.Error):
+                await self._inbox.unsubscribe()
+            self._inbox, self._prefix = None, ""
 
     def unsettled(self) -> list[str]:
         """What failed or got no ack so far, for a last log line on close."""

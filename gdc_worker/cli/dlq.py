@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import functools
 import json
+import math
+import re
 import sys
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from typing import Any, TypeVar
+from dataclasses import astuple, dataclass
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import anyio
 import click
@@ -14,18 +20,23 @@ import msgspec
 
 from ..bus import NATSEventBus
 from ..config import NATSConfig
-from ..dlq import DeadLetterEntry, DeadLetterQueue
+from ..dlq import DeadLetterEntry, DeadLetterQueue, ReplayPlan
 from ..errors import GDCWorkerError
 from .common import (
     EXIT_FAILURE,
     EXIT_OK,
+    EXIT_USAGE,
+    ReportedError,
     connection,
     creds_option,
     reported_errors,
     url_option,
 )
 
-__all__ = ["dlq"]
+if TYPE_CHECKING:
+    from click._termui_impl import ProgressBar
+
+__all__ = ["dlq", "since_time"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -95,9 +106,117 @@ def _cells(row: dict[str, Any], columns: list[str]) -> list[str]:
     return [str(row[c])[:60] if row[c] not in (None, "") else "-" for c in columns]
 
 
+#: `--since 10m`: seconds per unit.
+_UNITS_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+_AGO = re.compile(r"(\d+(?:\.\d+)?)([smhd])")
+
+
+def since_time(text: str, now: datetime | None = None) -> datetime:
+    """`10m`, `2h`, `30s`, `1d` ago, or an ISO 8601 time (local time when it has no offset);
+    raises `ValueError` saying what it takes."""
+    ago = _AGO.fullmatch(text.strip())
+    if ago:
+        seconds = float(ago[1]) * _UNITS_S[ago[2]]
+        return (now or datetime.now(UTC)) - timedelta(seconds=seconds)
+    try:
+        return datetime.fromisoformat(text.strip()).astimezone(UTC)
+    except ValueError:
+        raise ValueError(
+            f"--since {text!r}: give a time ago such as 10m, 2h, 30s or 1d, or an ISO time "
+            "such as 2024-05-01T10:00:00+00:00"
+        ) from None
+
+
+def _since(ctx: click.Context, param: click.Parameter, value: str | None) -> datetime | None:
+    if value is None:
+        return None
+    try:
+        return since_time(value)
+    except ValueError as exc:
+        raise ReportedError(str(exc), EXIT_USAGE) from None
+
+
+def _rate(ctx: click.Context, param: click.Parameter, value: str | None) -> float | None:
+    if value is None:
+        return None
+    try:
+        rate = float(value.removesuffix("/s"))
+    except ValueError:
+        rate = 0.0
+    if not rate > 0 or math.isinf(rate):
+        raise ReportedError(
+            f"--rate {value!r}: give records per second, a number above 0 (such as 500)",
+            EXIT_USAGE,
+        )
+    return rate
+
+
+@dataclass(frozen=True)
+class _Filters:
+    """The entries `--type`, `--consumer`, `--since` and `--error` select."""
+
+    event_type: str | None
+    consumer: str | None
+    since: datetime | None
+    error_type: str | None
+
+    def given(self) -> bool:
+        return any(value is not None for value in astuple(self))
+
+    def entries(
+        self, queue: DeadLetterQueue, limit: int | None = None
+    ) -> AsyncIterator[DeadLetterEntry]:
+        return queue.entries(
+            event_type=self.event_type,
+            consumer=self.consumer,
+            since=self.since,
+            error_type=self.error_type,
+            limit=limit,
+        )
+
+    async def count(self, queue: DeadLetterQueue) -> int:
+        return await queue.count(
+            event_type=self.event_type,
+            consumer=self.consumer,
+            since=self.since,
+            error_type=self.error_type,
+        )
+
+
 def _filters(func: F) -> F:
-    func = click.option("--consumer", help="Only entries of this consumer (durable).")(func)
-    return click.option("--type", "event_type", help="Only entries of this event type.")(func)
+    """The four filter options, given to the command as one `filters: _Filters`."""
+
+    @functools.wraps(func)
+    def command(
+        *args: Any,
+        event_type: str | None,
+        consumer: str | None,
+        since: datetime | None,
+        error_type: str | None,
+        **kwargs: Any,
+    ) -> Any:
+        filters = _Filters(event_type, consumer, since, error_type)
+        return func(*args, filters=filters, **kwargs)
+
+    options = (
+        click.option("--type", "event_type", help="Only entries of this event type."),
+        click.option("--consumer", help="Only entries of this consumer (durable)."),
+        click.option(
+            "--since",
+            callback=_since,
+            metavar="AGE|TIME",
+            help="Only records that failed since then: 10m, 2h, 1d ago, or an ISO time.",
+        ),
+        click.option(
+            "--error",
+            "error_type",
+            metavar="TYPE",
+            help="Only records whose error is of this type (e.g. Reject, TimeoutError).",
+        ),
+    )
+    for option in reversed(options):
+        command = option(command)
+    return cast(F, command)
 
 
 def _selection(func: F) -> F:
@@ -118,18 +237,14 @@ def _selection(func: F) -> F:
 def dlq_list(
     url: str | None,
     creds: str | None,
-    event_type: str | None,
-    consumer: str | None,
+    filters: _Filters,
     limit: int | None,
     as_json: bool,
 ) -> None:
     """List dead letters, oldest first."""
 
     async def action(queue: DeadLetterQueue) -> int:
-        rows = [
-            _summary(e)
-            async for e in queue.entries(event_type=event_type, consumer=consumer, limit=limit)
-        ]
+        rows = [_summary(e) async for e in filters.entries(queue, limit)]
         if as_json:
             for row in rows:
                 click.echo(json.dumps(row))
@@ -196,54 +311,163 @@ def _shown(data: bytes, limit: int = 1000) -> str:
     return f"{data[:limit]!r} ... ({len(data)} bytes in all)"
 
 
-def _select(ids: tuple[int, ...], select_all: bool, *filters: str | None) -> None:
+def _select(ids: tuple[int, ...], select_all: bool, filters: _Filters) -> None:
     if bool(ids) == select_all:
         raise click.UsageError("give entry IDs or --all, not both and not neither")
-    if ids and any(filters):
-        raise click.UsageError("--type and --consumer go with --all, not with entry IDs")
+    if ids and filters.given():
+        raise click.UsageError("--type, --consumer, --since and --error go with --all, not IDs")
 
 
-async def _targets(
-    queue: DeadLetterQueue, ids: tuple[int, ...], event_type: str | None, consumer: str | None
-) -> list[int]:
-    if ids:
-        return list(ids)
-    return [e.id async for e in queue.entries(event_type=event_type, consumer=consumer)]
+def _targets(
+    queue: DeadLetterQueue, ids: tuple[int, ...], filters: _Filters
+) -> AsyncIterator[DeadLetterEntry]:
+    return queue.selected(ids) if ids else filters.entries(queue)
 
 
 @dlq.command("replay")
 @url_option
 @creds_option
 @_selection
+@click.option(
+    "--dry-run", is_flag=True, help="Say what would be replayed, and where to; change nothing."
+)
+@click.option(
+    "--rate", callback=_rate, metavar="N", help="At most N records per second (default: no limit)."
+)
+@click.option("-v", "--verbose", is_flag=True, help="A line per record replayed (always with IDs).")
 def dlq_replay(
     url: str | None,
     creds: str | None,
     ids: tuple[int, ...],
     select_all: bool,
-    event_type: str | None,
-    consumer: str | None,
+    filters: _Filters,
+    dry_run: bool,
+    rate: float | None,
+    verbose: bool,
 ) -> None:
-    """Publish dead letters again to their subjects and remove them from the DLQ."""
-    _select(ids, select_all, event_type, consumer)
+    """Publish dead letters again to their subjects and remove them from the DLQ.
+
+    Each record is removed once its replay is acked; one whose replay fails stays, named in
+    an error line. On a terminal, a progress bar shows the rate and the time left; then, as
+    otherwise, one line sums it up: replayed N, failed M, in S s, R/s.
+    """
+    _select(ids, select_all, filters)
 
     async def action(queue: DeadLetterQueue) -> int:
-        code = EXIT_OK
-        targets = await _targets(queue, ids, event_type, consumer)
-        for entry_id in targets:
-            try:
-                entry = await queue.replay(entry_id)
-            except GDCWorkerError as exc:
-                click.echo(f"Error: {exc}", err=True)
-                code = EXIT_FAILURE
-                continue
-            record = entry.record
-            what = f"event {record.event_id}" if record.event_id else "message"
-            click.echo(f"replayed #{entry_id}: {what} to {record.subject}")
-        if not targets:
+        if dry_run:
+            return _show_plan(await queue.plan(_targets(queue, ids, filters)))
+        shown = _Progress(verbose or bool(ids))
+        if _on_terminal():
+            shown.bar(len(ids) if ids else await filters.count(queue))
+        with shown:
+            summary = await queue.replay_many(
+                _targets(queue, ids, filters), rate=rate, on_done=shown.done
+            )
+        for line in _grouped(summary.failed, "not replayed"):
+            click.echo(f"Error: {line}", err=True)
+        if not summary.replayed and not summary.failed:
             click.echo("no dead letters")
-        return code
+            return EXIT_OK
+        click.echo(
+            f"replayed {summary.replayed}, failed {len(summary.failed)}, "
+            f"in {summary.seconds:.1f} s, {summary.rate:.0f}/s"
+        )
+        return EXIT_FAILURE if summary.failed else EXIT_OK
 
     _run_dlq(url, creds, action)
+
+
+def _on_terminal() -> bool:
+    return sys.stderr.isatty()
+
+
+class _Progress:
+    """What `replay` shows while it runs: a bar on stderr (when `bar` was called), and with
+    `verbose` a line per record replayed."""
+
+    #: The least time between two redraws of the bar.
+    REDRAW_S = 0.1
+
+    def __init__(self, verbose: bool) -> None:
+        self._verbose = verbose
+        self._bar: ProgressBar[int] | None = None
+        self._settled = 0
+        self._drawn = 0
+        self._started = time.monotonic()
+        self._last_draw = 0.0
+
+    def bar(self, total: int) -> None:
+        self._bar = click.progressbar(
+            length=total,
+            label="replaying",
+            file=sys.stderr,
+            show_pos=True,
+            show_percent=True,
+            show_eta=True,
+            item_show_func=lambda rate: f"{rate:,.0f}/s" if rate is not None else None,
+        )
+
+    def __enter__(self) -> _Progress:
+        self._started = time.monotonic()
+        if self._bar is not None:
+            self._bar.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._bar is not None:
+            self._draw()
+            self._bar.__exit__(None, None, None)
+
+    def done(self, entry: DeadLetterEntry, error: str | None) -> None:
+        self._settled += 1
+        if self._verbose and error is None:
+            record = entry.record
+            what = f"event {record.event_id}" if record.event_id else "message"
+            click.echo(f"replayed #{entry.id}: {what} to {record.subject}")
+        if self._bar is not None and time.monotonic() - self._last_draw >= self.REDRAW_S:
+            self._draw()
+
+    def _draw(self) -> None:
+        assert self._bar is not None
+        now = time.monotonic()
+        rate = self._settled / (now - self._started) if now > self._started else 0.0
+        self._bar.update(self._settled - self._drawn, current_item=round(rate))
+        self._drawn, self._last_draw = self._settled, now
+
+
+def _show_plan(plan: ReplayPlan) -> int:
+    total = sum(plan.targets.values())
+    click.echo(f"would replay {total} dead letter(s), changing nothing now")
+    if plan.targets:
+        columns = ["count", "subject", "event_type"]
+        table = [columns] + [
+            [str(count), subject, event_type]
+            for (subject, event_type), count in sorted(plan.targets.items())
+        ]
+        widths = [max(len(line[i]) for line in table) for i in range(len(columns))]
+        for line in table:
+            click.echo(
+                "  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip()
+            )
+    for said in _grouped(plan.unreplayable, "would not be replayed"):
+        click.echo(said)
+    return EXIT_OK
+
+
+def _grouped(failures: dict[int, str], what: str, shown: int = 10) -> list[str]:
+    """One line per reason, naming the ids it holds for (the first `shown` of them)."""
+    by_reason: dict[str, list[int]] = {}
+    for entry_id, reason in sorted(failures.items()):
+        by_reason.setdefault(reason, []).append(entry_id)
+    lines = []
+    for reason, ids in by_reason.items():
+        if len(ids) == 1:
+            lines.append(f"dead letter #{ids[0]} {what}: {reason}")
+            continue
+        named = ", ".join(f"#{i}" for i in ids[:shown])
+        more = f" and {len(ids) - shown} more" if len(ids) > shown else ""
+        lines.append(f"{len(ids)} dead letters {what} ({named}{more}): {reason}")
+    return lines
 
 
 @dlq.command("purge")
@@ -256,15 +480,14 @@ def dlq_purge(
     creds: str | None,
     ids: tuple[int, ...],
     select_all: bool,
-    event_type: str | None,
-    consumer: str | None,
+    filters: _Filters,
     yes: bool,
 ) -> None:
     """Delete dead letters for good."""
-    _select(ids, select_all, event_type, consumer)
+    _select(ids, select_all, filters)
 
     async def action(queue: DeadLetterQueue) -> int:
-        targets = await _targets(queue, ids, event_type, consumer)
+        targets = list(ids) or [e.id async for e in filters.entries(queue)]
         if not targets:
             click.echo("no dead letters")
             return EXIT_OK
