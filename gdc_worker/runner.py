@@ -24,6 +24,7 @@ from .retry import Retry, is_handler_failure, retry_failed
 from .settle import Ack, DeadLetter, Decision, Nak, decide, exhausted
 
 if TYPE_CHECKING:
+    from .breaker import Breaker
     from .bus import NATSEventBus
     from .bus.pull import Delivery, PullConsumer
     from .dlq import DeadLetterQueue
@@ -167,6 +168,12 @@ class HandlerRunner(ConsumerLoop):
         )
         self.spec = spec
         self._dlq = dlq
+        # The handler's breaker: a hook that also gates each call (`_wait_at_gate`).
+        self._gate = spec.breaker
+        self._at_gate: set[anyio.CancelScope] = set()
+        if spec.breaker is not None:
+            spec.breaker.bind(spec, hooks, bus)
+            hooks = hooks + Hooks([spec.breaker])
         self._hooks = hooks
         # Neither a timeout nor a hook around the call: the handler is called directly.
         self._bare = spec.timeout is None and not (hooks.call_started or hooks.call_finished)
@@ -201,6 +208,12 @@ class HandlerRunner(ConsumerLoop):
         self._ack_wait = min(spec.ack_wait, bound.ack_wait)
         await self._start()
 
+    def stop_fetching(self) -> None:
+        """Take no more deliveries; those waiting at the breaker go back at once."""
+        super().stop_fetching()
+        for waiting in self._at_gate:
+            waiting.cancel()
+
     async def _process(self, delivery: Delivery) -> None:
         spec = self.spec
         if self._hooks.delivery_received:
@@ -214,9 +227,31 @@ class HandlerRunner(ConsumerLoop):
         if dead is not None:
             await self._settle(delivery, event, dead, None)
             return
+        gate = self._gate
+        if gate is not None and not gate.closed and not await self._wait_at_gate(gate, delivery):
+            with anyio.CancelScope(shield=True):  # stopped while waiting: another replica takes it
+                await self._consumer.hand_back(delivery)
+            return
         error = await self._call(delivery, event)
         decision = decide(error, delivery.deliveries, self._max_deliver, spec.backoff)
         await self._settle(delivery, event, decision, error)
+
+    async def _wait_at_gate(self, gate: Breaker, delivery: Delivery) -> bool:
+        """Hold `delivery` until the breaker lets it through; False if stopped meanwhile.
+
+        While deliveries wait here the consumer asks for no more; the keep-alive covers the
+        held ones however long they wait, so none is redelivered or uses up an attempt.
+        """
+        with anyio.CancelScope() as waiting:
+            self._at_gate.add(waiting)
+            self._consumer.pause_fetching()
+            try:
+                await gate.admitted(delivery)
+            finally:
+                self._at_gate.discard(waiting)
+                if not self._at_gate:
+                    self._consumer.resume_fetching()
+        return not waiting.cancelled_caught
 
     async def _call(self, delivery: Delivery, event: Event) -> BaseException | None:
         """Run the handler with its retries and timeout; the error it ended with, if any.
