@@ -47,11 +47,12 @@ class Breaker(Hook):
     A failed delivery is one that ends in a nak or a dead letter because the handler failed
     (after its in-process retries); `Retry` and `Reject` (and bad event data) say nothing
     about a dependency and do not count. `cooldown` seconds after opening it lets one delivery
-    through (half-open): it closes if that one succeeds, and opens again if it fails.
-    Deliveries that a call let in before the breaker opened change nothing once it is open.
+    through (half-open): it closes if that one succeeds, and opens again if it fails. Calls
+    let in before it opened finish, and their outcomes change nothing once it is open.
 
-    One instance serves one handler (`@app.on(..., breaker=Breaker())`); `clock` (seconds,
-    monotonic) is for tests.
+    One instance serves one handler (`@app.on(..., breaker=Breaker())`), per process: two
+    workers of one app in one process share its state. `clock` (seconds, monotonic) is for
+    tests.
     """
 
     def __init__(
