@@ -1,6 +1,7 @@
 """gdc-worker: typed GDC events and event-driven workers on NATS JetStream."""
 
 from .app import App, Context, HandlerSpec
+from .breaker import Breaker
 from .bus import Delivery, NATSEventBus
 from .config import NATSConfig
 from .dlq import DeadLetterEntry, DeadLetterQueue, DeadLetterRecord
@@ -61,6 +62,7 @@ __all__ = [
     "AlertTriggeredEvent",
     "App",
     "Assignment",
+    "Breaker",
     "ConfigError",
     "ConnectionFailed",
     "Context",

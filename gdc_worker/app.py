@@ -12,6 +12,7 @@ from typing import Any, Protocol, TypeVar
 
 import anyio
 
+from .breaker import Breaker
 from .config import NATSConfig
 from .errors import HandlerDefinitionError, SubscriptionError
 from .events import Event
@@ -146,6 +147,7 @@ class App:
         timeout: float | None = None,
         concurrency: int | None = None,
         max_ack_pending: int | None = None,
+        breaker: Breaker | None = None,
     ) -> Callable[[F], F]:
         """Register the decorated function for events of a type or pattern (`pin.*`).
 
@@ -157,10 +159,18 @@ class App:
         - `retry`: in-process attempts per delivery (`RetryPolicy`), `None` for one attempt.
         - `timeout`: seconds one attempt may run; `concurrency`: handler calls in flight per
           process (default: the app's); `max_ack_pending`: the consumer's limit across replicas.
+        - `breaker`: a `Breaker` of this handler's own, to stop calling it while it keeps failing.
         """
         _check_pattern(pattern)
         options = HandlerOptions(
-            max_deliver, ack_wait, tuple(backoff), retry, timeout, concurrency, max_ack_pending
+            max_deliver,
+            ack_wait,
+            tuple(backoff),
+            retry,
+            timeout,
+            concurrency,
+            max_ack_pending,
+            breaker=breaker,
         )
 
         def register(func: F) -> F:
@@ -174,6 +184,8 @@ class App:
                 )
             if spec.name in self.handlers:
                 raise HandlerDefinitionError(f"a handler named {name!r} is already registered")
+            if spec.breaker is not None:
+                spec.breaker.claim(spec.durable)
             self.handlers[spec.name] = spec
             return func
 
@@ -191,6 +203,7 @@ class HandlerOptions:
     timeout: float | None = None
     concurrency: int | None = None
     max_ack_pending: int | None = None
+    breaker: Breaker | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "backoff", tuple(self.backoff))
@@ -305,6 +318,8 @@ def _check_options(options: HandlerOptions) -> None:
         problems.append(f"max_ack_pending must be at least 1, got {options.max_ack_pending}")
     if options.retry is not None and not isinstance(options.retry, RetryPolicy):
         problems.append(f"retry must be a RetryPolicy or None, got {options.retry!r}")
+    if options.breaker is not None and not isinstance(options.breaker, Breaker):
+        problems.append(f"breaker must be a Breaker or None, got {options.breaker!r}")
     if problems:
         raise HandlerDefinitionError("; ".join(problems))
 

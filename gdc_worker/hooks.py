@@ -81,6 +81,9 @@ class Hook:
     def connection_changed(self, connected: bool) -> None:
         """The connection to NATS was lost (False: the client tries to reconnect) or is back."""
 
+    def breaker_changed(self, handler: HandlerSpec, state: str) -> None:
+        """`handler`'s circuit breaker went `closed`, `open` or `half_open` (see `Breaker`)."""
+
 
 _POINTS = (
     "worker_ready",
@@ -92,6 +95,7 @@ _POINTS = (
     "publishing",
     "published",
     "connection_changed",
+    "breaker_changed",
 )
 
 
@@ -111,6 +115,7 @@ class Hooks:
     publishing: tuple[Callable[..., None], ...]
     published: tuple[Callable[..., None], ...]
     connection_changed: tuple[Callable[..., None], ...]
+    breaker_changed: tuple[Callable[..., None], ...]
 
     def __init__(self, hooks: Sequence[Hook] = ()) -> None:
         for hook in hooks:

@@ -41,6 +41,7 @@ DURATION_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 
 #: Publish latencies, in seconds: an ack on loopback, to a publish riding out an election.
 PUBLISH_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 5)
 _OUTCOMES = ("acked", "nakd", "dead_lettered")
+_BREAKER_STATES = {"closed": 0, "half_open": 1, "open": 2}
 
 
 def outcome_of(decision: Decision) -> str:
@@ -117,6 +118,19 @@ class Metrics(Hook):
         self.reconnects = Counter(
             "gdc_worker_reconnects", "Reconnections to NATS after a drop.", ["app"], registry=r
         )
+        self.breaker_state = Gauge(
+            "gdc_worker_breaker_state",
+            "A handler's circuit breaker: 0 closed, 1 half open, 2 open (the highest replica).",
+            handler,
+            multiprocess_mode="livemax",
+            registry=r,
+        )
+        self.breaker_transitions = Counter(
+            "gdc_worker_breaker_transitions",
+            "Changes of a handler's circuit breaker, by the state entered.",
+            [*handler, "state"],
+            registry=r,
+        )
         #: Attempts so far of each delivery being handled, by consumer, sequence and count.
         self._attempts: dict[tuple[str, int, int], int] = {}
 
@@ -129,6 +143,8 @@ class Metrics(Hook):
             self.in_flight.labels(self.app, spec.name).set(0)
         for result in ("stored", "duplicate", "failed"):
             self.publishes.labels(self.app, result)
+            if spec.breaker is not None:
+                self.breaker_state.labels(self.app, spec.name).set(0)
         self.reconnects.labels(self.app)
         self.connected.labels(self.app).set(1)
 
@@ -177,6 +193,10 @@ class Metrics(Hook):
         self.connected.labels(self.app).set(1 if connected else 0)
         if connected:
             self.reconnects.labels(self.app).inc()
+
+    def breaker_changed(self, handler: HandlerSpec, state: str) -> None:
+        self.breaker_state.labels(self.app, handler.name).set(_BREAKER_STATES[state])
+        self.breaker_transitions.labels(self.app, handler.name, state).inc()
 
     def worker_stopping(self, app: str) -> None:
         self._attempts.clear()  # deliveries handed back on a forced stop are never settled

@@ -188,8 +188,19 @@ class HandlerRunner(ConsumerLoop):
             spec.ack_wait,
         )
         self.spec = spec
+        # The handler's breaker: a hook that also gates each call (`_wait_at_gate`).
+        self._breaker = spec.breaker
+        self._at_gate: set[anyio.CancelScope] = set()
+        if spec.breaker is not None:
+            spec.breaker.bind(spec, hooks, bus)
+            hooks = hooks + Hooks([spec.breaker])
         self._path: SettlePath[Delivery] = SettlePath(
-            bus, dlq, spec, hooks, self._consumer.hand_back
+            bus,
+            dlq,
+            spec,
+            hooks,
+            self._consumer.hand_back,
+            gate=self._wait_at_gate if spec.breaker is not None else None,
         )
 
     @property
@@ -224,8 +235,34 @@ class HandlerRunner(ConsumerLoop):
         self._ack_wait = min(spec.ack_wait, bound.ack_wait)
         await self._start()
 
+    def stop_fetching(self) -> None:
+        """Take no more deliveries; those waiting at the breaker go back at once."""
+        super().stop_fetching()
+        for waiting in self._at_gate:
+            waiting.cancel()
+
     async def _process(self, delivery: Delivery) -> None:
         await self._path.process(delivery)
+
+    async def _wait_at_gate(self, delivery: Delivery) -> bool:
+        """Hold `delivery` until the breaker lets it through; False if stopped meanwhile.
+
+        While deliveries wait here the consumer asks for no more; the keep-alive covers the
+        held ones however long they wait, so none is redelivered or uses up an attempt.
+        """
+        breaker = self._breaker
+        if breaker is None or breaker.closed:
+            return True
+        with anyio.CancelScope() as waiting:
+            self._at_gate.add(waiting)
+            self._consumer.pause_fetching()
+            try:
+                await breaker.admitted(delivery)
+            finally:
+                self._at_gate.discard(waiting)
+                if not self._at_gate:
+                    self._consumer.resume_fetching()
+        return not waiting.cancelled_caught
 
     async def _hand_back(self, delivery: Delivery) -> None:
         await self._path.hand_back(delivery)
@@ -267,7 +304,9 @@ class SettlePath(Generic[D]):
     hooks), `decide()`, then settle once. `HandlerRunner` and the in-memory `TestApp` share it.
 
     `hand_back` returns a delivery whose call a cancellation of ours (a forced stop) ended;
-    `sleep` waits between in-process attempts (the test app's runs on its virtual clock).
+    `sleep` waits between in-process attempts (the test app's runs on its virtual clock);
+    `gate`, if given, holds a delivery before its call until it may run (a circuit breaker),
+    and says False when the worker stops meanwhile.
     """
 
     def __init__(
@@ -279,6 +318,7 @@ class SettlePath(Generic[D]):
         hand_back: Callable[[D], Awaitable[None]],
         *,
         sleep: Callable[[float], Awaitable[None]] = anyio.sleep,
+        gate: Callable[[D], Awaitable[bool]] | None = None,
     ) -> None:
         self.spec = spec
         self._bus = publisher
@@ -286,6 +326,7 @@ class SettlePath(Generic[D]):
         self._hooks = hooks
         self._give_back = hand_back
         self._sleep = sleep
+        self._gate = gate
         self.running = 0
         # Neither a timeout nor a hook around the call: the handler is called directly.
         self._bare = spec.timeout is None and not (hooks.call_started or hooks.call_finished)
@@ -305,6 +346,10 @@ class SettlePath(Generic[D]):
         dead = exhausted(delivery.deliveries, self.max_deliver)
         if dead is not None:
             await self._settle(delivery, event, dead, None)
+            return
+        if self._gate is not None and not await self._gate(delivery):
+            with anyio.CancelScope(shield=True):  # stopped while waiting: another replica takes it
+                await self.hand_back(delivery)
             return
         error = await self._call(delivery, event)
         decision = decide(error, delivery.deliveries, self.max_deliver, spec.backoff)

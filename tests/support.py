@@ -10,9 +10,9 @@ import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar, overload
+from typing import Any, TypeVar, cast, overload
 
 import anyio
 import anyio.abc
@@ -27,6 +27,7 @@ from gdc_worker import (
     Context,
     DeadLetterQueue,
     DeadLetterRecord,
+    Delivery,
     Event,
     NATSConfig,
     NATSEventBus,
@@ -149,6 +150,21 @@ async def dead_letters(
             if len(records) >= count:
                 return records
             await anyio.sleep(0.05)
+
+
+@dataclass
+class Message:
+    """The fields of a nats-py `Msg` that a Delivery reads."""
+
+    reply: str
+    subject: str = "gdc.events.node.up"
+    data: bytes = b"{}"
+    headers: dict[str, str] | None = field(default=None)
+
+
+def delivery(reply: str = "$JS.ACK.GDC_EVENTS.svc-h.1.1.1.1700000000000000000.0") -> Delivery:
+    """A delivery with this reply subject and no connection: for tests that never settle it."""
+    return Delivery(cast(Any, None), cast(Any, Message(reply)))
 
 
 def node_up(node_id: str = "node-1", trace_id: str = "") -> Event:

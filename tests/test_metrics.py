@@ -23,9 +23,9 @@ import pytest
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
-from gdc_worker import App, Event, NATSConfig, NATSEventBus, Worker
+from gdc_worker import App, Breaker, Event, NATSConfig, NATSEventBus, Worker
 from gdc_worker.health import HealthEndpoint, LoopProbe
-from gdc_worker.metrics import ConsumerGauges, watch_consumers
+from gdc_worker.metrics import ConsumerGauges, Metrics, watch_consumers
 from tests.support import GRACE, alive, eventually, free_port, node_up, running
 from tests.test_cli import Spawn, spawn, worker_env
 
@@ -303,3 +303,34 @@ async def test_json_logs_carry_the_delivery_keys(
         assert line["trace_id"] == "trace-42"
         assert (line["handler"], line["consumer"]) == ("judge", DURABLE)
     assert [line["deliveries"] for line in lines() if line.get("event_id") == event.id] == [1, 2]
+
+
+def test_breaker_changes_are_a_state_gauge_and_a_transitions_counter() -> None:
+    """Given the metrics hook and a handler with a breaker,
+    when the breaker opens, half-opens and closes,
+    then the state gauge follows (2, 1, 0) and each state entered is counted once."""
+    app = App("svc")
+
+    @app.on("node.up", breaker=Breaker(failures=3))
+    async def fragile(event: Event) -> None:
+        pass
+
+    spec = app.handlers["fragile"]
+    metrics = Metrics("svc")
+    metrics.worker_ready("svc", [spec])
+    labels = {"app": "svc", "handler": "fragile"}
+
+    def state() -> float | None:
+        return metrics.registry.get_sample_value("gdc_worker_breaker_state", labels)
+
+    assert state() == 0
+    seen = []
+    for entered in ("open", "half_open", "closed"):
+        metrics.breaker_changed(spec, entered)
+        seen.append(state())
+    assert seen == [2, 1, 0]
+    for entered in ("open", "half_open", "closed"):
+        count = metrics.registry.get_sample_value(
+            "gdc_worker_breaker_transitions_total", {**labels, "state": entered}
+        )
+        assert count == 1

@@ -4,29 +4,15 @@ deliveries to workers."""
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass, field
 from typing import Any, cast
 
 import anyio
 import pytest
 
 from gdc_worker.bus.pull import Delivery, _Handoff
+from tests.support import Message, delivery
 
 pytestmark = pytest.mark.anyio
-
-
-@dataclass
-class Message:
-    """The fields of a nats-py `Msg` that a Delivery reads."""
-
-    reply: str
-    subject: str = "gdc.events.node.up"
-    data: bytes = b"{}"
-    headers: dict[str, str] | None = field(default=None)
-
-
-def delivery(reply: str) -> Delivery:
-    return Delivery(cast(Any, None), cast(Any, Message(reply)))
 
 
 @pytest.mark.parametrize(

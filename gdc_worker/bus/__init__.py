@@ -272,6 +272,13 @@ class NATSEventBus:
         """Stop tracking a consumer returned by `pull_consumer` (after closing it)."""
         self._consumers.discard(consumer)
 
+    async def pause_consumer(
+        self, durable: str, seconds: float, *, stream: str | None = None
+    ) -> bool:
+        """Pause the durable consumer server-side for `seconds` (0 resumes it), so that no
+        replica gets its messages meanwhile; False on servers before 2.11 (no pause API)."""
+        return await self._admin.pause_consumer(stream or self.config.stream_name, durable, seconds)
+
     def stream_messages(
         self, stream: str, subject: str | None = None, start_seq: int = 1
     ) -> AsyncGenerator[StoredMessage]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import msgspec
@@ -33,6 +34,10 @@ _STREAM_NAME_IN_USE = 10058
 _NOT_FOUND = 404
 #: How long a request to the JetStream API waits for its answer.
 _API_TIMEOUT_S = 5.0
+#: The first nats-server release with the consumer pause API.
+_PAUSE_SINCE = (2, 11)
+#: A pause until this instant resumes the consumer.
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 #: The description of every consumer gdc-worker creates: it may update those, and no other.
 CONSUMER_DESCRIPTION = "gdc-worker"
 
@@ -330,6 +335,24 @@ class Admin:
             "; ".join(differences),
         )
         return updated
+
+    async def pause_consumer(self, stream: str, durable: str, seconds: float) -> bool:
+        """Have the server deliver nothing from consumer `durable` to anyone for `seconds`
+        (0: resume it now); acks and in-progress acks still count meanwhile.
+
+        Returns False, without asking, when the server is older than 2.11 (it has no pause
+        API and would not answer). Raises `EventBusError` when the request fails.
+        """
+        version = self._nc.connected_server_version
+        if (version.major, version.minor) < _PAUSE_SINCE:
+            return False
+        until = datetime.now(UTC) + timedelta(seconds=seconds) if seconds > 0 else _EPOCH
+        try:
+            await self._js.pause_consumer(stream, durable, until.isoformat().replace("+00:00", "Z"))
+        except (nats.errors.Error, TimeoutError) as exc:
+            action = f"pause consumer {durable}" if seconds > 0 else f"resume consumer {durable}"
+            raise EventBusError(f"cannot {action} of {stream}: {describe(exc)}") from None
+        return True
 
     async def get_message(self, stream: str, seq: int) -> StoredMessage | None:
         """The message at `seq` in `stream`, or None if there is none (or no such stream)."""

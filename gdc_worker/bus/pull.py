@@ -141,6 +141,7 @@ class PullConsumer:
         self._heartbeat_ns = int(heartbeat * 1e9)
         self._requested = 0  # asked for and not yet arrived or expired
         self._leaderless = False  # our last request found no consumer leader: ask again soon
+        self._paused = False  # pause_fetching(): no new pull requests for now
         self._unanswered_since: float | None = None  # when requests began to find no one
         # Arrived and not yet released, with when they arrived (for keep-alives).
         self._held: dict[int, tuple[Delivery, float]] = {}
@@ -197,6 +198,14 @@ class PullConsumer:
         """Issue no more pull requests and hand back what arrives; `stop()` finishes it."""
         self._stopping.set()
         self._woken.set()
+
+    def pause_fetching(self) -> None:
+        """Issue no new pull requests until `resume_fetching()`; what was asked for still comes."""
+        self._paused = True
+
+    def resume_fetching(self) -> None:
+        """Undo `pause_fetching()`: the next `release()` asks for messages again."""
+        self._paused = False
 
     async def stop(self) -> None:
         """Ask for no more messages.
@@ -261,7 +270,12 @@ class PullConsumer:
 
     async def _top_up(self) -> None:
         free = self._capacity - len(self._held) - self._requested
-        if self._stopping.is_set() or free < self._threshold or not self._nc.is_connected:
+        if (
+            self._stopping.is_set()
+            or self._paused
+            or free < self._threshold
+            or not self._nc.is_connected
+        ):
             return
         self._requested += free
         request = {"batch": free, "expires": self._expires_ns, "idle_heartbeat": self._heartbeat_ns}
