@@ -22,15 +22,26 @@ from .errors import (
     WorkerError,
 )
 from .events import (
+    AlertResolvedEvent,
     AlertTriggeredEvent,
     Assignment,
     Event,
     EventType,
+    ExecCompletedEvent,
+    ExecFailedEvent,
     ExecProgressEvent,
     HealthChangedEvent,
+    NodeDownEvent,
+    NodeUpEvent,
+    PinCompletedEvent,
+    PinFailedEvent,
     PinRequestedEvent,
+    PlanFailedEvent,
     PlanReadyEvent,
+    PolicyDeletedEvent,
     PolicyUpdatedEvent,
+    ZoneDownEvent,
+    ZoneUpEvent,
     new_alert_resolved_event,
     new_alert_triggered_event,
     new_exec_completed_event,
@@ -51,6 +62,7 @@ from .events import (
     parse_event_data,
 )
 from .hooks import Hook
+from .payloads import register_payload_type
 from .retry import Reject, Retry, RetryPolicy
 from .server import NATSServer
 from .settle import Ack, DeadLetter, Decision, Nak
@@ -58,6 +70,7 @@ from .worker import Worker, serve
 
 __all__ = [
     "Ack",
+    "AlertResolvedEvent",
     "AlertTriggeredEvent",
     "App",
     "Assignment",
@@ -78,6 +91,8 @@ __all__ = [
     "EventDecodeError",
     "EventError",
     "EventType",
+    "ExecCompletedEvent",
+    "ExecFailedEvent",
     "ExecProgressEvent",
     "GDCWorkerError",
     "HandlerDefinitionError",
@@ -89,8 +104,14 @@ __all__ = [
     "NATSServer",
     "NATSServerError",
     "Nak",
+    "NodeDownEvent",
+    "NodeUpEvent",
+    "PinCompletedEvent",
+    "PinFailedEvent",
     "PinRequestedEvent",
+    "PlanFailedEvent",
     "PlanReadyEvent",
+    "PolicyDeletedEvent",
     "PolicyUpdatedEvent",
     "PublishError",
     "Reject",
@@ -100,6 +121,8 @@ __all__ = [
     "TargetError",
     "Worker",
     "WorkerError",
+    "ZoneDownEvent",
+    "ZoneUpEvent",
     "new_alert_resolved_event",
     "new_alert_triggered_event",
     "new_exec_completed_event",
@@ -118,5 +141,6 @@ __all__ = [
     "new_zone_down_event",
     "new_zone_up_event",
     "parse_event_data",
+    "register_payload_type",
     "serve",
 ]

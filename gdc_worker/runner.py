@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 
 from .app import Context, HandlerSpec
-from .errors import EventDecodeError, GDCWorkerError, describe, one_error
+from .errors import EventDataError, EventDecodeError, GDCWorkerError, describe, one_error
 from .events import Event
 from .hooks import Hooks
 from .retry import Retry, is_handler_failure, retry_failed
@@ -214,20 +214,26 @@ class HandlerRunner(ConsumerLoop):
         if dead is not None:
             await self._settle(delivery, event, dead, None)
             return
-        error = await self._call(delivery, event)
+        ctx = Context(self._bus, event, delivery, spec.name) if spec.takes_context else None
+        try:
+            args = spec.arguments(event, ctx)
+        except EventDataError as exc:  # data that does not fit the handler's type: permanent
+            error: BaseException | None = exc
+        else:
+            error = await self._call(delivery, event, args)
         decision = decide(error, delivery.deliveries, self._max_deliver, spec.backoff)
         await self._settle(delivery, event, decision, error)
 
-    async def _call(self, delivery: Delivery, event: Event) -> BaseException | None:
-        """Run the handler with its retries and timeout; the error it ended with, if any.
+    async def _call(
+        self, delivery: Delivery, event: Event, args: tuple[Any, ...]
+    ) -> BaseException | None:
+        """Run the handler on `args` with its retries and timeout; the error it ended with, if
+        any.
 
         Anything the handler raises is its failure, `SystemExit` and its own `CancelledError`
         included; only a cancellation of ours (a forced stop) ends the call early.
         """
         spec = self.spec
-        args: tuple[Any, ...] = (event,)
-        if spec.takes_context:
-            args = (event, Context(self._bus, event, delivery, spec.name))
         self._running += 1
         try:
             try:
