@@ -32,9 +32,14 @@ from gdc_worker import (
     HandlerSpec,
     Hook,
     NATSConfig,
+    PinRequestedEvent,
     Retry,
     Worker,
 )
+
+#: The event type an implementation's consumer filters on, where it is not every type (">"):
+#: a typed handler takes one type (the bench's events are all pin.requested).
+FILTERS = {"gdc-typed": "pin.requested"}
 
 
 class Progress:
@@ -91,7 +96,17 @@ async def run_gdc_hooked(args: argparse.Namespace, progress: Progress) -> None:
     await run_gdc(args, progress, hooks=[Noop()])
 
 
-async def run_gdc(args: argparse.Namespace, progress: Progress, hooks: Sequence[Hook] = ()) -> None:
+async def run_gdc_typed(args: argparse.Namespace, progress: Progress) -> None:
+    """`run_gdc` with a handler annotated `PinRequestedEvent`: the data is decoded for it."""
+    await run_gdc(args, progress, typed=True)
+
+
+async def run_gdc(
+    args: argparse.Namespace,
+    progress: Progress,
+    hooks: Sequence[Hook] = (),
+    typed: bool = False,
+) -> None:
     """gdc-worker's runner with default settings and a no-op handler."""
     config = NATSConfig(
         url=args.url, stream_name=args.stream, stream_subjects=(f"{args.subject_prefix}>",)
@@ -104,6 +119,12 @@ async def run_gdc(args: argparse.Namespace, progress: Progress, hooks: Sequence[
         async def failing_once(event: Event, ctx: Context) -> None:
             if ctx.deliveries == 1 and progress.fails_first(event.id):
                 raise Retry(delay=0)
+            progress.handled_one()
+
+    elif typed:
+
+        @app.on(FILTERS["gdc-typed"], durable=args.durable)
+        async def plan(pin: PinRequestedEvent) -> None:
             progress.handled_one()
 
     else:
@@ -173,6 +194,7 @@ async def run_faststream(args: argparse.Namespace, progress: Progress) -> None:
 IMPLEMENTATIONS: dict[str, Callable[[argparse.Namespace, Progress], Any]] = {
     "gdc": run_gdc,
     "gdc-hooked": run_gdc_hooked,
+    "gdc-typed": run_gdc_typed,
     "raw": run_raw,
     "faststream": run_faststream,
 }

@@ -3,9 +3,10 @@ depend on what else the machine is doing.
 
     python -m bench.instructions [--n 3000] [--baseline DIR]
 
-Runs the `gdc` and `gdc-hooked` consumers of `bench.consumers` (and, with `--baseline`, the
-`gdc` consumer of another checkout, e.g. `git worktree add DIR REV`) under callgrind over N and
-2N events, and reports (I(2N) - I(N)) / N for each, which cancels start-up, and their ratios.
+Runs the `gdc`, `gdc-hooked` and `gdc-typed` consumers of `bench.consumers` (and, with
+`--baseline`, the `gdc` consumer of another checkout, e.g. `git worktree add DIR REV`) under
+callgrind over N and 2N events, and reports (I(2N) - I(N)) / N for each, which cancels
+start-up, and their ratios.
 Wall-clock throughput (`bench.run`) on a shared 2-core machine moves by 10% or more between
 runs; this moves by well under 1%.
 """
@@ -23,6 +24,7 @@ from pathlib import Path
 import anyio
 import nats
 
+from bench.consumers import FILTERS
 from bench.run import ROOT, Bench, make_events
 from gdc_worker import NATSServer
 
@@ -34,7 +36,7 @@ async def instructions(bench: Bench, root: Path, impl: str, n: int, out_dir: Pat
     events = make_events(n)
     stream, prefix = await bench.fresh_stream()
     await bench.fill(stream, prefix, events)
-    await bench.durable(stream, prefix, "measured")
+    await bench.durable(stream, prefix, "measured", FILTERS.get(impl, ">"))
     args = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out_dir / 'callgrind.out'}"]
     args += [sys.executable, "-m", "bench.consumers", impl, "--url", bench.url]
     args += ["--stream", stream, "--subject-prefix", prefix, "--durable", "measured"]
@@ -48,7 +50,7 @@ async def instructions(bench: Bench, root: Path, impl: str, n: int, out_dir: Pat
 
 
 async def main_async(args: argparse.Namespace) -> dict[str, float]:
-    cases = {"gdc": (ROOT, "gdc"), "gdc-hooked": (ROOT, "gdc-hooked")}
+    cases = {name: (ROOT, name) for name in ("gdc", "gdc-hooked", "gdc-typed")}
     if args.baseline is not None:
         cases["gdc baseline"] = (args.baseline, "gdc")
     per_event: dict[str, float] = {}
@@ -73,7 +75,10 @@ def main() -> int:
         print("valgrind is not installed (apt-get install valgrind)", file=sys.stderr)
         return 1
     per_event = anyio.run(main_async, args)
-    ratios = {"gdc no-op hooks/no hooks": per_event["gdc-hooked"] / per_event["gdc"]}
+    ratios = {
+        "gdc no-op hooks/no hooks": per_event["gdc-hooked"] / per_event["gdc"],
+        "gdc typed/untyped handler": per_event["gdc-typed"] / per_event["gdc"],
+    }
     if "gdc baseline" in per_event:
         ratios["gdc/baseline (target <= 1.03)"] = per_event["gdc"] / per_event["gdc baseline"]
     for name, value in per_event.items():
