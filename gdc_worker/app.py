@@ -219,7 +219,7 @@ def handler_spec(
     takes_context, first = _parameters(func)
     payload_type = _payload_type(func, first) if first is not None else None
     if payload_type is not None:
-        check_payload_type(pattern, payload_type)
+        check_payload_type(pattern, payload_type, _qualname(func))
     if not _DURABLE.match(durable):
         raise HandlerDefinitionError(
             f"durable {durable!r} may hold only letters, digits, '-' and '_'"

@@ -84,10 +84,10 @@ def payload_types() -> dict[str, type[msgspec.Struct]]:
     return dict(_registry)
 
 
-def check_payload_type(pattern: str, struct_type: type[msgspec.Struct]) -> None:
-    """Refuse `struct_type` for the events of `pattern` if a type it matches carries another.
+def check_payload_type(pattern: str, struct_type: type[msgspec.Struct], handler: str) -> None:
+    """Refuse a handler of `pattern` taking `struct_type` if a type it matches carries another.
 
-    Raises `HandlerDefinitionError` naming the types and the structs they carry.
+    Raises `HandlerDefinitionError` naming the handler, the types and the structs they carry.
     """
     others = {
         t: s for t, s in _registry.items() if s is not struct_type and subjects_overlap(pattern, t)
@@ -95,7 +95,7 @@ def check_payload_type(pattern: str, struct_type: type[msgspec.Struct]) -> None:
     if others:
         carried = ", ".join(f"{t} carries {s.__name__}" for t, s in sorted(others.items()))
         raise HandlerDefinitionError(
-            f"{struct_type.__name__} does not fit the events of {pattern!r}: {carried}. Annotate "
-            "the handler with that type, or take the envelope (`event: Event`) and call "
-            "parse_event_data"
+            f"handler {handler!r} takes {struct_type.__name__}, which does not fit the events of "
+            f"{pattern!r}: {carried}. Annotate it with the struct its events carry, or take the "
+            "envelope (`event: Event`) and call parse_event_data for each type"
         )
