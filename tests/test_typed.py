@@ -16,6 +16,7 @@ from gdc_worker import (
     Event,
     EventDataError,
     HandlerDefinitionError,
+    HandlerSpec,
     NATSConfig,
     NATSEventBus,
     PinCompletedEvent,
@@ -49,7 +50,7 @@ class Refund(msgspec.Struct):
 register_payload_type("typedtest.invoiced", Invoice)
 
 
-def _spec_of(pattern: str, handler: Callable[..., Any]) -> Any:
+def _spec_of(pattern: str, handler: Callable[..., Any]) -> HandlerSpec:
     app = App("svc")
     app.on(pattern)(handler)
     return app.handlers[getattr(handler, "__name__", type(handler).__name__)]
