@@ -32,9 +32,14 @@ from gdc_worker import (
     HandlerSpec,
     Hook,
     NATSConfig,
+    PinRequestedEvent,
     Retry,
     Worker,
 )
+
+#: The event type an implementation's consumer filters on, where it is not every type (">"):
+#: a typed handler takes one type (the bench's events are all pin.requested).
+FILTERS = {"gdc-typed": "pin.requested"}
 
 
 class Progress:
@@ -108,7 +113,17 @@ async def run_gdc_metrics(args: argparse.Namespace, progress: Progress) -> None:
     await run_gdc(args, progress, hooks=[Metrics("bench")])
 
 
-async def run_gdc(args: argparse.Namespace, progress: Progress, hooks: Sequence[Hook] = ()) -> None:
+async def run_gdc_typed(args: argparse.Namespace, progress: Progress) -> None:
+    """`run_gdc` with a handler annotated `PinRequestedEvent`: the data is decoded for it."""
+    await run_gdc(args, progress, typed=True)
+
+
+async def run_gdc(
+    args: argparse.Namespace,
+    progress: Progress,
+    hooks: Sequence[Hook] = (),
+    typed: bool = False,
+) -> None:
     """gdc-worker's runner with default settings and a no-op handler."""
     config = NATSConfig(
         url=args.url, stream_name=args.stream, stream_subjects=(f"{args.subject_prefix}>",)
@@ -121,6 +136,12 @@ async def run_gdc(args: argparse.Namespace, progress: Progress, hooks: Sequence[
         async def failing_once(event: Event, ctx: Context) -> None:
             if ctx.deliveries == 1 and progress.fails_first(event.id):
                 raise Retry(delay=0)
+            progress.handled_one()
+
+    elif typed:
+
+        @app.on(FILTERS["gdc-typed"], durable=args.durable)
+        async def plan(pin: PinRequestedEvent) -> None:
             progress.handled_one()
 
     else:
@@ -192,6 +213,7 @@ IMPLEMENTATIONS: dict[str, Callable[[argparse.Namespace, Progress], Any]] = {
     "gdc-hooked": run_gdc_hooked,
     "gdc-traced": run_gdc_traced,
     "gdc-metrics": run_gdc_metrics,
+    "gdc-typed": run_gdc_typed,
     "raw": run_raw,
     "faststream": run_faststream,
 }

@@ -3,10 +3,10 @@ depend on what else the machine is doing.
 
     python -m bench.instructions [--n 3000] [--baseline DIR]
 
-Runs the `gdc`, `gdc-hooked`, `gdc-metrics` and `gdc-traced` consumers of `bench.consumers`
-(and, with `--baseline`, the `gdc` consumer of another checkout, e.g. `git worktree add DIR
-REV`) under callgrind over N and 2N events, and reports (I(2N) - I(N)) / N for each, which cancels
-start-up, and their ratios.
+Runs the `gdc`, `gdc-hooked`, `gdc-typed`, `gdc-metrics` and `gdc-traced` consumers of
+`bench.consumers` (and, with `--baseline`, the `gdc` consumer of another checkout, e.g. `git
+worktree add DIR REV`) under callgrind over N and 2N events, and reports (I(2N) - I(N)) / N for
+each, which cancels start-up, and their ratios.
 Wall-clock throughput (`bench.run`) on a shared 2-core machine moves by 10% or more between
 runs; this moves by well under 1%.
 """
@@ -24,6 +24,7 @@ from pathlib import Path
 import anyio
 import nats
 
+from bench.consumers import FILTERS
 from bench.run import ROOT, Bench, make_events
 from gdc_worker import NATSServer
 
@@ -35,7 +36,7 @@ async def instructions(bench: Bench, root: Path, impl: str, n: int, out_dir: Pat
     events = make_events(n)
     stream, prefix = await bench.fresh_stream()
     await bench.fill(stream, prefix, events)
-    await bench.durable(stream, prefix, "measured")
+    await bench.durable(stream, prefix, "measured", FILTERS.get(impl, ">"))
     args = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out_dir / 'callgrind.out'}"]
     args += [sys.executable, "-m", "bench.consumers", impl, "--url", bench.url]
     args += ["--stream", stream, "--subject-prefix", prefix, "--durable", "measured"]
@@ -49,7 +50,10 @@ async def instructions(bench: Bench, root: Path, impl: str, n: int, out_dir: Pat
 
 
 async def main_async(args: argparse.Namespace) -> dict[str, float]:
-    cases = {name: (ROOT, name) for name in ("gdc", "gdc-hooked", "gdc-metrics", "gdc-traced")}
+    cases = {
+        name: (ROOT, name)
+        for name in ("gdc", "gdc-hooked", "gdc-typed", "gdc-metrics", "gdc-traced")
+    }
     if args.baseline is not None:
         cases["gdc baseline"] = (args.baseline, "gdc")
     per_event: dict[str, float] = {}
@@ -76,6 +80,7 @@ def main() -> int:
     per_event = anyio.run(main_async, args)
     ratios = {
         "gdc no-op hooks/no hooks": per_event["gdc-hooked"] / per_event["gdc"],
+        "gdc typed/untyped handler": per_event["gdc-typed"] / per_event["gdc"],
         "gdc Metrics/no hooks": per_event["gdc-metrics"] / per_event["gdc"],
         "gdc Tracing/no hooks": per_event["gdc-traced"] / per_event["gdc"],
     }

@@ -34,6 +34,7 @@ from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, StorageType, StreamConfig
 
+from bench.consumers import FILTERS
 from gdc_worker import (
     App,
     Event,
@@ -112,12 +113,12 @@ class Bench:
         if info.state.messages != len(events):
             raise Lost(f"{stream} holds {info.state.messages} of {len(events)} events")
 
-    async def durable(self, stream: str, prefix: str, name: str) -> None:
+    async def durable(self, stream: str, prefix: str, name: str, event_type: str = ">") -> None:
         await self.js.add_consumer(
             stream,
             ConsumerConfig(
                 durable_name=name,
-                filter_subject=prefix + ">",
+                filter_subject=prefix + event_type,
                 ack_policy=AckPolicy.EXPLICIT,
                 ack_wait=30,
                 max_ack_pending=1000,
@@ -204,7 +205,7 @@ async def consume_once(
     stream, prefix = await bench.fresh_stream()
     durable = f"{impl}-consumer"
     await bench.fill(stream, prefix, events)
-    await bench.durable(stream, prefix, durable)
+    await bench.durable(stream, prefix, durable, FILTERS.get(impl, ">"))
     args = [sys.executable, "-m", "bench.consumers", impl, "--url", bench.url]
     args += ["--stream", stream, "--subject-prefix", prefix, "--durable", durable]
     args += ["--n", str(len(events)), "--fail-ratio", str(fail_ratio)]
@@ -398,7 +399,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         nc = await nats.connect(server.url)
         bench = Bench(server.url, nc, nc.jetstream())
         publish: dict[str, list[float]] = {}
-        extra = ["gdc-hooked", "gdc-metrics"]
+        extra = ["gdc-hooked", "gdc-typed", "gdc-metrics"]
         consume: dict[str, list[float]] = {impl: [] for impl in [*impls, *extra]}
         if args.baseline is not None:
             consume["gdc baseline"] = []
@@ -469,6 +470,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         "peak rss gdc/raw at 4N": memory["gdc 4N"] / memory["raw 4N"],
     }
     ratios["consume gdc no-op hooks/no hooks"] = c["gdc-hooked"] / c["gdc"]
+    ratios["consume gdc typed/untyped handler (target >= 0.90)"] = c["gdc-typed"] / c["gdc"]
     ratios["consume gdc metrics on/off (target >= 0.95)"] = c["gdc-metrics"] / c["gdc"]
     if "gdc baseline" in c:
         ratios["consume gdc/baseline checkout (target >= 0.97)"] = c["gdc"] / c["gdc baseline"]

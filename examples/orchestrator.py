@@ -9,22 +9,19 @@ from __future__ import annotations
 from gdc_worker import (
     App,
     Context,
-    Event,
     ExecProgressEvent,
     PlanReadyEvent,
     new_exec_completed_event,
     new_exec_progress_event,
     new_pin_completed_event,
-    parse_event_data,
 )
 
 app = App("orchestrator")
 
 
 @app.on("plan.ready")
-async def execute_plan(event: Event, ctx: Context) -> None:
+async def execute_plan(plan: PlanReadyEvent, ctx: Context) -> None:
     """Pin on each assigned node, reporting progress, then report the pin complete."""
-    plan = parse_event_data(event, PlanReadyEvent)
     workflow = f"wf-{plan.plan_id}"
     total = len(plan.assignments)
     for n, assignment in enumerate(plan.assignments, start=1):

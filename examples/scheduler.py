@@ -9,13 +9,11 @@ from gdc_worker import (
     App,
     Assignment,
     Context,
-    Event,
     PinRequestedEvent,
     PlanReadyEvent,
     Reject,
     new_plan_failed_event,
     new_plan_ready_event,
-    parse_event_data,
 )
 
 app = App("scheduler")
@@ -37,9 +35,8 @@ def replication_factor(pin: PinRequestedEvent) -> int:
 
 
 @app.on("pin.requested")
-async def plan_pin(event: Event, ctx: Context) -> None:
+async def plan_pin(pin: PinRequestedEvent, ctx: Context) -> None:
     """Place the pin's replicas on distinct zones, or say why it cannot be placed."""
-    pin = parse_event_data(event, PinRequestedEvent)
     if not pin.cid:
         raise Reject("pin.requested without a cid")
     rf = replication_factor(pin)

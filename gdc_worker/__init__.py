@@ -23,15 +23,26 @@ from .errors import (
     WorkerError,
 )
 from .events import (
+    AlertResolvedEvent,
     AlertTriggeredEvent,
     Assignment,
     Event,
     EventType,
+    ExecCompletedEvent,
+    ExecFailedEvent,
     ExecProgressEvent,
     HealthChangedEvent,
+    NodeDownEvent,
+    NodeUpEvent,
+    PinCompletedEvent,
+    PinFailedEvent,
     PinRequestedEvent,
+    PlanFailedEvent,
     PlanReadyEvent,
+    PolicyDeletedEvent,
     PolicyUpdatedEvent,
+    ZoneDownEvent,
+    ZoneUpEvent,
     new_alert_resolved_event,
     new_alert_triggered_event,
     new_exec_completed_event,
@@ -52,6 +63,7 @@ from .events import (
     parse_event_data,
 )
 from .hooks import Hook
+from .payloads import register_payload_type
 from .retry import Reject, Retry, RetryPolicy
 from .server import NATSServer
 from .settle import Ack, DeadLetter, Decision, Nak
@@ -59,6 +71,7 @@ from .worker import Worker, serve
 
 __all__ = [
     "Ack",
+    "AlertResolvedEvent",
     "AlertTriggeredEvent",
     "App",
     "Assignment",
@@ -80,6 +93,8 @@ __all__ = [
     "EventDecodeError",
     "EventError",
     "EventType",
+    "ExecCompletedEvent",
+    "ExecFailedEvent",
     "ExecProgressEvent",
     "GDCWorkerError",
     "HandlerDefinitionError",
@@ -91,8 +106,14 @@ __all__ = [
     "NATSServer",
     "NATSServerError",
     "Nak",
+    "NodeDownEvent",
+    "NodeUpEvent",
+    "PinCompletedEvent",
+    "PinFailedEvent",
     "PinRequestedEvent",
+    "PlanFailedEvent",
     "PlanReadyEvent",
+    "PolicyDeletedEvent",
     "PolicyUpdatedEvent",
     "PublishError",
     "Reject",
@@ -102,6 +123,8 @@ __all__ = [
     "TargetError",
     "Worker",
     "WorkerError",
+    "ZoneDownEvent",
+    "ZoneUpEvent",
     "new_alert_resolved_event",
     "new_alert_triggered_event",
     "new_exec_completed_event",
@@ -120,5 +143,6 @@ __all__ = [
     "new_zone_down_event",
     "new_zone_up_event",
     "parse_event_data",
+    "register_payload_type",
     "serve",
 ]

@@ -6,17 +6,21 @@ import inspect
 import logging
 import math
 import re
+import types
+import typing
 from collections.abc import Awaitable, Callable, MutableMapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any, Protocol, TypeVar
 
 import anyio
+import msgspec
 
 from .breaker import Breaker
 from .config import NATSConfig
-from .errors import HandlerDefinitionError, SubscriptionError
-from .events import Event
+from .errors import HandlerDefinitionError, SubscriptionError, describe
+from .events import Event, parse_event_data
 from .hooks import Hook, Hooks
+from .payloads import check_payload_type
 from .retry import DEFAULT_BACKOFF, DEFAULT_RETRY, RetryPolicy
 from .subjects import check_pattern, safe_name
 
@@ -212,7 +216,10 @@ class HandlerOptions:
 
 @dataclass(frozen=True, kw_only=True)
 class HandlerSpec(HandlerOptions):
-    """One registered handler, its durable consumer and its options."""
+    """One registered handler, its durable consumer and its options.
+
+    `payload_type` is the struct its first parameter is annotated with, None for the envelope.
+    """
 
     name: str
     pattern: str
@@ -220,11 +227,16 @@ class HandlerSpec(HandlerOptions):
     func: HandlerFunc
     takes_context: bool
     call: Callable[..., Awaitable[Any]] = field(repr=False, compare=False)
+    payload_type: type[msgspec.Struct] | None = None
 
     def arguments(self, event: Event, ctx: Context | None) -> tuple[Any, ...]:
-        """What the handler is called with: `(event)`, or `(event, ctx)` for a handler that
-        takes a context (`ctx` is None for one that does not: none is built)."""
-        return (event, ctx) if self.takes_context else (event,)
+        """What the handler is called with: the event, or its data decoded as `payload_type`,
+        then `ctx` if the handler takes one (it may be None otherwise: none is built).
+
+        Raises `EventDataError` naming the field when the data does not fit `payload_type`.
+        """
+        first = event if self.payload_type is None else parse_event_data(event, self.payload_type)
+        return (first, ctx) if self.takes_context else (first,)
 
 
 def handler_spec(
@@ -235,7 +247,10 @@ def handler_spec(
     Raises `HandlerDefinitionError` naming what cannot work.
     """
     _check_pattern(pattern)
-    takes_context = _takes_context(func)
+    takes_context, first = _parameters(func)
+    payload_type = _payload_type(func, first) if first is not None else None
+    if payload_type is not None:
+        check_payload_type(pattern, payload_type, _qualname(func))
     if not _DURABLE.match(durable):
         raise HandlerDefinitionError(
             f"durable {durable!r} may hold only letters, digits, '-' and '_'"
@@ -248,6 +263,7 @@ def handler_spec(
         func=func,
         takes_context=takes_context,
         call=as_async(func),
+        payload_type=payload_type,
     )
 
 
@@ -276,8 +292,9 @@ def as_async(handler: Callable[..., Any]) -> Callable[..., Awaitable[Any]]:
     return in_thread
 
 
-def _takes_context(func: HandlerFunc) -> bool:
-    """Whether `func` is called as `(event)` or `(event, ctx)`; anything else is refused."""
+def _parameters(func: HandlerFunc) -> tuple[bool, inspect.Parameter | None]:
+    """Whether `func` is called as `(event)` or `(event, ctx)` (anything else is refused), and
+    its first parameter (None for `*args`)."""
     if not callable(func):
         raise HandlerDefinitionError(f"{func!r} is not callable")
     try:
@@ -291,10 +308,44 @@ def _takes_context(func: HandlerFunc) -> bool:
     required = [p for p in positional if p.default is p.empty]
     if required_kw or len(required) > 2 or (not positional and not variadic):
         raise HandlerDefinitionError(
-            f"handler {getattr(func, '__qualname__', func)!r} must take (event) or (event, ctx), "
-            f"not {signature}"
+            f"handler {_qualname(func)!r} must take (event) or (event, ctx), not {signature}"
         )
-    return len(positional) >= 2 or variadic
+    return len(positional) >= 2 or variadic, positional[0] if positional else None
+
+
+def _payload_type(func: HandlerFunc, first: inspect.Parameter) -> type[msgspec.Struct] | None:
+    """The struct `first` is annotated with; None for `Event` (or `Any`, or no annotation).
+
+    A string annotation (`from __future__ import annotations`) is resolved in the handler's
+    module, alone: the others (a `ctx: Context` imported for type checking only) are not read.
+    """
+    annotation = first.annotation
+    if isinstance(annotation, str):
+        target = inspect.unwrap(func)
+        namespace = getattr(target, "__globals__", None)
+        if namespace is None:  # an object with an async __call__
+            namespace = getattr(type(target).__call__, "__globals__", {})
+        try:
+            holder = types.SimpleNamespace(__annotations__={first.name: annotation})
+            annotation = typing.get_type_hints(holder, globalns=namespace)[first.name]
+        except Exception as exc:
+            raise HandlerDefinitionError(
+                f"handler {_qualname(func)!r}: cannot resolve the annotation {annotation!r} of "
+                f"{first.name!r} ({describe(exc)}); import what it names at run time, not only "
+                "for type checking"
+            ) from None
+    if annotation in (first.empty, Event, Any, object):
+        return None
+    if isinstance(annotation, type) and issubclass(annotation, msgspec.Struct):
+        return annotation
+    raise HandlerDefinitionError(
+        f"handler {_qualname(func)!r}: {first.name!r} is annotated {annotation!r}; annotate it "
+        "with Event for the envelope, or with a msgspec.Struct for the data (PinRequestedEvent)"
+    )
+
+
+def _qualname(func: HandlerFunc) -> str:
+    return str(getattr(func, "__qualname__", func))
 
 
 def _check_options(options: HandlerOptions) -> None:

@@ -41,7 +41,8 @@ class ConfigError(GDCWorkerError, ValueError):
 
 
 class HandlerDefinitionError(GDCWorkerError, TypeError):
-    """Raised at import time by `App` and `@app.on(...)` for a handler that cannot work."""
+    """Raised at import time by `App`, `@app.on(...)` and `register_payload_type` for a handler
+    or a payload type that cannot work."""
 
 
 class TargetError(GDCWorkerError):

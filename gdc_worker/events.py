@@ -21,16 +21,27 @@ __all__ = [
     "EVENT_VERSION",
     "MSG_ID_HEADER",
     "TRACE_HEADER",
+    "AlertResolvedEvent",
     "AlertTriggeredEvent",
     "Assignment",
     "Event",
     "EventType",
+    "ExecCompletedEvent",
+    "ExecFailedEvent",
     "ExecProgressEvent",
     "HealthChangedEvent",
+    "NodeDownEvent",
+    "NodeUpEvent",
     "Payload",
+    "PinCompletedEvent",
+    "PinFailedEvent",
     "PinRequestedEvent",
+    "PlanFailedEvent",
     "PlanReadyEvent",
+    "PolicyDeletedEvent",
     "PolicyUpdatedEvent",
+    "ZoneDownEvent",
+    "ZoneUpEvent",
     "event_headers",
     "new_alert_resolved_event",
     "new_alert_triggered_event",
@@ -149,6 +160,18 @@ class Payload(msgspec.Struct, kw_only=True):
         return data
 
 
+class _Timed(Payload):
+    """A payload with timestamps (`_timestamps`); Go cannot decode one without a timezone."""
+
+    _timestamps: ClassVar[tuple[str, ...]] = ()
+
+    def __post_init__(self) -> None:
+        for name in self._timestamps:
+            value = getattr(self, name)
+            if value is not None:
+                _require_aware(name, value)
+
+
 class PinRequestedEvent(Payload):
     """Data of `pin.requested`: a request to pin content `cid`."""
 
@@ -177,10 +200,11 @@ class PlanReadyEvent(Payload):
     estimated_cost: float = 0.0
 
 
-class ExecProgressEvent(Payload):
+class ExecProgressEvent(_Timed):
     """Data of `exec.progress`: one step of an orchestrator workflow."""
 
     _omitempty = frozenset({"message", "completed_at"})
+    _timestamps = ("completed_at",)
 
     workflow_id: str = ""
     step_id: str = ""
@@ -188,10 +212,6 @@ class ExecProgressEvent(Payload):
     progress: float = 0.0
     message: str = ""
     completed_at: datetime | None = None
-
-    def __post_init__(self) -> None:
-        if self.completed_at is not None:
-            _require_aware("completed_at", self.completed_at)
 
 
 class HealthChangedEvent(Payload):
@@ -232,6 +252,117 @@ class AlertTriggeredEvent(Payload):
     threshold: float = 0.0
 
 
+# The types whose data the Go bus (and the helpers below) write as a plain map, with every key.
+
+
+class PinCompletedEvent(_Timed):
+    """Data of `pin.completed`: content `cid` is pinned on `assignments`."""
+
+    _timestamps = ("completed_at",)
+
+    cid: str = ""
+    assignments: list[Assignment] = msgspec.field(default_factory=list)
+    completed_at: datetime | None = None
+
+
+class PinFailedEvent(_Timed):
+    """Data of `pin.failed`: content `cid` could not be pinned."""
+
+    _timestamps = ("failed_at",)
+
+    cid: str = ""
+    reason: str = ""
+    failed_at: datetime | None = None
+
+
+class PlanFailedEvent(_Timed):
+    """Data of `plan.failed`: the scheduler found no placement for `cid`."""
+
+    _timestamps = ("failed_at",)
+
+    cid: str = ""
+    reason: str = ""
+    failed_at: datetime | None = None
+
+
+class ExecCompletedEvent(_Timed):
+    """Data of `exec.completed`: an orchestrator workflow finished with `result`."""
+
+    _timestamps = ("completed_at",)
+
+    workflow_id: str = ""
+    result: dict[str, Any] = msgspec.field(default_factory=dict)
+    completed_at: datetime | None = None
+
+
+class ExecFailedEvent(_Timed):
+    """Data of `exec.failed`: an orchestrator workflow gave up."""
+
+    _timestamps = ("failed_at",)
+
+    workflow_id: str = ""
+    reason: str = ""
+    failed_at: datetime | None = None
+
+
+class NodeDownEvent(_Timed):
+    """Data of `node.down`."""
+
+    _timestamps = ("down_at",)
+
+    node_id: str = ""
+    reason: str = ""
+    down_at: datetime | None = None
+
+
+class NodeUpEvent(_Timed):
+    """Data of `node.up`."""
+
+    _timestamps = ("up_at",)
+
+    node_id: str = ""
+    up_at: datetime | None = None
+
+
+class ZoneDownEvent(_Timed):
+    """Data of `zone.down`."""
+
+    _timestamps = ("down_at",)
+
+    zone_id: str = ""
+    reason: str = ""
+    down_at: datetime | None = None
+
+
+class ZoneUpEvent(_Timed):
+    """Data of `zone.up`."""
+
+    _timestamps = ("up_at",)
+
+    zone_id: str = ""
+    up_at: datetime | None = None
+
+
+class PolicyDeletedEvent(_Timed):
+    """Data of `policy.deleted`."""
+
+    _timestamps = ("deleted_at",)
+
+    policy_id: str = ""
+    deleted_by: str = ""
+    deleted_at: datetime | None = None
+
+
+class AlertResolvedEvent(_Timed):
+    """Data of `alert.resolved`."""
+
+    _timestamps = ("resolved_at",)
+
+    alert_id: str = ""
+    resolved_by: str = ""
+    resolved_at: datetime | None = None
+
+
 def _require_aware(name: str, value: datetime) -> None:
     # Go cannot decode a timestamp without a zone, and naive times do not compare with aware ones.
     if value.tzinfo is None:
@@ -254,10 +385,16 @@ def parse_event_data(event: Event, payload_type: type[P]) -> P:
     """Decode `event.data` into `payload_type`; raises `EventDataError` on a mistyped value.
 
     As in Go, unknown keys are ignored and missing or null values take their zero value (Go
-    writes a nil list or map as null).
+    writes a nil list or map as null). A null the type accepts (an optional field, a value of
+    a `dict[str, Any]`) stays None, as Go leaves a nil pointer or interface.
     """
+    data = event.data or {}
     try:
-        return msgspec.convert(_without_nulls(event.data or {}), payload_type)
+        return msgspec.convert(data, payload_type)
+    except msgspec.ValidationError:
+        pass  # Nulls Go means as zero values? Looking for them walks the data: only now.
+    try:
+        return msgspec.convert(_without_nulls(data), payload_type)
     except msgspec.ValidationError as exc:
         raise EventDataError(
             f"data of {event.type} event {event.id} does not fit {payload_type.__name__}: {exc}"

@@ -21,7 +21,7 @@ from prometheus_client.registry import Collector
 from .bus import NATSEventBus
 from .errors import GDCWorkerError
 from .hooks import Hook
-from .settle import Ack, Decision, Nak
+from .settle import Ack, DeadLetter, Decision, Nak
 
 if TYPE_CHECKING:
     from .app import HandlerSpec
@@ -40,15 +40,8 @@ CONSUMER_POLL_S = 5.0
 DURATION_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 #: Publish latencies, in seconds: an ack on loopback, to a publish riding out an election.
 PUBLISH_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 5)
-_OUTCOMES = ("acked", "nakd", "dead_lettered")
+_OUTCOMES = (Ack.outcome, Nak.outcome, DeadLetter.outcome)
 _BREAKER_STATES = {"closed": 0, "half_open": 1, "open": 2}
-
-
-def outcome_of(decision: Decision) -> str:
-    """The `outcome` label of a settlement: `acked`, `nakd` or `dead_lettered`."""
-    if isinstance(decision, Ack):
-        return "acked"
-    return "nakd" if isinstance(decision, Nak) else "dead_lettered"
 
 
 class Metrics(Hook):
@@ -175,8 +168,7 @@ class Metrics(Hook):
         self, handler: HandlerSpec, delivery: Delivery, decision: Decision
     ) -> None:
         self._attempts.pop((handler.durable, delivery.stream_seq, delivery.deliveries), None)
-        outcome = outcome_of(decision)
-        self.deliveries.labels(self.app, handler.name, handler.durable, outcome).inc()
+        self.deliveries.labels(self.app, handler.name, handler.durable, decision.outcome).inc()
 
     def published(
         self,

@@ -20,7 +20,7 @@ import anyio
 
 from .app import Context, HandlerSpec, Publisher
 from .dlq import FailedMessage
-from .errors import EventDecodeError, GDCWorkerError, describe, one_error
+from .errors import EventDataError, EventDecodeError, GDCWorkerError, describe, one_error
 from .events import Event
 from .hooks import Hooks
 from .logs import delivery_fields
@@ -347,23 +347,28 @@ class SettlePath(Generic[D]):
         if dead is not None:
             await self._settle(delivery, event, dead, None)
             return
-        if self._gate is not None and not await self._gate(delivery):
-            with anyio.CancelScope(shield=True):  # stopped while waiting: another replica takes it
-                await self.hand_back(delivery)
-            return
-        error = await self._call(delivery, event)
+        ctx = Context(self._bus, event, delivery, spec.name) if spec.takes_context else None
+        try:
+            args = spec.arguments(event, ctx)
+        except EventDataError as exc:  # data that does not fit the handler's type: permanent
+            error: BaseException | None = exc
+        else:
+            if self._gate is not None and not await self._gate(delivery):
+                with anyio.CancelScope(shield=True):  # stopped while waiting: another replica
+                    await self.hand_back(delivery)
+                return
+            error = await self._call(delivery, event, args)
         decision = decide(error, delivery.deliveries, self.max_deliver, spec.backoff)
         await self._settle(delivery, event, decision, error)
 
-    async def _call(self, delivery: D, event: Event) -> BaseException | None:
-        """Run the handler with its retries and timeout; the error it ended with, if any.
+    async def _call(self, delivery: D, event: Event, args: tuple[Any, ...]) -> BaseException | None:
+        """Run the handler on `args` with its retries and timeout; the error it ended with, if
+        any.
 
         Anything the handler raises is its failure, `SystemExit` and its own `CancelledError`
         included; only a cancellation of ours (a forced stop) ends the call early.
         """
         spec = self.spec
-        ctx = Context(self._bus, event, delivery, spec.name) if spec.takes_context else None
-        args = spec.arguments(event, ctx)
         self.running += 1
         try:
             try:
@@ -431,7 +436,7 @@ class SettlePath(Generic[D]):
                 delivery.deliveries,
                 describe(error) if error is not None else "no error",
                 decision.delay,
-                extra=delivery_fields(self.spec, delivery, event, "nakd"),
+                extra=delivery_fields(self.spec, delivery, event, Nak.outcome),
             )
         else:
             with anyio.CancelScope(shield=True):
@@ -467,7 +472,7 @@ class SettlePath(Generic[D]):
                 exc,
                 delay,
                 self._dlq.stream,
-                extra=delivery_fields(spec, delivery, event, "nakd"),
+                extra=delivery_fields(spec, delivery, event, Nak.outcome),
             )
             await delivery.nak(delay)
             return Nak(delay)
@@ -478,7 +483,7 @@ class SettlePath(Generic[D]):
             what,
             entry_id,
             decision.reason,
-            extra=delivery_fields(spec, delivery, event, "dead_lettered"),
+            extra=delivery_fields(spec, delivery, event, DeadLetter.outcome),
         )
         return decision
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import ClassVar
 
 from .errors import message_of
 from .retry import Reject, Retry, is_permanent
@@ -19,12 +20,16 @@ __all__ = ["ACK", "Ack", "DeadLetter", "Decision", "Nak", "decide", "exhausted"]
 class Ack:
     """Handled: acknowledge."""
 
+    #: The name of this settlement in metrics, logs and spans.
+    outcome: ClassVar[str] = "acked"
+
 
 @dataclass(frozen=True)
 class Nak:
     """Failed for now: redeliver after `delay` seconds."""
 
     delay: float
+    outcome: ClassVar[str] = "nakd"
 
 
 @dataclass(frozen=True)
@@ -32,6 +37,7 @@ class DeadLetter:
     """Failed for good: record it in the dead-letter stream, then terminate the message."""
 
     reason: str
+    outcome: ClassVar[str] = "dead_lettered"
 
 
 Decision = Ack | Nak | DeadLetter

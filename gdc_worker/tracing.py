@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 from .errors import ConfigError, describe
 from .events import MSG_ID_HEADER, TRACE_HEADER
 from .hooks import Hook
-from .settle import Ack, DeadLetter
+from .settle import DeadLetter, Nak
 
 try:
     from opentelemetry import context, propagate, trace
@@ -147,13 +147,10 @@ class Tracing(Hook):
         self._processing.set(None)
         try:
             span = processing.span
-            if isinstance(decision, Ack):
-                span.set_attribute(OUTCOME, "acked")
-            elif isinstance(decision, DeadLetter):
-                span.set_attribute(OUTCOME, "dead_lettered")
+            span.set_attribute(OUTCOME, decision.outcome)
+            if isinstance(decision, DeadLetter):
                 span.set_status(Status(StatusCode.ERROR, f"dead-lettered: {decision.reason}"))
-            else:
-                span.set_attribute(OUTCOME, "nakd")
+            elif isinstance(decision, Nak):
                 span.set_status(Status(StatusCode.ERROR, f"nak: redelivery in {decision.delay:g}s"))
             span.end()
         finally:

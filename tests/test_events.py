@@ -684,10 +684,33 @@ def test_parse_event_data_rejects_a_mistyped_value_naming_the_field(
     assert isinstance(excinfo.value, ValueError)
 
 
-def test_exec_progress_refuses_a_completed_at_go_cannot_read() -> None:
-    """Given a naive completed_at, which Go could not decode, the payload refuses it."""
-    with pytest.raises(ValueError, match="completed_at"):
-        ExecProgressEvent(workflow_id="w", completed_at=datetime(2026, 11, 26, 9, 30, 17))
+@pytest.mark.parametrize(
+    ("payload_type", "field"),
+    [
+        (ExecProgressEvent, "completed_at"),
+        (events.PinCompletedEvent, "completed_at"),
+        (events.PinFailedEvent, "failed_at"),
+        (events.PlanFailedEvent, "failed_at"),
+        (events.ExecCompletedEvent, "completed_at"),
+        (events.ExecFailedEvent, "failed_at"),
+        (events.NodeDownEvent, "down_at"),
+        (events.NodeUpEvent, "up_at"),
+        (events.ZoneDownEvent, "down_at"),
+        (events.ZoneUpEvent, "up_at"),
+        (events.PolicyDeletedEvent, "deleted_at"),
+        (events.AlertResolvedEvent, "resolved_at"),
+    ],
+    ids=lambda p: p if isinstance(p, str) else p.__name__,
+)
+def test_a_payload_refuses_a_time_go_cannot_read(
+    payload_type: type[msgspec.Struct], field: str
+) -> None:
+    """Given a naive time (no timezone), which Go could not decode, the payload refuses it,
+    naming the field; an aware one is kept."""
+    with pytest.raises(ValueError, match=field):
+        payload_type(**{field: datetime(2026, 11, 26, 9, 30, 17)})
+
+    assert getattr(payload_type(**{field: COMPLETED_AT}), field) == COMPLETED_AT
 
 
 # --- EventType -------------------------------------------------------------------------------

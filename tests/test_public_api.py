@@ -7,7 +7,8 @@ import pkgutil
 import pytest
 
 import gdc_worker
-from gdc_worker import GDCWorkerError
+from gdc_worker import EventType, GDCWorkerError
+from gdc_worker.payloads import payload_types
 
 
 def test_every_exported_name_exists_once_and_is_sorted() -> None:
@@ -31,6 +32,17 @@ def test_every_exported_error_shares_the_root() -> None:
 
     outside = {name for name in errors if not issubclass(getattr(gdc_worker, name), GDCWorkerError)}
     assert outside == {"Retry", "Reject"}
+
+
+def test_the_payload_type_of_every_gdc_event_type_is_exported() -> None:
+    """Given the 17 GDC event types, each has a registered payload struct, importable from
+    `gdc_worker` as `register_payload_type` is: a typed handler needs only the facade."""
+    registry = payload_types()
+    exported = [getattr(gdc_worker, name) for name in gdc_worker.__all__]
+
+    assert [t for t in EventType if t not in registry] == []
+    assert [registry[t].__name__ for t in EventType if registry[t] not in exported] == []
+    assert gdc_worker.register_payload_type in exported
 
 
 def _modules() -> list[str]:

@@ -28,6 +28,7 @@ from gdc_worker.events import (
     new_exec_progress_event,
     parse_event_data,
 )
+from gdc_worker.payloads import payload_types
 
 from .test_events import CASES, TRACE_ID
 
@@ -194,6 +195,24 @@ def test_go_payload_parses_into_its_typed_struct(event_type: str, expected: msgs
     event = Event.from_json(GO_LINES[event_type])
 
     assert parse_event_data(event, type(expected)) == expected
+
+
+@by_fixture
+def test_go_data_fills_the_registered_payload_of_its_type_key_by_key(line: bytes) -> None:
+    """Given any of the 17 Go events, its data decodes into the payload type registered for
+    its type, with a field for every key Go wrote (none silently dropped) holding Go's value
+    (times to the microsecond)."""
+    event = Event.from_json(line)
+    data = event.data or {}
+
+    payload = msgspec.to_builtins(parse_event_data(event, payload_types()[event.type]))
+
+    assert set(data) <= set(payload)
+    for key, value in data.items():
+        if key.endswith("_at"):
+            assert abs(_nanos(payload[key]) - _nanos(value)) < 1000, key
+        else:
+            assert payload[key] == value, key
 
 
 @by_fixture

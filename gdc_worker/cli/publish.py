@@ -14,15 +14,8 @@ import click
 from ..bus import NATSEventBus
 from ..config import NATSConfig
 from ..events import (
-    AlertTriggeredEvent,
     Event,
     EventType,
-    ExecProgressEvent,
-    HealthChangedEvent,
-    Payload,
-    PinRequestedEvent,
-    PlanReadyEvent,
-    PolicyUpdatedEvent,
     new_alert_triggered_event,
     new_exec_progress_event,
     new_health_changed_event,
@@ -31,6 +24,7 @@ from ..events import (
     new_policy_updated_event,
     parse_event_data,
 )
+from ..payloads import payload_types
 from ..subjects import check_event_type
 from .common import (
     EXIT_OK,
@@ -44,14 +38,14 @@ from .common import (
 
 __all__ = ["publish"]
 
-#: The event types with a typed payload, and the constructor that names their subject.
-_TYPED: dict[str, tuple[type[Payload], Callable[[str, Any], Event]]] = {
-    EventType.PIN_REQUESTED: (PinRequestedEvent, new_pin_requested_event),
-    EventType.PLAN_READY: (PlanReadyEvent, new_plan_ready_event),
-    EventType.EXEC_PROGRESS: (ExecProgressEvent, new_exec_progress_event),
-    EventType.HEALTH_CHANGED: (HealthChangedEvent, new_health_changed_event),
-    EventType.POLICY_UPDATED: (PolicyUpdatedEvent, new_policy_updated_event),
-    EventType.ALERT_TRIGGERED: (AlertTriggeredEvent, new_alert_triggered_event),
+#: The constructors that name an event's subject from its payload, when --subject is not given.
+_SUBJECT_FROM: dict[str, Callable[[str, Any], Event]] = {
+    EventType.PIN_REQUESTED: new_pin_requested_event,
+    EventType.PLAN_READY: new_plan_ready_event,
+    EventType.EXEC_PROGRESS: new_exec_progress_event,
+    EventType.HEALTH_CHANGED: new_health_changed_event,
+    EventType.POLICY_UPDATED: new_policy_updated_event,
+    EventType.ALERT_TRIGGERED: new_alert_triggered_event,
 }
 
 
@@ -113,11 +107,12 @@ def publish(
     with reported_errors():
         event = Event.new(check_event_type(event_type), source, subject or "", _data(data))
         event.with_trace_id(trace_id)
-        typed = _TYPED.get(event_type)
-        if typed is not None:
-            payload_type, constructor = typed
+        payload_type = payload_types().get(event_type)  # the GDC types' and registered ones
+        if payload_type is not None:
             payload = parse_event_data(event, payload_type)
-            event.subject = subject if subject is not None else constructor(source, payload).subject
+            constructor = _SUBJECT_FROM.get(event_type)
+            if subject is None and constructor is not None:
+                event.subject = constructor(source, payload).subject
 
         async def main() -> int:
             config = NATSConfig.from_env(None, **connection(url, creds))
