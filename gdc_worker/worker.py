@@ -101,6 +101,9 @@ class Worker:
         async with await NATSEventBus.connect(
             self.config, name=f"gdc-worker:{self.app.name}", hooks=self.hooks
         ) as bus:
+            if not bus.connected:  # an outbox: the bus connects in the background
+                log.warning("waiting for NATS at %s to bind the consumers", bus.server_url)
+            await bus.wait_connected()
             dlq = DeadLetterQueue(bus)
             await dlq.ensure()
             runners = [

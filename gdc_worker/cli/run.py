@@ -177,8 +177,10 @@ def run(
 def _supervise(target: str, args: list[str], config: NATSConfig, processes: int) -> int:
     """Check NATS once, then run `processes` replicas of `gdc-worker run TARGET ARGS...`."""
     # Connect and set up the streams here first: NATS out of reach (4) or a stream of another
-    # shape (1) is one error line, not N replicas restarted over and over.
-    anyio.run(_preflight, config)
+    # shape (1) is one error line, not N replicas restarted over and over. With an outbox the
+    # replicas start during an outage and wait for NATS themselves.
+    if not config.outbox_path:
+        anyio.run(_preflight, config)
     command = [sys.executable, "-m", "gdc_worker", "run", target, *args]
     # The URL goes in the environment, not on the command line, where `ps` shows a password.
     env = {**os.environ, URL_ENVVAR: config.url}
