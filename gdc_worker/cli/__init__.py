@@ -12,6 +12,7 @@ import click
 
 from .common import EXIT_CODES_HELP
 from .dlq import dlq
+from .outbox import outbox
 from .run import run
 from .server import server
 from .stream import stream
@@ -27,6 +28,7 @@ def main() -> None:
 
 main.add_command(run)
 main.add_command(dlq)
+main.add_command(outbox)
 main.add_command(server)
 main.add_command(stream)
 
