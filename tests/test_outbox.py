@@ -165,6 +165,35 @@ async def test_with_nats_up_an_outbox_stays_empty(nats_config: NATSConfig, tmp_p
 
 
 @pytest.mark.anyio
+async def test_publishes_that_get_no_ack_go_to_the_outbox_and_are_stored_once(
+    down: Down,
+) -> None:
+    """Given a bus with an outbox on a server that stops answering (SIGSTOP) while connected,
+    when events are published async and flush() gets no ack, and one more with publish_event,
+    then flush() returns and publish_event returns None: all are queued, none claimed stored;
+    once the server answers again, each is in the stream once (the late acks and the relay's
+    resends have the same Nats-Msg-Id)."""
+    await down.start()
+    events = [node_up(f"node-{n}") for n in range(20)]
+    async with await NATSEventBus.connect(down.config) as bus:
+        process = down.server._process  # the test freezes the server itself
+        assert process is not None
+        process.send_signal(signal.SIGSTOP)
+        try:
+            for event in events[:-1]:
+                await bus.publish_event_async(event)
+            await bus.flush(timeout=0.5)
+            assert await bus.publish_event(events[-1]) is None
+            assert depth(bus) == len(events)
+        finally:
+            process.send_signal(signal.SIGCONT)
+        with anyio.fail_after(DRAIN_TIMEOUT):
+            await bus.wait_outbox_empty()
+
+        assert await stored_ids(bus) == [e.id for e in events]
+
+
+@pytest.mark.anyio
 async def test_a_full_outbox_raises_outbox_full(down: Down) -> None:
     """Given an outbox bounded to 3 events, or to fewer bytes than an event, NATS down,
     when one more event is published (one at a time or async),
