@@ -142,7 +142,7 @@ async def connect(
         failure = ConnectionFailed(f"cannot connect to NATS at {events.url}: {cause}")
         if not keep_trying or _refused(exc, events.first_errors):
             raise failure from None
-        log.warning("%s; connecting in the background", failure)
+        log.warning("%s; connecting in the background, events wait in the outbox", failure)
         nc = _Client()
         events.connecting = asyncio.create_task(
             nc.connect(
