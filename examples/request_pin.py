@@ -18,7 +18,8 @@ async def request(config: NATSConfig, cid: str, rf: int) -> None:
         pin = PinRequestedEvent(cid=cid, size=1024, policies=[f"rf-{rf}"], requested_by="cli")
         event = new_pin_requested_event("api-gateway", pin, trace_id=uuid.uuid4().hex)
         seq = await bus.publish_event(event)
-        print(f"published pin.requested {event.id} for {cid} (trace {event.trace_id}, seq {seq})")
+        where = f"seq {seq}" if seq is not None else "queued in the outbox"
+        print(f"published pin.requested {event.id} for {cid} (trace {event.trace_id}, {where})")
 
 
 def main() -> None:

@@ -45,7 +45,7 @@ _APP_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 class Publisher(Protocol):
     """Where `Context.publish` sends events: a `NATSEventBus`, or the in-memory `TestApp`."""
 
-    async def publish_event(self, event: Event) -> int: ...
+    async def publish_event(self, event: Event) -> int | None: ...
 
 
 class DeliveryFacts(Protocol):
@@ -91,8 +91,9 @@ class Context:
         """The event's sequence number in the stream."""
         return self._delivery.stream_seq
 
-    async def publish(self, event: Event) -> int:
-        """Publish `event`, waiting for the ack; without a trace id it takes this event's."""
+    async def publish(self, event: Event) -> int | None:
+        """Publish `event`, waiting for the ack (or the outbox: see `publish_event`); without a
+        trace id it takes this event's. The delivery is settled only after this returns."""
         if not event.trace_id:
             event.trace_id = self.event.trace_id
         return await self._bus.publish_event(event)

@@ -47,6 +47,11 @@ class NATSConfig:
     `tls_key_file` for a client certificate (mutual TLS), `tls_handshake_first` for servers
     that expect the TLS handshake before their INFO. Secrets are kept out of `repr()`, and the
     files are read when the bus connects.
+
+    Outbox: with `outbox_path` (a local SQLite file), publishes that cannot reach JetStream
+    wait there, at most `outbox_max_events` events and `outbox_max_bytes` bytes, and the bus
+    connects (and keeps reconnecting, whatever `max_reconnect_attempts` says) in the
+    background; see `gdc_worker.outbox`.
     """
 
     url: str = "nats://localhost:4222"
@@ -79,6 +84,10 @@ class NATSConfig:
     tls_cert_file: str = ""
     tls_key_file: str = ""
     tls_handshake_first: bool = False
+    # The outbox (empty: none); see the class docstring.
+    outbox_path: str = ""
+    outbox_max_events: int = 100_000
+    outbox_max_bytes: int = 256 * 1024**2
 
     def __post_init__(self) -> None:
         # Accept a list (or one string) for convenience; store an immutable tuple.
@@ -134,6 +143,9 @@ class NATSConfig:
                 raise ConfigError(f"stream_subjects: {subject!r} is not a valid NATS subject")
         if self.replicas < 1:
             raise ConfigError(f"replicas: must be at least 1, got {self.replicas}")
+        for name in ("outbox_max_events", "outbox_max_bytes"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}: must be at least 1, got {getattr(self, name)}")
         for name in ("max_bytes", "max_msgs"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name}: must not be negative, got {getattr(self, name)}")

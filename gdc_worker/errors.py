@@ -20,6 +20,7 @@ __all__ = [
     "GDCWorkerError",
     "HandlerDefinitionError",
     "NATSServerError",
+    "OutboxFull",
     "PublishError",
     "SubscriptionError",
     "TargetError",
@@ -79,6 +80,11 @@ class ConnectionFailed(EventBusError):
 
 class PublishError(EventBusError):
     """Raised by the bus's publish methods: one or more events were not stored by JetStream."""
+
+
+class OutboxFull(PublishError):
+    """Raised by the bus's publish methods when an event would go to the outbox and it already
+    holds `outbox_max_events` events or `outbox_max_bytes` bytes: the event is not stored."""
 
 
 class SubscriptionError(EventBusError):

@@ -30,7 +30,7 @@ from prometheus_client.multiprocess import MultiProcessCollector, mark_process_d
 from prometheus_client.registry import Collector
 
 from .errors import ConfigError
-from .metrics import ConsumerGauges, Metrics, watch_consumers
+from .metrics import ConsumerGauges, Metrics, watch_consumers, watch_outbox
 from .worker import Worker, serve
 
 if TYPE_CHECKING:
@@ -205,15 +205,17 @@ async def serve_monitored(worker: Worker, metrics: Metrics, port: int) -> None:
     with endpoint:
         async with anyio.create_task_group() as tg:
             tg.start_soon(watch_consumers, worker.config, [s.durable for s in worker.specs], gauges)
+            tg.start_soon(watch_outbox, worker.outbox_stats, metrics)
             await serve(worker)
             tg.cancel_scope.cancel()
 
 
-async def serve_replica(worker: Worker, directory: Path) -> None:
+async def serve_replica(worker: Worker, metrics: Metrics, directory: Path) -> None:
     """`serve(worker)` as one replica of a group: heartbeats in `directory` for the supervisor's
-    endpoint (its metrics reach it through prometheus-client's multiprocess files)."""
+    endpoint (`metrics` reach it through prometheus-client's multiprocess files)."""
     async with anyio.create_task_group() as tg:
         tg.start_soon(write_heartbeats, directory, lambda: worker.not_ready() or "ready")
+        tg.start_soon(watch_outbox, worker.outbox_stats, metrics)
         await serve(worker)
         tg.cancel_scope.cancel()
 

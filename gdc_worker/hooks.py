@@ -76,7 +76,8 @@ class Hook:
         duration_s: float,
     ) -> None:
         """A publish of `event` ended: `outcome` is `stored`, `duplicate` (JetStream had it
-        already, within its duplicate window) or `failed` (with `error`)."""
+        already, within its duplicate window), `queued` (in the outbox, to be published once
+        NATS takes it) or `failed` (with `error`)."""
 
     def connection_changed(self, connected: bool) -> None:
         """The connection to NATS was lost (False: the client tries to reconnect) or is back."""

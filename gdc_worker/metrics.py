@@ -10,7 +10,7 @@ consumer gauges are read once for the group, so each has one value, not one per 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING
 
 import anyio
@@ -29,8 +29,9 @@ if TYPE_CHECKING:
     from .bus.state import ConsumerState
     from .config import NATSConfig
     from .events import Event
+    from .outbox import OutboxStats
 
-__all__ = ["CONSUMER_POLL_S", "ConsumerGauges", "Metrics", "watch_consumers"]
+__all__ = ["CONSUMER_POLL_S", "ConsumerGauges", "Metrics", "watch_consumers", "watch_outbox"]
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +91,8 @@ class Metrics(Hook):
         )
         self.publishes = Counter(
             "gdc_worker_publishes",
-            "Event publishes, by result: stored, duplicate (stored before) or failed.",
+            "Event publishes, by result: stored, duplicate (stored before), queued (in the "
+            "outbox) or failed.",
             ["app", "result"],
             registry=r,
         )
@@ -124,6 +126,27 @@ class Metrics(Hook):
             [*handler, "state"],
             registry=r,
         )
+        self.outbox_events = Gauge(
+            "gdc_worker_outbox_events",
+            "Events waiting in the publish outbox for NATS.",
+            ["app"],
+            multiprocess_mode="livemax",  # replicas share the file: each sees the same totals
+            registry=r,
+        )
+        self.outbox_bytes = Gauge(
+            "gdc_worker_outbox_bytes",
+            "Bytes the publish outbox holds.",
+            ["app"],
+            multiprocess_mode="livemax",
+            registry=r,
+        )
+        self.outbox_age = Gauge(
+            "gdc_worker_outbox_oldest_age_seconds",
+            "Age of the oldest event in the publish outbox, 0 when it is empty.",
+            ["app"],
+            multiprocess_mode="livemax",
+            registry=r,
+        )
         #: Attempts so far of each delivery being handled, by consumer, sequence and count.
         self._attempts: dict[tuple[str, int, int], int] = {}
 
@@ -134,7 +157,7 @@ class Metrics(Hook):
             self.retries.labels(self.app, spec.name)
             self.redeliveries.labels(self.app, spec.name)
             self.in_flight.labels(self.app, spec.name).set(0)
-        for result in ("stored", "duplicate", "failed"):
+        for result in ("stored", "duplicate", "queued", "failed"):
             self.publishes.labels(self.app, result)
             if spec.breaker is not None:
                 self.breaker_state.labels(self.app, spec.name).set(0)
@@ -189,6 +212,12 @@ class Metrics(Hook):
     def breaker_changed(self, handler: HandlerSpec, state: str) -> None:
         self.breaker_state.labels(self.app, handler.name).set(_BREAKER_STATES[state])
         self.breaker_transitions.labels(self.app, handler.name, state).inc()
+
+    def observe_outbox(self, stats: OutboxStats) -> None:
+        """Set the outbox gauges from `Outbox.stats()`."""
+        self.outbox_events.labels(self.app).set(stats.events)
+        self.outbox_bytes.labels(self.app).set(stats.bytes)
+        self.outbox_age.labels(self.app).set(stats.oldest_age_s or 0.0)
 
     def worker_stopping(self, app: str) -> None:
         self._attempts.clear()  # deliveries handed back on a forced stop are never settled
@@ -266,3 +295,15 @@ async def watch_consumers(
         if bus is not None:
             with anyio.CancelScope(shield=True):
                 await bus.close()
+
+
+async def watch_outbox(
+    stats: Callable[[], OutboxStats | None], metrics: Metrics, interval: float = 1.0
+) -> None:
+    """Copy `stats()` (the worker's outbox, None while it has none) into `metrics` every
+    `interval` seconds, until cancelled. The stats are kept in memory: reading costs no I/O."""
+    while True:
+        current = stats()
+        if current is not None:
+            metrics.observe_outbox(current)
+        await anyio.sleep(interval)

@@ -21,6 +21,7 @@ from .config import NATSConfig
 from .dlq import DeadLetterQueue
 from .errors import GDCWorkerError, WorkerError, one_error
 from .hooks import Hook, Hooks
+from .outbox import OutboxStats
 from .runner import ConsumerLoop, HandlerRunner
 from .watchdog import LoopWatchdog
 
@@ -87,11 +88,17 @@ class Worker:
             return "stopping"
         if self._bus is None:
             return "connecting to NATS"
+        if not self._bus.connected:
+            what = "disconnected from" if self._bound else "waiting for"
+            return f"{what} NATS at {self._bus.server_url}"
         if not self._bound:
             return "binding consumers"
-        if not self._bus.connected:
-            return f"disconnected from NATS at {self._bus.server_url}"
         return None
+
+    def outbox_stats(self) -> OutboxStats | None:
+        """The depth of the bus's publish outbox; None without one (or before connecting)."""
+        outbox = self._bus.outbox if self._bus is not None else None
+        return outbox.stats() if outbox is not None else None
 
     def stop(self) -> None:
         """Stop fetching and finish what runs (within `grace`); a second call cancels it now."""
@@ -119,6 +126,9 @@ class Worker:
             self.config, name=f"gdc-worker:{self.app.name}", hooks=self.hooks
         ) as bus:
             self._bus = bus
+            if not bus.connected:  # an outbox: the bus connects in the background
+                log.warning("waiting for NATS at %s to bind the consumers", bus.server_url)
+            await bus.wait_connected()
             dlq = DeadLetterQueue(bus)
             await dlq.ensure()
             runners = [

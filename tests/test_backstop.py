@@ -66,6 +66,7 @@ async def go_peer_drops(
     with pytest.raises(nats.errors.TimeoutError):  # given up: nothing more comes
         await sub.fetch(1, timeout=0.5)
     await sub.unsubscribe()
+    assert seq is not None, "no outbox: stored or raised"
     return seq
 
 

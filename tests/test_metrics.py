@@ -25,7 +25,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from gdc_worker import App, Breaker, Event, NATSConfig, NATSEventBus, Worker
 from gdc_worker.health import HealthEndpoint, LoopProbe
-from gdc_worker.metrics import ConsumerGauges, Metrics, watch_consumers
+from gdc_worker.metrics import ConsumerGauges, Metrics, watch_consumers, watch_outbox
+from gdc_worker.outbox import Outbox
 from tests.support import GRACE, alive, eventually, free_port, node_up, running
 from tests.test_cli import Spawn, spawn, worker_env
 
@@ -334,3 +335,26 @@ def test_breaker_changes_are_a_state_gauge_and_a_transitions_counter() -> None:
             "gdc_worker_breaker_transitions_total", {**labels, "state": entered}
         )
         assert count == 1
+
+
+async def test_outbox_gauges_follow_what_the_outbox_holds(tmp_path: Path) -> None:
+    """Given the metrics hook watching an outbox file,
+    when three events are queued in it, then the outbox is emptied,
+    then the gauges show 3 events, their bytes and an age, then 0, 0 and 0."""
+    metrics = Metrics("svc")
+    labels = {"app": "svc"}
+
+    def reading(name: str) -> float | None:
+        return metrics.registry.get_sample_value(f"gdc_worker_outbox_{name}", labels)
+
+    async with await Outbox.open(tmp_path / "outbox.db") as outbox, anyio.create_task_group() as tg:
+        tg.start_soon(watch_outbox, outbox.stats, metrics, 0.01)
+        for n in range(3):
+            await outbox.add("gdc.events.node.up", b"{}", {"Nats-Msg-Id": f"id-{n}"}, "event")
+        await eventually(lambda: reading("events") == 3, "3 events in the gauge")
+        assert (reading("bytes") or 0) > 0
+        assert (reading("oldest_age_seconds") or -1) >= 0
+        await outbox.remove([row.id for row in await outbox.head(10)])
+        await eventually(lambda: reading("events") == 0, "the outbox emptied")
+        assert (reading("bytes"), reading("oldest_age_seconds")) == (0, 0)
+        tg.cancel_scope.cancel()

@@ -83,7 +83,7 @@ async def test_one_trace_follows_an_event_through_a_handlers_publish(
     its CONSUMER span as current, and each stored message holds its PRODUCER's traceparent."""
     app = App("svc", nats_config, hooks=[Tracing()])
     current: list[SpanContext] = []
-    relayed: list[int] = []
+    relayed: list[int | None] = []
 
     @app.on("node.up")
     async def relay(event: Event, ctx: Context) -> None:
@@ -181,7 +181,7 @@ async def test_an_upstream_trace_context_and_its_tracestate_carry_on(
     then the delivery's span is the child of that remote span, and the event the handler
     publishes carries the same trace and tracestate on."""
     app = App("svc", nats_config, hooks=[Tracing()])
-    relayed: list[int] = []
+    relayed: list[int | None] = []
 
     @app.on("node.up")
     async def relay(event: Event, ctx: Context) -> None:

@@ -3,6 +3,7 @@
 - `connection`: the first connect, reconnects, and what the bus hears about them;
 - `admin`: streams and consumers, stored messages by sequence;
 - `publish`: one publish waiting for its ack, and the window of async publishes;
+- `relay`: publishing through the outbox while JetStream cannot take events, and draining it;
 - `pull`: pull consumers and the `Delivery` the runner settles.
 
 `NATSEventBus` is a thin facade over them with the Go bus's API. Its subscriptions run on the
@@ -27,12 +28,14 @@ from ..config import NATSConfig, redact_url
 from ..errors import ConnectionFailed, GDCWorkerError, PublishError, SubscriptionError
 from ..events import Event, event_headers
 from ..hooks import Hook, Hooks
+from ..outbox import Outbox
 from ..retry import DEFAULT_BACKOFF, DEFAULT_RETRY, RetryPolicy
 from ..subjects import check_event_type, safe_name
 from .admin import Admin, BoundConsumer, LimitChange, StoredMessage, StreamSpec
 from .connection import ConnectionEvents, connect
 from .publish import AsyncPublishWindow, Stored, publish
 from .pull import Delivery, PullConsumer
+from .relay import Relay
 from .scan import count_messages, scan_messages
 from .state import ConsumerState, StateReader, StreamLimits, StreamState
 from .subscriptions import Subscriptions
@@ -64,12 +67,19 @@ class NATSEventBus:
 
     Create it with `await NATSEventBus.connect(config)`; use it as an async context manager or
     call `close()`. Its `hooks` see every event publish and the connection's drops.
+    With `config.outbox_path`, events that JetStream cannot take wait in an outbox (see
+    `gdc_worker.outbox`) and the bus connects in the background when NATS is unreachable.
     """
 
     def __init__(
-        self, nc: NATS, config: NATSConfig, events: ConnectionEvents, hooks: Hooks | None = None
+        self,
+        nc: NATS,
+        config: NATSConfig,
+        events: ConnectionEvents,
+        hooks: Hooks | None = None,
+        outbox: Outbox | None = None,
     ) -> None:
-        """Wrap a connected client; use `connect()`, which also sets up the stream."""
+        """Wrap a client; use `connect()`, which also sets up the stream (and the outbox)."""
         self.config = config
         self.hooks = hooks or Hooks()
         self._nc = nc
@@ -78,7 +88,12 @@ class NATSEventBus:
         self._js = js
         self._admin = Admin(nc, js, redact_url(config.url))
         self._state = StateReader(nc, timeout=config.connect_timeout)
-        self._window = AsyncPublishWindow(nc, timeout=config.connect_timeout)
+        self._relay = Relay(outbox, nc, js, config) if outbox is not None else None
+        self._window = AsyncPublishWindow(
+            nc,
+            timeout=config.connect_timeout,
+            requeue=self._relay.submit if self._relay is not None else None,
+        )
         self._consumers: set[PullConsumer] = set()
         self._subscriptions = Subscriptions(self)
         self._closed = False
@@ -104,18 +119,62 @@ class NATSEventBus:
         the Go bus does), `none` requires the stream to exist. Raises `ConnectionFailed`, or
         `ConfigError` for a stream of another shape (or a missing one under `none`).
         `setup_stream=False` does not look at the stream at all, for tools that only read.
+
+        With `config.outbox_path` (and `setup_stream`), the outbox is opened first (a path
+        that cannot be used raises `ConfigError`); then, when no server answers, this returns
+        at once: the bus connects and sets the stream up in the background, and publishes
+        wait in the outbox meanwhile. `wait_connected()` waits for it.
         """
         config = config or NATSConfig.from_env()
         events = ConnectionEvents(redact_url(config.url))
         hooks = hooks if isinstance(hooks, Hooks) else Hooks(hooks)
-        bus = cls(await connect(config, events, name), config, events, hooks)
-        if setup_stream:
-            try:
+        outbox = None
+        if config.outbox_path and setup_stream:
+            outbox = await Outbox.open(
+                config.outbox_path,
+                max_events=config.outbox_max_events,
+                max_bytes=config.outbox_max_bytes,
+            )
+        try:
+            nc = await connect(config, events, name, keep_trying=outbox is not None)
+        except BaseException:
+            if outbox is not None:
+                await outbox.close()
+            raise
+        bus = cls(nc, config, events, hooks, outbox)
+        try:
+            if setup_stream and events.connecting is None:
                 await bus.ensure_stream(bus.event_stream, setup=config.stream_setup)
-            except BaseException:
-                await bus.close()
-                raise
+        except BaseException:
+            await bus.close()
+            raise
+        if bus._relay is not None:
+            bus._relay.start(events.connecting, bus._connected_later)
         return bus
+
+    async def _connected_later(self) -> None:
+        """The background connect is done: tell the hooks, set the stream up."""
+        log.warning("connected to NATS at %s", self.server_url)
+        self._on_change(True)
+        await self.ensure_stream(self.event_stream, setup=self.config.stream_setup)
+
+    async def wait_connected(self) -> None:
+        """Wait until the bus is connected and the stream is set up (at once without an
+        outbox: `connect()` did both); raises the `ConfigError` that keeps the stream from
+        being set up in the background."""
+        if self._relay is not None:
+            await self._relay.wait_ready()
+
+    @property
+    def outbox(self) -> Outbox | None:
+        """The outbox (`config.outbox_path`), for its `stats()`; None without one."""
+        return self._relay.outbox if self._relay is not None else None
+
+    async def wait_outbox_empty(self) -> None:
+        """Wait until every event queued in the outbox is stored in JetStream (at once
+        without an outbox)."""
+        if self._relay is not None:
+            await self._relay.wait_empty()
 
     @property
     def connected(self) -> bool:
@@ -150,8 +209,11 @@ class NATSEventBus:
             failure = await self._subscriptions.close()
             for consumer in list(self._consumers):  # e.g. left by a worker that failed to start
                 await consumer.close()
-            if self._nc.is_connected:
+            if self._relay is not None:
+                await self._close_relay(self._relay)
+            elif self._nc.is_connected:
                 await self._window.wait_drained(self.config.connect_timeout)
+            if self._nc.is_connected:
                 with (
                     contextlib.suppress(nats.errors.Error),
                     anyio.move_on_after(self.config.connect_timeout),
@@ -174,6 +236,17 @@ class NATSEventBus:
         tb: TracebackType | None,
     ) -> None:
         await self.close()
+
+    async def _close_relay(self, relay: Relay) -> None:
+        """Queue the async publishes still without an ack in the outbox, then close it."""
+        timeout = self.config.connect_timeout if self._nc.is_connected else 0.0
+        try:
+            await self._window.flush(timeout)
+        except PublishError as exc:
+            log.error("closed with async publishes not stored: %s", exc)
+        if self._events.connecting is not None:
+            self._events.connecting.cancel()
+        await relay.close()
 
     def _on_lost(self) -> None:
         failure = ConnectionFailed(f"the connection to NATS at {self.server_url} was lost")
@@ -356,7 +429,7 @@ class NATSEventBus:
 
     # -- publishing ---------------------------------------------------------------------------
 
-    async def publish_event(self, event: Event) -> int:
+    async def publish_event(self, event: Event) -> int | None:
         """Publish and wait for JetStream to store it; returns the stream sequence.
 
         A duplicate of an event published within the duplicate window is not stored again (the
@@ -364,22 +437,35 @@ class NATSEventBus:
         is elected, no ack in time, the connection coming back) is retried, with the same
         `Nats-Msg-Id`, for up to the connect timeout; see `publish_raw`. An event type that is
         not a literal subject (`pin.*`, `a b`) raises `PublishError` before anything is sent.
+
+        With an outbox, the event is queued there instead, and None returned, when the bus is
+        not connected, when the outbox still holds events (it goes behind them), or after one
+        try that failed for a passing reason; `OutboxFull` when the outbox is full.
         """
         subject = self.config.subject_for(check_event_type(event.type))
         headers = event_headers(event)
         hooks = self.hooks
         if not (hooks.publishing or hooks.published):
-            return (await self._publish(subject, event.to_json(), headers, f"event {event.id}")).seq
+            stored = await self._store(subject, event.to_json(), headers, f"event {event.id}")
+            return stored.seq if stored is not None else None
         hooks.run("publishing", subject, event, headers)
         started = time.perf_counter()
         try:
-            stored = await self._publish(subject, event.to_json(), headers, f"event {event.id}")
+            stored = await self._store(subject, event.to_json(), headers, f"event {event.id}")
         except Exception as exc:
             hooks.run("published", subject, event, "failed", exc, time.perf_counter() - started)
             raise
-        outcome = "duplicate" if stored.duplicate else "stored"
+        outcome = "queued" if stored is None else "duplicate" if stored.duplicate else "stored"
         hooks.run("published", subject, event, outcome, None, time.perf_counter() - started)
-        return stored.seq
+        return stored.seq if stored is not None else None
+
+    async def _store(
+        self, subject: str, payload: bytes, headers: Mapping[str, str], what: str
+    ) -> Stored | None:
+        """Where JetStream stored an event, or None when it was queued in the outbox."""
+        if self._relay is not None:
+            return await self._relay.publish(subject, payload, headers, what)
+        return await self._publish(subject, payload, headers, what)
 
     async def publish_raw(
         self, subject: str, payload: bytes, headers: Mapping[str, str], *, what: str = "message"
@@ -412,22 +498,33 @@ class NATSEventBus:
 
         Waits only when `MAX_PENDING_PUBLISHES` acks are outstanding, and for at most the
         connect timeout: acks that do not come by then count as failed.
+
+        With an outbox, the event is queued there (and this waits until it is on disk) when
+        the bus is not connected or the outbox still holds events; one whose publish fails for
+        a passing reason is queued there once that is known; `OutboxFull` when it is full.
         """
         subject = self.config.subject_for(check_event_type(event.type))
         headers = event_headers(event)
         hooks = self.hooks
+        relay = self._relay
         if not (hooks.publishing or hooks.published):
+            if relay is not None and not relay.direct:
+                await relay.publish(subject, event.to_json(), headers, f"event {event.id}")
+                return
             await self._window.publish(subject, event.to_json(), headers, what=f"event {event.id}")
             return
         hooks.run("publishing", subject, event, headers)
         started = time.perf_counter()
 
-        def done(error: str | None, duplicate: bool) -> None:
+        def done(outcome: str, error: str | None) -> None:
             failure = PublishError(error) if error is not None else None
-            outcome = "failed" if failure else "duplicate" if duplicate else "stored"
             hooks.run("published", subject, event, outcome, failure, time.perf_counter() - started)
 
         try:
+            if relay is not None and not relay.direct:
+                await relay.publish(subject, event.to_json(), headers, f"event {event.id}")
+                done("queued", None)
+                return
             await self._window.publish(
                 subject, event.to_json(), headers, what=f"event {event.id}", done=done
             )
@@ -448,7 +545,9 @@ class NATSEventBus:
     async def flush(self, timeout: float | None = None) -> None:
         """Wait for the ack of every async publish; raise one `PublishError` naming the failures.
 
-        Events with no ack within `timeout` (the connect timeout by default) count as failed.
+        Events with no ack within `timeout` (the connect timeout by default) count as failed;
+        with an outbox, those and the ones that failed for a passing reason are queued there
+        instead, and this returns once they are on disk.
         """
         await self._window.flush(timeout)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import ssl
 from collections.abc import Awaitable, Callable
@@ -37,6 +38,8 @@ class ConnectionEvents:
         self.server: Callable[[], str] = lambda: url
         self.closing = False  # set by the bus before it closes on purpose
         self.first_errors: list[BaseException] = []
+        #: The connect going on in the background (see `connect(keep_trying=True)`), if any.
+        self.connecting: asyncio.Task[None] | None = None
 
     async def disconnected(self) -> None:
         if self.on_lost is not None and not self.closing:
@@ -92,33 +95,42 @@ class _Client(NATS):
 _CLOSE_FAILED_S = 0.5
 
 
-async def connect(config: NATSConfig, events: ConnectionEvents, name: str | None) -> NATS:
+async def connect(
+    config: NATSConfig, events: ConnectionEvents, name: str | None, *, keep_trying: bool = False
+) -> NATS:
     """A connected client; raises `ConnectionFailed` naming the server and the cause.
 
     The first connect fails within `connect_timeout`, as the Go client's does; the configured
     reconnect settings apply once connected. Credential and TLS files are checked first: one
     that cannot be read, or a creds file whose JWT has expired, fails before any attempt.
+
+    With `keep_trying` (the bus has an outbox), a client reconnects forever, and when no
+    server answers the first connect it is returned unconnected: it goes on connecting in the
+    background (`events.connecting`). A server that refuses the credentials or TLS still
+    raises.
     """
     try:
         servers, options = security_options(config)
     except Refused as exc:
         raise ConnectionFailed(f"cannot connect to NATS at {events.url}: {exc}") from None
+    options.update(
+        name=name,
+        connect_timeout=config.connect_timeout,
+        disconnected_cb=events.disconnected,
+        reconnected_cb=events.reconnected,
+        error_cb=events.error,
+        closed_cb=events.closed,
+    )
     nc = _Client()
     try:
         with anyio.fail_after(config.connect_timeout):
             await nc.connect(
                 servers,
-                name=name,
-                connect_timeout=config.connect_timeout,  # type: ignore[arg-type]  # float works
                 # nats-py would otherwise retry the first connect per the reconnect settings
                 # (forever for 0 or -1).
                 allow_reconnect=False,
                 max_reconnect_attempts=1,
                 reconnect_time_wait=0,
-                disconnected_cb=events.disconnected,
-                reconnected_cb=events.reconnected,
-                error_cb=events.error,
-                closed_cb=events.closed,
                 **options,
             )
     except (OSError, TimeoutError, nats.errors.Error) as exc:
@@ -127,12 +139,35 @@ async def connect(config: NATSConfig, events: ConnectionEvents, name: str | None
         with anyio.move_on_after(_CLOSE_FAILED_S):
             await nc.close()
         cause = _cause(exc, events.first_errors, config, options)
-        raise ConnectionFailed(f"cannot connect to NATS at {events.url}: {cause}") from None
+        failure = ConnectionFailed(f"cannot connect to NATS at {events.url}: {cause}")
+        if not keep_trying or _refused(exc, events.first_errors):
+            raise failure from None
+        log.warning("%s; connecting in the background, events wait in the outbox", failure)
+        nc = _Client()
+        events.connecting = asyncio.create_task(
+            nc.connect(
+                servers,
+                allow_reconnect=True,
+                max_reconnect_attempts=-1,
+                reconnect_time_wait=config.reconnect_wait,  # type: ignore[arg-type]  # float works
+                **options,
+            )
+        )
+        return nc
     # Once connected, reconnect as configured (nats-py: 0 attempts would mean forever).
-    nc.options["allow_reconnect"] = config.max_reconnect_attempts != 0
-    nc.options["max_reconnect_attempts"] = config.max_reconnect_attempts
+    nc.options["allow_reconnect"] = keep_trying or config.max_reconnect_attempts != 0
+    nc.options["max_reconnect_attempts"] = -1 if keep_trying else config.max_reconnect_attempts
     nc.options["reconnect_time_wait"] = config.reconnect_wait
     return nc
+
+
+def _refused(exc: BaseException, errors: list[BaseException]) -> bool:
+    """Whether a server answered the first connect and refused it (credentials, TLS)."""
+    return any(
+        isinstance(error, nats.errors.AuthorizationError | ssl.SSLError)
+        or "authorization violation" in str(error).lower()
+        for error in (*errors, exc)
+    )
 
 
 def _cause(

@@ -19,7 +19,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
 
-from ..errors import PublishError, describe
+from ..errors import PublishError, describe, message_of
 
 __all__ = [
     "MAX_PENDING_PUBLISHES",
@@ -31,6 +31,7 @@ __all__ = [
     "check_size",
     "message_size",
     "publish",
+    "publish_once",
 ]
 
 log = logging.getLogger("gdc_worker.bus")
@@ -65,8 +66,11 @@ class Stored(NamedTuple):
     duplicate: bool
 
 
-#: Called when an async publish's ack comes: the error, or None, and whether it was a duplicate.
-AckCallback = Callable[[str | None, bool], None]
+#: Told how an async publish ended: its outcome (`stored`, `duplicate`, `queued` in the outbox
+#: or `failed`), and the error of a failed one.
+AckCallback = Callable[[str, str | None], None]
+#: Queues a message in the outbox (subject, payload, headers, what); done once it is on disk.
+Requeue = Callable[[str, bytes, Mapping[str, str], str], asyncio.Future[None]]
 
 
 def message_size(headers: Mapping[str, str], payload: bytes) -> int:
@@ -112,6 +116,40 @@ async def publish(
     subject, a request JetStream refuses, the connection closed), raises `PublishError` naming
     `what`, the subject and the cause.
     """
+    stored = await _publish(nc, js, subject, payload, headers, timeout, what, retry=True)
+    assert stored is not None, "publish() retries until stored or raises"
+    return stored
+
+
+async def publish_once(
+    nc: NATS,
+    js: JetStreamContext,
+    subject: str,
+    payload: bytes,
+    headers: Mapping[str, str],
+    *,
+    timeout: float,
+    what: str,
+) -> Stored | None:
+    """One try of `publish()`, for a caller that keeps the message when it fails (the outbox).
+
+    Returns where it is stored, or None after a failure that passes: sent again with the same
+    headers, the message is stored once. A failure that does not pass raises `PublishError`.
+    """
+    return await _publish(nc, js, subject, payload, headers, timeout, what, retry=False)
+
+
+async def _publish(
+    nc: NATS,
+    js: JetStreamContext,
+    subject: str,
+    payload: bytes,
+    headers: Mapping[str, str],
+    timeout: float,
+    what: str,
+    *,
+    retry: bool,
+) -> Stored | None:
     check_size(nc, subject, payload, headers, what)
     headers = dict(headers)
     start = time.monotonic()
@@ -143,6 +181,11 @@ async def publish(
             stream_known = stream_known or await _stream_captures(nc, subject, remaining)
             passes = stream_known
             note = "" if passes else " (no stream captures the subject)"
+        if passes and not retry:
+            log.debug(
+                "publish of %s to %s: %s; kept to send again", what, subject, describe(failure)
+            )
+            return None
         if passes and time.monotonic() + wait >= deadline:
             took = time.monotonic() - start
             note = f" (after {tries} {'try' if tries == 1 else 'tries'} in {took:.1f}s)"
@@ -193,6 +236,7 @@ _names_decoder = msgspec.json.Decoder(_StreamNames)
 
 class _ApiError(msgspec.Struct):
     description: str = "error"
+    code: int = 0
 
 
 class _PubAckReply(msgspec.Struct):
@@ -208,6 +252,8 @@ class _Pending:
     what: str
     subject: str
     done: AckCallback | None
+    payload: bytes
+    headers: Mapping[str, str]
 
 
 class AsyncPublishWindow:
@@ -215,12 +261,23 @@ class AsyncPublishWindow:
 
     At most `limit` acks are outstanding: `publish()` waits for room, for at most `timeout`
     (acks that do not come by then count as failed). `flush()` reports every failure once.
+    With `requeue` (the outbox), a publish that failed for a passing reason (no ack in time,
+    the connection between two servers, JetStream unavailable) is queued there instead.
     """
 
-    def __init__(self, nc: NATS, *, timeout: float, limit: int = MAX_PENDING_PUBLISHES) -> None:
+    def __init__(
+        self,
+        nc: NATS,
+        *,
+        timeout: float,
+        limit: int = MAX_PENDING_PUBLISHES,
+        requeue: Requeue | None = None,
+    ) -> None:
         self._nc = nc
         self._timeout = timeout
         self._limit = limit
+        self._requeue = requeue
+        self._requeued: set[asyncio.Future[None]] = set()
         self._prefix = ""
         self._inbox: Subscription | None = None
         self._next_token = 0
@@ -252,30 +309,35 @@ class AsyncPublishWindow:
                 await self._room.wait()
             if not self._room.is_set():  # acks lost (a reconnect): count those as failed
                 for token in list(self._pending):
-                    self._settle(token, "no acknowledgement while the window was full")
+                    self._settle(
+                        token, "no acknowledgement while the window was full", passing=True
+                    )
         if not self._prefix:
             self._prefix = self._nc.new_inbox() + "."
             self._inbox = await self._nc.subscribe(self._prefix + "*", cb=self._on_ack)
         self._next_token += 1
         token = str(self._next_token)
-        self._pending[token] = _Pending(what, subject, done)
+        self._pending[token] = _Pending(what, subject, done, payload, headers)
         self._drained.clear()
         try:
             await self._nc.publish(
                 subject, payload, reply=self._prefix + token, headers=dict(headers)
             )
         except nats.errors.Error as exc:
-            self._settle(token, describe(exc))
+            self._settle(token, describe(exc), passing=isinstance(exc, _PASSING))
 
     async def flush(self, timeout: float | None = None) -> None:
-        """Wait for every ack; raise one `PublishError` naming the failures.
+        """Wait for every ack (or for the outbox to have it); raise one `PublishError` naming
+        the failures.
 
         Publishes with no ack within `timeout` (the window's by default) count as failed.
         """
         timeout = self._timeout if timeout is None else timeout
         await self.wait_drained(timeout)
         for token in list(self._pending):
-            self._settle(token, f"no acknowledgement within {timeout:g}s")
+            self._settle(token, f"no acknowledgement within {timeout:g}s", passing=True)
+        if self._requeued:
+            await asyncio.wait(set(self._requeued))
         failed, self._failed = self._failed, []
         if failed:
             shown = "; ".join(failed[:10]) + (
@@ -303,25 +365,51 @@ class AsyncPublishWindow:
         token = msg.subject[len(self._prefix) :]
         error = None
         duplicate = False
+        passing = False
         if msg.headers and msg.headers.get("Status") == "503":
             error = "no stream listens on the subject"
         else:
             try:
                 reply = _ack_decoder.decode(msg.data)
-                error = reply.error.description if reply.error is not None else None
                 duplicate = reply.duplicate
+                if reply.error is not None:
+                    error = reply.error.description
+                    passing = reply.error.code == _UNAVAILABLE
             except msgspec.DecodeError:
                 error = f"unreadable acknowledgement {msg.data[:80]!r}"
-        self._settle(token, error, duplicate)
+        self._settle(token, error, duplicate, passing)
 
-    def _settle(self, token: str, error: str | None, duplicate: bool = False) -> None:
+    def _settle(
+        self, token: str, error: str | None, duplicate: bool = False, passing: bool = False
+    ) -> None:
         pending = self._pending.pop(token, None)
         if pending is None:
             return
-        if error is not None:
+        if error is not None and passing and self._requeue is not None:
+            self._queue(pending)
+        elif error is not None:
             self._failed.append(f"{pending.what} to {pending.subject}: {error}")
-        if pending.done is not None:
-            pending.done(error, duplicate)
+            if pending.done is not None:
+                pending.done("failed", error)
+        elif pending.done is not None:
+            pending.done("duplicate" if duplicate else "stored", None)
         if not self._pending:
             self._drained.set()
         self._room.set()
+
+    def _queue(self, pending: _Pending) -> None:
+        """Hand a publish that failed for a passing reason to the outbox; `flush()` waits."""
+        assert self._requeue is not None
+        future = self._requeue(pending.subject, pending.payload, pending.headers, pending.what)
+        self._requeued.add(future)
+
+        def queued(future: asyncio.Future[None]) -> None:
+            self._requeued.discard(future)
+            failure = None if future.cancelled() else future.exception()
+            if failure is not None:
+                self._failed.append(message_of(failure))
+            if pending.done is not None:
+                error = None if failure is None else message_of(failure)
+                pending.done("queued" if failure is None else "failed", error)
+
+        future.add_done_callback(queued)

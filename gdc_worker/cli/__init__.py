@@ -13,6 +13,7 @@ import click
 from .check import check
 from .common import EXIT_CODES_HELP
 from .dlq import dlq
+from .outbox import outbox
 from .publish import publish
 from .run import run
 from .server import server
@@ -31,6 +32,7 @@ def main() -> None:
 
 main.add_command(run)
 main.add_command(dlq)
+main.add_command(outbox)
 main.add_command(server)
 main.add_command(stream)
 main.add_command(status)

@@ -201,8 +201,8 @@ def run(
                 durables = [spec.durable for spec in worker.specs]
                 code = _supervise(target, replica_args, config, processes, metrics_port, durables)
                 sys.exit(code)
-            if replica_dir:
-                anyio.run(serve_replica, worker, Path(replica_dir) / "health")
+            if metrics is not None and replica_dir:
+                anyio.run(serve_replica, worker, metrics, Path(replica_dir) / "health")
             elif metrics is not None and metrics_port is not None:
                 anyio.run(serve_monitored, worker, metrics, metrics_port)
             else:
@@ -224,8 +224,10 @@ def _supervise(
     """Check NATS once, then run `processes` replicas of `gdc-worker run TARGET ARGS...`,
     with one metrics endpoint for them all on `metrics_port`."""
     # Connect and set up the streams here first: NATS out of reach (4) or a stream of another
-    # shape (1) is one error line, not N replicas restarted over and over.
-    anyio.run(_preflight, config)
+    # shape (1) is one error line, not N replicas restarted over and over. With an outbox the
+    # replicas start during an outage and wait for NATS themselves.
+    if not config.outbox_path:
+        anyio.run(_preflight, config)
     command = [sys.executable, "-m", "gdc_worker", "run", target, *args]
     # The URL goes in the environment, not on the command line, where `ps` shows a password.
     env = {**os.environ, URL_ENVVAR: config.url}

@@ -1,0 +1,196 @@
+"""The bus's side of the outbox: where an event publish goes when JetStream cannot take it,
+and the relay task that drains the outbox once it can.
+
+While the outbox holds events, or the client is not connected, every event publish is queued
+there, behind the ones before it, so a publisher's events reach the stream in the order it
+published them. Otherwise a publish tries JetStream once, and a failure that passes (no ack
+in time, the connection going) queues the event instead of waiting to retry. The relay
+publishes the queued events in insertion order with their original `Nats-Msg-Id`
+(`outbox.drain`), and hands publishing back to JetStream once it found the outbox empty with
+no event on its way there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+
+import anyio
+from nats.aio.client import Client as NATS
+from nats.js import JetStreamContext
+
+from ..config import NATSConfig
+from ..errors import ConfigError, GDCWorkerError, PublishError
+from ..outbox import Outbox, QueuedEvent, drain
+from .publish import Stored, check_size, publish, publish_once
+
+__all__ = ["Relay"]
+
+log = logging.getLogger("gdc_worker.bus")
+
+#: How often the relay looks whether the client is connected again.
+_CONNECTED_POLL_S = 0.1
+
+
+class Relay:
+    """Publishing through an outbox, and the relay task draining it (`start()`, `close()`)."""
+
+    def __init__(self, outbox: Outbox, nc: NATS, js: JetStreamContext, config: NATSConfig) -> None:
+        self.outbox = outbox
+        self._nc = nc
+        self._js = js
+        self._timeout = config.connect_timeout
+        self._pause = max(config.reconnect_wait, _CONNECTED_POLL_S)
+        # Until the relay found the outbox empty: what is left from the last run goes first.
+        self._queueing = outbox.stats().events > 0
+        self._adding = 0  # events on their way to the outbox
+        self._wake = asyncio.Event()
+        self._empty = asyncio.Event()
+        if not self._queueing:
+            self._empty.set()
+        self._ready = asyncio.Event()
+        self._failure: GDCWorkerError | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    def start(
+        self,
+        connecting: asyncio.Task[None] | None,
+        connected: Callable[[], Awaitable[None]],
+    ) -> None:
+        """Start relaying: after `connecting` (a connect in the background), if given, and
+        `connected()`, which sets the stream up; the client is connected and set up otherwise."""
+        if connecting is None:
+            self._ready.set()
+        self._task = asyncio.create_task(self._run(connecting, connected))
+
+    async def wait_ready(self) -> None:
+        """Wait until the client is connected and the stream set up; raises the `ConfigError`
+        that keeps the stream from being set up."""
+        await self._ready.wait()
+        if self._failure is not None:
+            raise self._failure
+
+    async def wait_empty(self) -> None:
+        """Wait until the relay found the outbox empty: every queued event is in JetStream."""
+        await self._empty.wait()
+
+    @property
+    def direct(self) -> bool:
+        """Whether a publish goes to JetStream now: connected, with nothing queued before it."""
+        return not self._queueing and self._nc.is_connected
+
+    async def publish(
+        self, subject: str, payload: bytes, headers: Mapping[str, str], what: str
+    ) -> Stored | None:
+        """Where JetStream stored the message, or None once it is queued in the outbox.
+
+        Raises `OutboxFull`, or `PublishError` for a failure that does not pass (no stream
+        captures the subject, a message over the server's max_payload).
+        """
+        if self.direct:
+            stored = await publish_once(
+                self._nc, self._js, subject, payload, headers, timeout=self._timeout, what=what
+            )
+            if stored is not None:
+                return stored
+        else:
+            check_size(self._nc, subject, payload, headers, what)
+        await self.submit(subject, payload, headers, what)
+        return None
+
+    def submit(
+        self, subject: str, payload: bytes, headers: Mapping[str, str], what: str
+    ) -> asyncio.Future[None]:
+        """Queue a message in the outbox; from now on publishes queue behind it."""
+        future = self.outbox.submit(subject, payload, headers, what)
+        self._queueing = True
+        self._empty.clear()
+        self._adding += 1
+        future.add_done_callback(self._added)
+        return future
+
+    def _added(self, _: asyncio.Future[None]) -> None:
+        self._adding -= 1
+        self._wake.set()
+
+    async def close(self) -> None:
+        """Stop the relay and close the outbox; what it holds drains at the next start."""
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.wait({self._task})
+        await self.outbox.close()
+        left = self.outbox.stats().events
+        if left:
+            log.warning(
+                "%d event(s) left in the outbox %s: they are published at the next start, or "
+                "by `gdc-worker outbox flush --path %s`",
+                left,
+                self.outbox.path,
+                self.outbox.path,
+            )
+
+    async def _run(
+        self, connecting: asyncio.Task[None] | None, connected: Callable[[], Awaitable[None]]
+    ) -> None:
+        try:
+            if connecting is not None:
+                await connecting
+                if not await self._set_up(connected):
+                    return
+                self._ready.set()
+            await self._relay()
+        except Exception:
+            log.exception(
+                "the outbox relay stopped; events stay in %s until the next start",
+                self.outbox.path,
+            )
+
+    async def _set_up(self, connected: Callable[[], Awaitable[None]]) -> bool:
+        """Set the stream up once connected, trying again while it fails for a passing reason;
+        False after a `ConfigError` (a stream of another shape): nothing can be relayed."""
+        while True:
+            try:
+                await connected()
+                return True
+            except ConfigError as exc:
+                log.error("the outbox is not relayed: %s; events stay in %s", exc, self.outbox.path)
+                self._failure = exc
+                self._ready.set()
+                return False
+            except GDCWorkerError as exc:
+                log.warning("cannot set the stream up yet (%s); trying again", exc)
+                await anyio.sleep(self._pause)
+
+    async def _relay(self) -> None:
+        while True:
+            while not self._nc.is_connected:
+                await anyio.sleep(_CONNECTED_POLL_S)
+            self._wake.clear()
+            try:
+                sent = await drain(self.outbox, self._send)
+            except PublishError as exc:
+                left = self.outbox.stats().events
+                log.warning(
+                    "outbox: %s; %d event(s) wait, trying again in %gs", exc, left, self._pause
+                )
+                await anyio.sleep(self._pause)
+                continue
+            if sent:
+                log.info("outbox: %d queued event(s) published", sent)
+            if self._adding or self._wake.is_set():  # queued meanwhile: drain those too
+                continue
+            self._queueing = False
+            self._empty.set()
+            await self._wake.wait()
+
+    async def _send(self, row: QueuedEvent) -> None:
+        await publish(
+            self._nc,
+            self._js,
+            row.subject,
+            row.payload,
+            row.headers,
+            timeout=self._timeout,
+            what=row.what,
+        )

@@ -1,0 +1,145 @@
+"""`gdc-worker outbox`: what waits in a publish outbox, and publishing it now."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+import anyio
+import click
+
+from ..bus import NATSEventBus
+from ..config import NATSConfig
+from ..errors import PublishError
+from ..outbox import Outbox, OutboxStats, QueuedEvent, drain
+from .common import (
+    EXIT_FAILURE,
+    EXIT_OK,
+    EXIT_USAGE,
+    ReportedError,
+    connection,
+    creds_option,
+    reported_errors,
+    url_option,
+)
+
+__all__ = ["outbox"]
+
+_path_option = click.option(
+    "--path", metavar="FILE", help="The outbox file (default: GDC_NATS_OUTBOX_PATH)."
+)
+
+
+@click.group()
+def outbox() -> None:
+    """Inspect and drain the publish outbox, where events wait while NATS is away."""
+
+
+@outbox.command("status")
+@_path_option
+@click.option("--json", "as_json", is_flag=True, help="One JSON object instead of a table.")
+def outbox_status(path: str | None, as_json: bool) -> None:
+    """How many events wait in the outbox, their bytes, and how long the oldest has waited."""
+
+    async def main() -> OutboxStats:
+        async with await _open(config) as box:
+            return box.stats()
+
+    with reported_errors():
+        config = _config(path)
+        stats = anyio.run(main)
+    if as_json:
+        click.echo(json.dumps({"path": config.outbox_path, **stats._asdict()}))
+        return
+    age = "-" if stats.oldest_age_s is None else f"{stats.oldest_age_s:.1f}s ago"
+    rows = [
+        ("outbox", config.outbox_path),
+        ("events", str(stats.events)),
+        ("bytes", f"{stats.bytes} ({_size(stats.bytes)})"),
+        ("oldest", age),
+    ]
+    width = max(len(name) for name, _ in rows)
+    for name, value in rows:
+        click.echo(f"{name.ljust(width)}  {value}")
+
+
+@outbox.command("flush")
+@_path_option
+@url_option
+@creds_option
+def outbox_flush(path: str | None, url: str | None, creds: str | None) -> None:
+    """Publish every event in the outbox now, oldest first, with its original Nats-Msg-Id.
+
+    Each event is removed once JetStream acked it; exits 0 once the outbox is empty, 1 when
+    one cannot be published (what is left stays, in order). The stream is created if missing,
+    as a publisher would.
+    """
+
+    async def main() -> int:
+        async with await _open(config) as box:
+            total = box.stats().events
+            if total == 0:
+                click.echo(f"outbox {box.path}: empty")
+                return EXIT_OK
+            # The outbox is drained here, not by the bus in the background.
+            async with await NATSEventBus.connect(config.replace(outbox_path="")) as bus:
+                sent = await _drain(box, bus, total)
+            click.echo(f"outbox {box.path}: {sent} event(s) published, {box.stats().events} left")
+            return EXIT_OK
+
+    with reported_errors():
+        config = _config(path, **connection(url, creds))
+        code = anyio.run(main)
+    sys.exit(code)
+
+
+async def _drain(box: Outbox, bus: NATSEventBus, total: int) -> int:
+    """`drain` with a progress bar (on a terminal), its rate and ETA; raises `PublishError`
+    naming what is left."""
+    started = time.monotonic()
+
+    def rate(_: object) -> str:
+        elapsed = time.monotonic() - started
+        return f"{bar.pos / elapsed:.0f}/s" if elapsed > 0 else ""
+
+    async def publish(row: QueuedEvent) -> None:
+        await bus.publish_raw(row.subject, row.payload, row.headers, what=row.what)
+
+    with click.progressbar(
+        length=total, label="publishing", show_pos=True, item_show_func=rate, file=sys.stderr
+    ) as bar:
+        try:
+            return await drain(box, publish, bar.update)
+        except PublishError as exc:
+            raise ReportedError(
+                f"{exc}; {box.stats().events} event(s) left in the outbox {box.path}",
+                EXIT_FAILURE,
+            ) from None
+
+
+def _config(path: str | None, **overrides: str) -> NATSConfig:
+    """The configuration, with `--path` for the outbox; an outbox that does not exist (or
+    none given) is one line and bad usage, and no file is created for it."""
+    config = NATSConfig.from_env(None, outbox_path=path, **overrides)
+    if not config.outbox_path:
+        raise ReportedError("no outbox: give --path or set GDC_NATS_OUTBOX_PATH", EXIT_USAGE)
+    if not os.path.isfile(config.outbox_path):
+        raise ReportedError(f"no outbox at {config.outbox_path}", EXIT_USAGE)
+    return config
+
+
+async def _open(config: NATSConfig) -> Outbox:
+    return await Outbox.open(
+        config.outbox_path, max_events=config.outbox_max_events, max_bytes=config.outbox_max_bytes
+    )
+
+
+def _size(n: int) -> str:
+    """Bytes for a person: 512 B, 3.4 KiB, 1.2 MiB."""
+    if n < 1024:
+        return f"{n} B"
+    if n < 1024**2:
+        return f"{n / 1024:.1f} KiB"
+    return f"{n / 1024**2:.1f} MiB"

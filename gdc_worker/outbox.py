@@ -1,0 +1,338 @@
+"""The publish outbox: events waiting in a local SQLite file while JetStream cannot take them.
+
+`Outbox` keeps each event's subject, payload and headers (with its original `Nats-Msg-Id`) in
+insertion order, bounded in events and bytes. The file is in WAL mode with a full sync on
+every write, so a queued event survives kill -9 (and a power cut), and every read and write
+runs on one thread of its own, so the event loop never waits on the disk.
+
+`drain()` publishes the queued events oldest first and removes them only once JetStream acked
+them: after a crash in between, they are sent again with the same `Nats-Msg-Id`, which the
+stream drops as duplicates within its duplicate window. The bus drains its outbox in the
+background (`bus.relay`); `gdc-worker outbox flush` drains one on demand.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import queue
+import sqlite3
+import threading
+import time
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from types import TracebackType
+from typing import Any, NamedTuple, TypeVar
+
+import anyio
+import anyio.to_thread
+import msgspec
+
+from .errors import ConfigError, OutboxFull, PublishError
+from .events import MSG_ID_HEADER
+
+__all__ = [
+    "DEFAULT_MAX_BYTES",
+    "DEFAULT_MAX_EVENTS",
+    "DRAIN_BATCH",
+    "Outbox",
+    "OutboxStats",
+    "QueuedEvent",
+    "drain",
+]
+
+DEFAULT_MAX_EVENTS = 100_000
+DEFAULT_MAX_BYTES = 256 * 1024**2
+#: How many events `drain` publishes before it removes them, in one transaction.
+DRAIN_BATCH = 100
+#: How long a write waits for another process holding the file (`gdc-worker outbox flush`).
+_BUSY_TIMEOUT_MS = 30_000
+_SCHEMA_VERSION = 1
+# The totals are kept by triggers, so the bounds are checked without counting the rows, and
+# stay right when another process drains the same file.
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS events (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    subject TEXT NOT NULL,
+    payload BLOB NOT NULL,
+    headers BLOB NOT NULL,
+    size INTEGER NOT NULL,
+    queued_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS totals (
+    one INTEGER PRIMARY KEY CHECK (one = 1), events INTEGER, bytes INTEGER
+);
+INSERT OR IGNORE INTO totals VALUES (1, 0, 0);
+CREATE TRIGGER IF NOT EXISTS counted_in AFTER INSERT ON events BEGIN
+    UPDATE totals SET events = events + 1, bytes = bytes + new.size;
+END;
+CREATE TRIGGER IF NOT EXISTS counted_out AFTER DELETE ON events BEGIN
+    UPDATE totals SET events = events - 1, bytes = bytes - old.size;
+END;
+"""
+
+T = TypeVar("T")
+_headers_decoder = msgspec.json.Decoder(dict[str, str])
+
+
+class OutboxStats(NamedTuple):
+    """What an outbox holds, for `gdc-worker outbox status` and metrics."""
+
+    events: int
+    bytes: int
+    #: Seconds since the oldest event still there was queued; None when there is none.
+    oldest_age_s: float | None
+
+
+class QueuedEvent(NamedTuple):
+    """One event in the outbox, as it will be published."""
+
+    #: Its place in insertion order.
+    id: int
+    subject: str
+    payload: bytes
+    headers: dict[str, str]
+
+    @property
+    def what(self) -> str:
+        """How messages name it: `queued event <Nats-Msg-Id>`."""
+        return f"queued event {self.headers.get(MSG_ID_HEADER, f'#{self.id}')}"
+
+
+class Outbox:
+    """A bounded queue of events in a SQLite file; `await Outbox.open(path)`, then `close()`.
+
+    Several processes may share one file: SQLite serializes their writes.
+    """
+
+    def __init__(self, path: str, max_events: int, max_bytes: int) -> None:
+        """Prepare the thread; `open()` creates the outbox and opens its file."""
+        self.path = path
+        self.max_events = max_events
+        self.max_bytes = max_bytes
+        self._conn: sqlite3.Connection | None = None  # used on the outbox's thread only
+        self._totals = (0, 0, None)  # events, bytes, when the oldest was queued
+        self._jobs: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._serve, name="gdc-outbox", daemon=True)
+        self._closed = False
+
+    @classmethod
+    async def open(
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        max_events: int = DEFAULT_MAX_EVENTS,
+        max_bytes: int = DEFAULT_MAX_BYTES,
+    ) -> Outbox:
+        """The outbox in the file at `path`, created if missing (its directory must exist).
+
+        Raises `ConfigError` naming the path when it cannot be used as an outbox.
+        """
+        outbox = cls(os.fspath(path), max_events, max_bytes)
+        outbox._thread.start()
+        try:
+            await outbox._call(outbox._open, None)
+        except sqlite3.Error as exc:
+            await outbox.close()
+            raise ConfigError(
+                f"outbox_path: cannot use {outbox.path} as the outbox: {exc}"
+            ) from None
+        except BaseException:
+            await outbox.close()
+            raise
+        return outbox
+
+    def stats(self) -> OutboxStats:
+        """Depth, bytes and oldest age as of the last read or write; no I/O, from any thread."""
+        events, size, oldest = self._totals
+        age = None if oldest is None else max(0.0, time.time() - oldest)
+        return OutboxStats(events, size, age)
+
+    def submit(
+        self, subject: str, payload: bytes, headers: Mapping[str, str], what: str
+    ) -> asyncio.Future[None]:
+        """Queue an event without waiting: the future is done once it is on disk.
+
+        It fails with `OutboxFull` when the event would pass `max_events` or `max_bytes`, and
+        `PublishError` when the file cannot be written; either way nothing is queued.
+        """
+        blob = msgspec.json.encode(dict(headers))
+
+        def add() -> None:
+            with self._transaction():
+                events, size = self._read_totals()
+                row = len(payload) + len(blob)
+                if events + 1 > self.max_events or size + row > self.max_bytes:
+                    raise OutboxFull(
+                        f"{what} to {subject} not stored: the outbox at {self.path} is full "
+                        f"({events} events, {size} bytes; outbox_max_events={self.max_events}, "
+                        f"outbox_max_bytes={self.max_bytes})"
+                    )
+                self._db.execute(
+                    "INSERT INTO events (subject, payload, headers, size, queued_at)"
+                    " VALUES (?, ?, ?, ?, ?)",
+                    (subject, payload, blob, row, time.time()),
+                )
+
+        return self._call(add, f"{what} to {subject} not stored")
+
+    async def add(
+        self, subject: str, payload: bytes, headers: Mapping[str, str], what: str
+    ) -> None:
+        """Queue an event and wait until it is on disk; raises as `submit`'s future."""
+        await self.submit(subject, payload, headers, what)
+
+    async def head(self, limit: int) -> list[QueuedEvent]:
+        """The oldest `limit` events, in insertion order."""
+
+        def read() -> list[QueuedEvent]:
+            with self._transaction():
+                rows = self._db.execute(
+                    "SELECT id, subject, payload, headers FROM events ORDER BY id LIMIT ?",
+                    (limit,),
+                ).fetchall()
+            return [QueuedEvent(i, s, p, _headers_decoder.decode(h)) for i, s, p, h in rows]
+
+        return await self._call(read)
+
+    async def remove(self, ids: Sequence[int]) -> None:
+        """Remove these events (published: JetStream acked them)."""
+
+        def delete() -> None:
+            with self._transaction():
+                self._db.executemany("DELETE FROM events WHERE id = ?", [(i,) for i in ids])
+
+        await self._call(delete)
+
+    async def close(self) -> None:
+        """Finish what was submitted, then close the file. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self._jobs.put(None)
+        if self._thread.is_alive():
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(self._thread.join)
+
+    async def __aenter__(self) -> Outbox:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    # -- on the outbox's thread ---------------------------------------------------------------
+
+    def _call(
+        self, job: Callable[[], T], failing: str | None = "the outbox failed"
+    ) -> asyncio.Future[T]:
+        """Run `job` on the outbox's thread; a SQLite error becomes `PublishError`, after
+        `failing` (what it means for the caller), unless that is None."""
+        if self._closed:
+            raise PublishError(f"the outbox at {self.path} is closed")
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[T] = loop.create_future()
+
+        def run() -> None:
+            result: Any = None
+            error: BaseException | None = None
+            try:
+                result = job()
+            except sqlite3.Error as exc:
+                error = exc if failing is None else PublishError(f"{failing}: {self.path}: {exc}")
+            except BaseException as exc:
+                error = exc
+            with contextlib.suppress(RuntimeError):  # the loop is gone: nobody waits
+                loop.call_soon_threadsafe(_settle, future, result, error)
+
+        self._jobs.put(run)
+        return future
+
+    def _serve(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            job()
+        if self._conn is not None:
+            self._conn.close()
+
+    def _open(self) -> None:
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        self._conn = conn
+        conn.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute("PRAGMA synchronous = FULL")
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        if version == 0:  # a new file (or one of another process creating it: idempotent)
+            conn.executescript(
+                f"BEGIN IMMEDIATE; {_SCHEMA} PRAGMA user_version = {_SCHEMA_VERSION}; COMMIT;"
+            )
+        elif version != _SCHEMA_VERSION:
+            raise ConfigError(
+                f"outbox_path: {self.path} is an outbox of schema {version}, which this version "
+                "of gdc-worker cannot read"
+            )
+        with self._transaction():  # the totals, for stats()
+            pass
+
+    @property
+    def _db(self) -> sqlite3.Connection:
+        assert self._conn is not None, "the outbox is not open"
+        return self._conn
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[None]:
+        """One write transaction, after which the totals that `stats()` shows are updated."""
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+            events, size = self._read_totals()
+            oldest = self._db.execute("SELECT queued_at FROM events ORDER BY id LIMIT 1").fetchone()
+            self._db.execute("COMMIT")
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._totals = (events, size, oldest[0] if oldest else None)
+
+    def _read_totals(self) -> tuple[int, int]:
+        row = self._db.execute("SELECT events, bytes FROM totals").fetchone()
+        return (row[0], row[1]) if row else (0, 0)
+
+
+def _settle(future: asyncio.Future[T], result: T, error: BaseException | None) -> None:
+    if future.cancelled():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
+
+
+async def drain(
+    outbox: Outbox,
+    publish: Callable[[QueuedEvent], Awaitable[object]],
+    progress: Callable[[int], None] | None = None,
+) -> int:
+    """Publish what `outbox` holds, oldest first, one at a time, until it is empty.
+
+    `publish` waits for JetStream's ack (and raises `PublishError` if there is none): events
+    are removed, `DRAIN_BATCH` at a time, only once acked, and `progress` is told how many.
+    Returns how many were published; on an error, what is left stays queued, in order.
+    """
+    sent = 0
+    while rows := await outbox.head(DRAIN_BATCH):
+        acked: list[int] = []
+        try:
+            for row in rows:
+                await publish(row)
+                acked.append(row.id)
+        finally:
+            if acked:
+                with anyio.CancelScope(shield=True):
+                    await outbox.remove(acked)
+                sent += len(acked)
+                if progress is not None:
+                    progress(len(acked))
+    return sent

@@ -1,0 +1,413 @@
+"""The publish outbox: publishing while NATS is down, draining in order once it is back,
+surviving kill -9, its bounds, the worker and the `gdc-worker outbox` commands.
+
+Each test that takes NATS down has a `nats-server` of its own (`down`), on a fixed port and
+store so that it can be started and stopped under the bus.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import anyio
+import anyio.to_thread
+import pytest
+from click.testing import CliRunner
+
+from gdc_worker import (
+    App,
+    ConfigError,
+    Context,
+    Event,
+    NATSConfig,
+    NATSEventBus,
+    NATSServer,
+    OutboxFull,
+    PublishError,
+    Worker,
+    new_node_down_event,
+)
+from gdc_worker.cli import main
+from gdc_worker.events import MSG_ID_HEADER
+from gdc_worker.outbox import Outbox
+from gdc_worker.testing import isolated_config
+from tests.apps.outbox_publisher import event_id
+from tests.recording import ARRIVAL_TIMEOUT
+from tests.support import STOP_TIMEOUT, eventually, free_port, node_up, wait_until
+from tests.test_cli import ROOT, worker_env
+
+#: How long a test may take to drain what it queued, or for a process to finish.
+DRAIN_TIMEOUT = 60.0
+
+
+@dataclass
+class Down:
+    """A nats-server of the test's own, not running until `start()`, and a config with an
+    outbox for it."""
+
+    server: NATSServer
+    config: NATSConfig
+
+    async def start(self) -> None:
+        await anyio.to_thread.run_sync(self.server.start)
+
+    @property
+    def outbox_path(self) -> str:
+        return self.config.outbox_path
+
+
+@pytest.fixture
+def down(tmp_path: Path) -> Iterator[Down]:
+    port = free_port()
+    server = NATSServer(port=port, store_dir=tmp_path / "jetstream")
+    config = isolated_config(f"nats://127.0.0.1:{port}").replace(
+        outbox_path=str(tmp_path / "outbox.db")
+    )
+    try:
+        yield Down(server, config)
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+async def bus_while_down(down: Down) -> AsyncIterator[NATSEventBus]:
+    """A bus with an outbox, connected while its server is down."""
+    with anyio.fail_after(ARRIVAL_TIMEOUT):
+        bus = await NATSEventBus.connect(down.config)
+    async with bus:
+        yield bus
+
+
+async def stored_ids(bus: NATSEventBus) -> list[str]:
+    """The `Nats-Msg-Id` of every message in the bus's event stream, in stream order."""
+    return [m.headers[MSG_ID_HEADER] async for m in bus.stream_messages(bus.config.stream_name)]
+
+
+def depth(bus: NATSEventBus) -> int:
+    assert bus.outbox is not None
+    return bus.outbox.stats().events
+
+
+# -- publishing while NATS is down --------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_a_bus_connects_while_nats_is_down_and_drains_once_it_is_up(
+    down: Down, bus_while_down: NATSEventBus
+) -> None:
+    """Given a bus with an outbox whose server is down, connect() returned;
+    when events are published, publish_event returns None (queued) and flush() returns;
+    then once the server starts, they are stored in the order published, and the next
+    publish_event returns its stream sequence."""
+    bus = bus_while_down
+    events = [node_up(f"node-{n}") for n in range(5)]
+
+    assert not bus.connected
+    assert [await bus.publish_event(e) for e in events[:3]] == [None, None, None]
+    for event in events[3:]:
+        await bus.publish_event_async(event)
+    await bus.flush()
+    assert depth(bus) == 5
+    await down.start()
+    with anyio.fail_after(DRAIN_TIMEOUT):
+        await bus.wait_connected()
+        await bus.wait_outbox_empty()
+
+    assert await stored_ids(bus) == [e.id for e in events]
+    assert await bus.publish_event(node_up("after")) == 6
+    assert depth(bus) == 0
+
+
+@pytest.mark.anyio
+async def test_events_published_while_the_outbox_drains_queue_behind_it(
+    down: Down, bus_while_down: NATSEventBus
+) -> None:
+    """Given 1,000 events queued while NATS was down,
+    when the server starts and more events are published while the outbox drains,
+    then the new ones are queued behind the old (publish_event returns None), and the stream
+    has every event once, in the order published."""
+    bus = bus_while_down
+    early = [node_up(f"early-{n}") for n in range(1000)]
+    late = [node_up(f"late-{n}") for n in range(50)]
+    for event in early:
+        await bus.publish_event(event)
+    await down.start()
+    with anyio.fail_after(DRAIN_TIMEOUT):
+        await bus.wait_connected()
+        returned = [await bus.publish_event(e) for e in late]
+        await bus.wait_outbox_empty()
+
+    assert returned[0] is None
+    assert await stored_ids(bus) == [e.id for e in early + late]
+
+
+@pytest.mark.anyio
+async def test_with_nats_up_an_outbox_stays_empty(nats_config: NATSConfig, tmp_path: Path) -> None:
+    """Given a bus with an outbox and a running server,
+    when events are published, one at a time and async,
+    then publish_event returns their sequences, and nothing goes to the outbox."""
+    config = nats_config.replace(outbox_path=str(tmp_path / "outbox.db"))
+    async with await NATSEventBus.connect(config) as bus:
+        seqs = [await bus.publish_event(node_up(f"node-{n}")) for n in range(3)]
+        for n in range(3):
+            await bus.publish_event_async(node_up(f"async-{n}"))
+        await bus.flush()
+
+        assert seqs == [1, 2, 3]
+        assert depth(bus) == 0
+        assert len(await stored_ids(bus)) == 6
+
+
+@pytest.mark.anyio
+async def test_publishes_that_get_no_ack_go_to_the_outbox_and_are_stored_once(
+    down: Down,
+) -> None:
+    """Given a bus with an outbox on a server that stops answering (SIGSTOP) while connected,
+    when events are published async and flush() gets no ack, and one more with publish_event,
+    then flush() returns and publish_event returns None: all are queued, none claimed stored;
+    once the server answers again, each is in the stream once (the late acks and the relay's
+    resends have the same Nats-Msg-Id)."""
+    await down.start()
+    events = [node_up(f"node-{n}") for n in range(20)]
+    async with await NATSEventBus.connect(down.config) as bus:
+        process = down.server._process  # the test freezes the server itself
+        assert process is not None
+        process.send_signal(signal.SIGSTOP)
+        try:
+            for event in events[:-1]:
+                await bus.publish_event_async(event)
+            await bus.flush(timeout=0.5)
+            assert await bus.publish_event(events[-1]) is None
+            assert depth(bus) == len(events)
+        finally:
+            process.send_signal(signal.SIGCONT)
+        with anyio.fail_after(DRAIN_TIMEOUT):
+            await bus.wait_outbox_empty()
+
+        assert await stored_ids(bus) == [e.id for e in events]
+
+
+@pytest.mark.anyio
+async def test_a_full_outbox_raises_outbox_full(down: Down) -> None:
+    """Given an outbox bounded to 3 events, or to fewer bytes than an event, NATS down,
+    when one more event is published (one at a time or async),
+    then OutboxFull (a PublishError) names the outbox and its bounds; the queued ones stay."""
+    config = down.config.replace(outbox_max_events=3)
+    async with await NATSEventBus.connect(config) as bus:
+        for n in range(3):
+            await bus.publish_event(node_up(f"node-{n}"))
+        with pytest.raises(OutboxFull, match=r"is full .*outbox_max_events=3"):
+            await bus.publish_event(node_up("one too many"))
+        with pytest.raises(PublishError, match="is full"):
+            await bus.publish_event_async(node_up("one too many"))
+        assert depth(bus) == 3
+
+    tiny = down.config.replace(outbox_path=down.outbox_path + "-tiny", outbox_max_bytes=100)
+    async with await NATSEventBus.connect(tiny) as bus:
+        with pytest.raises(OutboxFull, match="outbox_max_bytes=100"):
+            await bus.publish_event(node_up())
+        assert depth(bus) == 0
+
+
+def test_a_publisher_killed_half_way_loses_and_duplicates_nothing(
+    down: Down, tmp_path: Path
+) -> None:
+    """Given a publisher of 1,000 events (the issue's test) whose NATS server is stopped,
+    when it is killed -9 half-way, the server restarted, and then the publisher (which sends
+    all 1,000 again, with the same ids),
+    then the stream holds the 1,000 events exactly once each, in order."""
+    out = tmp_path / "published"
+    env = worker_env(
+        down.config,
+        GDC_NATS_OUTBOX_PATH=down.outbox_path,
+        GDC_NATS_RECONNECT_WAIT="0.2",
+        GDC_NATS_MAX_BYTES="0",
+        GDC_TEST_OUT=str(out),
+        GDC_TEST_COUNT="1000",
+        GDC_TEST_PAUSE="0.002",
+    )
+    command = [sys.executable, "-m", "tests.apps.outbox_publisher"]
+
+    def published() -> int:
+        return len(out.read_text().splitlines()) if out.exists() else 0
+
+    first = subprocess.Popen(command, cwd=ROOT, env=env, stderr=subprocess.PIPE)
+    try:
+        wait_until(lambda: published() >= 500, "half the events published", DRAIN_TIMEOUT)
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait(STOP_TIMEOUT)
+        assert first.stderr is not None
+        first.stderr.close()
+    assert 500 <= published() < 1000
+    down.server.start()
+    second = subprocess.run(
+        command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=DRAIN_TIMEOUT
+    )
+    assert second.returncode == 0, second.stderr
+
+    async def stored() -> list[str]:
+        async with await NATSEventBus.connect(down.config.replace(outbox_path="")) as bus:
+            return await stored_ids(bus)
+
+    assert anyio.run(stored) == [event_id(n) for n in range(1000)]
+
+
+# -- the worker ---------------------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_a_worker_started_while_nats_is_down_binds_once_it_is_up(down: Down) -> None:
+    """Given a worker with an outbox started while NATS is down,
+    when the server starts and an event arrives,
+    then its handler runs, and what the handler published with ctx.publish is stored."""
+    app = App("outbox-app", down.config)
+    handled: list[str] = []
+
+    @app.on("node.up")
+    async def plan(event: Event, ctx: Context) -> None:
+        await ctx.publish(new_node_down_event("inspector", event.subject, "checked"))
+        handled.append(event.id)
+
+    worker = Worker(app, config=down.config, grace=1.0)
+    event = node_up()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(worker.run)
+        await down.start()
+        async with await NATSEventBus.connect(down.config.replace(outbox_path="")) as bus:
+            await bus.publish_event(event)
+            await eventually(lambda: handled, "the event handled", DRAIN_TIMEOUT)
+            stored = [m.subject async for m in bus.stream_messages(down.config.stream_name)]
+        worker.stop()
+
+    assert handled == [event.id]
+    assert stored == [down.config.subject_for("node.up"), down.config.subject_for("node.down")]
+
+
+# -- the commands -------------------------------------------------------------------------------
+
+
+def test_outbox_status_and_flush_report_and_drain_it(down: Down) -> None:
+    """Given an outbox holding 3 events queued while NATS was down,
+    when `gdc-worker outbox status` runs, it shows 3 events and the oldest's age;
+    when `gdc-worker outbox flush` runs with the server up, it publishes them in order and
+    exits 0, and status then shows 0 events."""
+    events = [node_up(f"node-{n}") for n in range(3)]
+
+    async def queue() -> None:
+        async with await NATSEventBus.connect(down.config) as bus:
+            for event in events:
+                await bus.publish_event(event)
+
+    anyio.run(queue)
+    env = worker_env(down.config)
+    path = ["--path", down.outbox_path]
+    runner = CliRunner()
+
+    status = runner.invoke(main, ["outbox", "status", *path], env=env, catch_exceptions=False)
+    assert status.exit_code == 0, status.output
+    assert "events  3" in status.stdout
+    assert "s ago" in status.stdout
+    down.server.start()
+    flush = runner.invoke(main, ["outbox", "flush", *path], env=env, catch_exceptions=False)
+    assert flush.exit_code == 0, flush.output
+    assert "3 event(s) published, 0 left" in flush.stdout
+    status = runner.invoke(main, ["outbox", "status", "--json", *path], env=env)
+    assert '"events": 0' in status.stdout
+
+    async def stored() -> list[str]:
+        async with await NATSEventBus.connect(down.config.replace(outbox_path="")) as bus:
+            return await stored_ids(bus)
+
+    assert anyio.run(stored) == [e.id for e in events]
+
+
+def test_outbox_commands_refuse_a_missing_outbox_in_one_line(tmp_path: Path) -> None:
+    """Given no outbox configured, or a path with no outbox file,
+    when `gdc-worker outbox status` runs, it exits 2 with one line naming the problem, and
+    creates no file."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GDC_NATS_")}
+    runner = CliRunner()
+    missing = tmp_path / "nothing.db"
+
+    unset = runner.invoke(main, ["outbox", "status"], env=env)
+    absent = runner.invoke(main, ["outbox", "flush", "--path", str(missing)], env=env)
+
+    assert (unset.exit_code, unset.output) == (
+        2,
+        "Error: no outbox: give --path or set GDC_NATS_OUTBOX_PATH\n",
+    )
+    assert (absent.exit_code, absent.output) == (2, f"Error: no outbox at {missing}\n")
+    assert not missing.exists()
+
+
+# -- configuration ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"outbox_max_events": 0}, "outbox_max_events: must be at least 1, got 0"),
+        ({"outbox_max_bytes": -1}, "outbox_max_bytes: must be at least 1, got -1"),
+        ({"outbox_max_events": 1.5}, "outbox_max_events: must be an integer, got 1.5"),
+        ({"outbox_path": 3}, "outbox_path: must be a string, got 3"),
+    ],
+)
+def test_bad_outbox_settings_are_refused_naming_the_field(
+    changes: dict[str, object], message: str
+) -> None:
+    """Given an outbox setting out of range or of the wrong type, NATSConfig refuses it."""
+    with pytest.raises(ConfigError) as caught:
+        NATSConfig(**changes)  # type: ignore[arg-type]
+    assert str(caught.value) == message
+
+
+def test_outbox_settings_come_from_the_environment() -> None:
+    """Given GDC_NATS_OUTBOX_* variables, from_env reads them; a bad one names the variable."""
+    env = {"GDC_NATS_OUTBOX_PATH": "/var/lib/svc/outbox.db", "GDC_NATS_OUTBOX_MAX_EVENTS": "5"}
+
+    config = NATSConfig.from_env(env)
+
+    assert (config.outbox_path, config.outbox_max_events) == ("/var/lib/svc/outbox.db", 5)
+    assert config.outbox_max_bytes == 256 * 1024**2
+    with pytest.raises(ConfigError, match="GDC_NATS_OUTBOX_MAX_BYTES: 'lots' is not a valid"):
+        NATSConfig.from_env({"GDC_NATS_OUTBOX_MAX_BYTES": "lots"})
+
+
+@pytest.mark.anyio
+async def test_an_unusable_outbox_path_fails_connect_naming_it(tmp_path: Path) -> None:
+    """Given outbox_path in a missing directory, or a file that is not an outbox,
+    when the bus connects, ConfigError names outbox_path and the file, before any connect."""
+    garbage = tmp_path / "notes.txt"
+    garbage.write_text("not a database" * 100)
+    for path, cause in [
+        (tmp_path / "missing" / "outbox.db", "unable to open database file"),
+        (garbage, "file is not a database"),
+    ]:
+        config = NATSConfig(url=f"nats://127.0.0.1:{free_port()}", outbox_path=str(path))
+        with pytest.raises(ConfigError, match=f"outbox_path: cannot use {path} .*{cause}"):
+            await NATSEventBus.connect(config)
+
+
+@pytest.mark.anyio
+async def test_the_outbox_keeps_events_across_a_restart(tmp_path: Path) -> None:
+    """Given events added to an outbox file that is then closed,
+    when it is opened again, they are there, oldest first, with their headers."""
+    path = tmp_path / "outbox.db"
+    async with await Outbox.open(path) as outbox:
+        for n in range(3):
+            await outbox.add("a.b", f"{n}".encode(), {MSG_ID_HEADER: f"id-{n}"}, f"event {n}")
+
+    async with await Outbox.open(path) as outbox:
+        rows = await outbox.head(10)
+        assert outbox.stats().events == 3
+
+    assert [(r.payload, r.headers) for r in rows] == [
+        (f"{n}".encode(), {MSG_ID_HEADER: f"id-{n}"}) for n in range(3)
+    ]
