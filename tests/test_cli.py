@@ -44,7 +44,7 @@ from gdc_worker import (
     new_node_up_event,
 )
 from gdc_worker.cli import main
-from gdc_worker.cli.dlq import since_time
+from gdc_worker.cli.common import since_time
 from tests.support import alive, eventually, free_port, settled, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent

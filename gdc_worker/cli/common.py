@@ -5,10 +5,12 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import anyio
@@ -36,6 +38,8 @@ __all__ = [
     "exit_code_of",
     "reported_errors",
     "run_until_stopped",
+    "since_option",
+    "since_time",
     "url_option",
 ]
 
@@ -190,3 +194,34 @@ async def _until_stopped(work: Callable[[], Awaitable[None]]) -> None:
         if len(group.exceptions) == 1:
             raise group.exceptions[0] from None
         raise
+
+
+#: `--since 10m`: seconds per unit.
+_UNITS_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+_AGO = re.compile(r"(\d+(?:\.\d+)?)([smhd])")
+
+
+def since_time(text: str, now: datetime | None = None) -> datetime:
+    """`10m`, `2h`, `30s`, `1d` ago, or an ISO 8601 time (local time when it has no offset);
+    raises `ValueError` saying what it takes."""
+    ago = _AGO.fullmatch(text.strip())
+    if ago:
+        seconds = float(ago[1]) * _UNITS_S[ago[2]]
+        return (now or datetime.now(UTC)) - timedelta(seconds=seconds)
+    try:
+        return datetime.fromisoformat(text.strip()).astimezone(UTC)
+    except ValueError:
+        raise ValueError(
+            f"--since {text!r}: give a time ago such as 10m, 2h, 30s or 1d, or an ISO time "
+            "such as 2024-05-01T10:00:00+00:00"
+        ) from None
+
+
+def since_option(ctx: click.Context, param: click.Parameter, value: str | None) -> datetime | None:
+    """The callback of a `--since` option: its time, or one line of bad usage (exit 2)."""
+    if value is None:
+        return None
+    try:
+        return since_time(value)
+    except ValueError as exc:
+        raise ReportedError(str(exc), EXIT_USAGE) from None

@@ -5,13 +5,12 @@ from __future__ import annotations
 import functools
 import json
 import math
-import re
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import astuple, dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import anyio
@@ -27,16 +26,18 @@ from .common import (
     EXIT_OK,
     EXIT_USAGE,
     ReportedError,
+    aligned,
     connection,
     creds_option,
     reported_errors,
+    since_option,
     url_option,
 )
 
 if TYPE_CHECKING:
     from click._termui_impl import ProgressBar
 
-__all__ = ["dlq", "since_time"]
+__all__ = ["dlq"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -100,40 +101,10 @@ def _summary(entry: DeadLetterEntry) -> dict[str, Any]:
 
 
 def _cells(row: dict[str, Any], columns: list[str]) -> list[str]:
-    """A row of the table: no cell empty, so that columns stay apart; at most 60 characters."""
+    """A row of the table, each cell at most 60 characters (an empty one shows as `-`)."""
     if row["unreadable"]:
         row = {**row, "event_type": "unreadable"}
-    return [str(row[c])[:60] if row[c] not in (None, "") else "-" for c in columns]
-
-
-#: `--since 10m`: seconds per unit.
-_UNITS_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-_AGO = re.compile(r"(\d+(?:\.\d+)?)([smhd])")
-
-
-def since_time(text: str, now: datetime | None = None) -> datetime:
-    """`10m`, `2h`, `30s`, `1d` ago, or an ISO 8601 time (local time when it has no offset);
-    raises `ValueError` saying what it takes."""
-    ago = _AGO.fullmatch(text.strip())
-    if ago:
-        seconds = float(ago[1]) * _UNITS_S[ago[2]]
-        return (now or datetime.now(UTC)) - timedelta(seconds=seconds)
-    try:
-        return datetime.fromisoformat(text.strip()).astimezone(UTC)
-    except ValueError:
-        raise ValueError(
-            f"--since {text!r}: give a time ago such as 10m, 2h, 30s or 1d, or an ISO time "
-            "such as 2024-05-01T10:00:00+00:00"
-        ) from None
-
-
-def _since(ctx: click.Context, param: click.Parameter, value: str | None) -> datetime | None:
-    if value is None:
-        return None
-    try:
-        return since_time(value)
-    except ValueError as exc:
-        raise ReportedError(str(exc), EXIT_USAGE) from None
+    return [str(row[c])[:60] if row[c] is not None else "" for c in columns]
 
 
 def _rate(ctx: click.Context, param: click.Parameter, value: str | None) -> float | None:
@@ -203,7 +174,7 @@ def _filters(func: F) -> F:
         click.option("--consumer", help="Only entries of this consumer (durable)."),
         click.option(
             "--since",
-            callback=_since,
+            callback=since_option,
             metavar="AGE|TIME",
             help="Only records that failed since then: 10m, 2h, 1d ago, or an ISO time.",
         ),
@@ -253,12 +224,8 @@ def dlq_list(
             click.echo("no dead letters")
             return EXIT_OK
         columns = ["id", "failed_at", "consumer", "event_type", "event_id", "deliveries", "error"]
-        table = [columns] + [_cells(row, columns) for row in rows]
-        widths = [max(len(line[i]) for line in table) for i in range(len(columns))]
-        for line in table:
-            click.echo(
-                "  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip()
-            )
+        for line in aligned([columns] + [_cells(row, columns) for row in rows]):
+            click.echo(line)
         return EXIT_OK
 
     _run_dlq(url, creds, action)
@@ -439,16 +406,12 @@ def _show_plan(plan: ReplayPlan) -> int:
     total = sum(plan.targets.values())
     click.echo(f"would replay {total} dead letter(s), changing nothing now")
     if plan.targets:
-        columns = ["count", "subject", "event_type"]
-        table = [columns] + [
+        table = [["count", "subject", "event_type"]] + [
             [str(count), subject, event_type]
             for (subject, event_type), count in sorted(plan.targets.items())
         ]
-        widths = [max(len(line[i]) for line in table) for i in range(len(columns))]
-        for line in table:
-            click.echo(
-                "  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip()
-            )
+        for line in aligned(table):
+            click.echo(line)
     for said in _grouped(plan.unreplayable, "would not be replayed"):
         click.echo(said)
     return EXIT_OK

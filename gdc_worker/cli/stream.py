@@ -10,7 +10,15 @@ import click
 
 from ..bus import LimitChange, NATSEventBus
 from ..config import NATSConfig
-from .common import EXIT_FAILURE, EXIT_OK, connection, creds_option, reported_errors, url_option
+from .common import (
+    EXIT_FAILURE,
+    EXIT_OK,
+    aligned,
+    connection,
+    creds_option,
+    reported_errors,
+    url_option,
+)
 
 __all__ = ["stream"]
 
@@ -66,9 +74,6 @@ def stream_apply(url: str | None, creds: str | None, yes: bool) -> None:
 
 def _table(changes: list[LimitChange]) -> list[str]:
     """The differing limits as an aligned table: field, server, config."""
-    rows = [("field", "server", "config")] + [(c.field, c.server, c.config) for c in changes]
-    widths = [max(len(row[i]) for row in rows) for i in range(3)]
-    return [
-        "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
-        for row in rows
-    ]
+    return aligned(
+        [("field", "server", "config")] + [(c.field, c.server, c.config) for c in changes]
+    )

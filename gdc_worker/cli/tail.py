@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import json
-import re
 import sys
-from datetime import UTC, datetime, timedelta
-from typing import Any
+from datetime import datetime
 
 import click
 import msgspec
@@ -22,34 +20,14 @@ from .common import (
     creds_option,
     reported_errors,
     run_until_stopped,
+    since_option,
     url_option,
 )
 
-__all__ = ["Since", "tail"]
+__all__ = ["tail"]
 
 #: How many events `tail` shows first, without --last, --since or --new.
 DEFAULT_LAST = 10
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-_AGO = re.compile(r"^(\d+(?:\.\d+)?)([smhd])$")
-
-
-class Since(click.ParamType):  # type: ignore[type-arg]
-    """A time: `10m`, `90s`, `2h`, `1d` ago, or an ISO 8601 time (UTC unless it says)."""
-
-    name = "since"
-
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
-        if isinstance(value, datetime):
-            return value
-        text = str(value).strip()
-        ago = _AGO.match(text)
-        if ago:
-            return datetime.now(UTC) - timedelta(seconds=float(ago[1]) * _UNITS[ago[2]])
-        try:
-            when = datetime.fromisoformat(text)
-        except ValueError:
-            self.fail(f"{text!r} is neither a duration (10m, 90s, 2h, 1d) nor an ISO 8601 time")
-        return when if when.tzinfo else when.replace(tzinfo=UTC)
 
 
 @click.command(
@@ -68,7 +46,9 @@ class Since(click.ParamType):  # type: ignore[type-arg]
     "--last", type=click.IntRange(min=1), help=f"Start with the last N events ({DEFAULT_LAST})."
 )
 @click.option(
-    "--since", type=Since(), help="Start with the events stored since then (10m, ISO time)."
+    "--since",
+    callback=since_option,
+    help="Start with the events stored since then (10m, 2h, 1d ago, or an ISO time).",
 )
 @click.option("--new", "new_only", is_flag=True, help="Only events stored from now on.")
 @click.option("--json", "as_json", is_flag=True, help="One event envelope (JSON) per line.")
