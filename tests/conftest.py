@@ -8,6 +8,9 @@ import pytest
 from nats.js import JetStreamContext
 
 from gdc_worker import NATSConfig
+from tests.processes import spawn
+
+__all__ = ["jetstream", "spawn"]  # fixtures, used by name
 
 
 @pytest.fixture

@@ -27,10 +27,8 @@ from gdc_worker import App, Breaker, Event, NATSConfig, NATSEventBus, Worker
 from gdc_worker.health import HealthEndpoint, LoopProbe
 from gdc_worker.metrics import ConsumerGauges, Metrics, watch_consumers, watch_outbox
 from gdc_worker.outbox import Outbox
+from tests.processes import Spawn, worker_env
 from tests.support import GRACE, alive, eventually, free_port, node_up, running
-from tests.test_cli import Spawn, spawn, worker_env
-
-__all__ = ["spawn"]  # the fixture, used by name
 
 pytestmark = pytest.mark.anyio
 

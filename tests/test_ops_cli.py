@@ -30,8 +30,8 @@ from gdc_worker import App, Event, NATSConfig, NATSEventBus, Reject, new_node_do
 from gdc_worker.bus import ConsumerState, StreamLimits, StreamState
 from gdc_worker.cli import main
 from gdc_worker.cli.status import Snapshot
+from tests.processes import GDC_WORKER, Process, worker_env
 from tests.support import consumer_info, dead_letters, free_port, node_up, running, worker_for
-from tests.test_cli import GDC_WORKER, Process, worker_env
 
 pytestmark = pytest.mark.anyio
 

@@ -38,9 +38,9 @@ from gdc_worker.events import MSG_ID_HEADER
 from gdc_worker.outbox import Outbox
 from gdc_worker.testing import isolated_config
 from tests.apps.outbox_publisher import event_id
+from tests.processes import ROOT, worker_env
 from tests.recording import ARRIVAL_TIMEOUT
 from tests.support import STOP_TIMEOUT, eventually, free_port, node_up, wait_until
-from tests.test_cli import ROOT, worker_env
 
 #: How long a test may take to drain what it queued, or for a process to finish.
 DRAIN_TIMEOUT = 60.0
