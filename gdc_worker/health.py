@@ -18,7 +18,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Coroutine, Iterable
+from collections.abc import Callable, Coroutine, Iterable, Iterator
 from pathlib import Path
 from socketserver import ThreadingMixIn
 from typing import TYPE_CHECKING, Any
@@ -26,11 +26,11 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import anyio
 from prometheus_client import CollectorRegistry, make_wsgi_app
-from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
+from prometheus_client.core import Metric
 from prometheus_client.registry import Collector
 
 from .errors import ConfigError
-from .metrics import ConsumerGauges, Metrics, watch_consumers, watch_outbox
+from .metrics import ConsumerGauges, Metrics, Snapshot, families, watch_consumers, watch_outbox
 from .worker import Worker, serve
 
 if TYPE_CHECKING:
@@ -135,24 +135,42 @@ class LoopProbe:
         return f"the event loop did not answer within {LOOP_ANSWER_S:g}s (a handler blocks it?)"
 
 
-async def write_heartbeats(directory: Path, state: Callable[[], str]) -> None:
-    """As a replica: write `state()` ("ready" or why not) to `<directory>/<pid>.json` (an
-    existing directory) every
-    `HEARTBEAT_S`, from the event loop, so a fresh file also says the loop runs. Until cancelled.
+async def write_heartbeats(
+    directory: Path, state: Callable[[], str], metrics: Callable[[], Snapshot]
+) -> None:
+    """As a replica: write `state()` ("ready" or why not) and `metrics()` to
+    `<directory>/<pid>.json` (an existing directory) every `HEARTBEAT_S`, from the event loop,
+    so a fresh file also says the loop runs. Until cancelled; then once more, as `stopped`:
+    the file stays, so what this replica counted stays in the group's totals.
     """
     path = directory / f"{os.getpid()}.json"
     scratch = path.with_suffix(".tmp")
+
+    def write(now: str) -> None:
+        scratch.write_text(json.dumps({"state": now, "metrics": metrics()}))
+        scratch.replace(path)  # atomic: the supervisor never reads half a file
+
     try:
         while True:
-            scratch.write_text(json.dumps({"state": state()}))
-            scratch.replace(path)  # atomic: the supervisor never reads half a file
+            write(state())
             await anyio.sleep(HEARTBEAT_S)
     finally:
-        path.unlink(missing_ok=True)
+        write("stopped")
 
 
-class GroupHealth:
-    """The health of `replicas` replica processes from their heartbeat files in `directory`.
+def _read(path: Path) -> tuple[float, dict[str, Any]] | None:
+    """A heartbeat file's age in seconds and content; None if it is not there (yet)."""
+    try:
+        age = time.time() - path.stat().st_mtime
+        content = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return age, content
+
+
+class GroupHealth(Collector):
+    """The health and metrics of `replicas` replica processes from their heartbeat files in
+    `directory`.
 
     `pids()` lists the replicas running now. One with no heartbeat yet is starting: alive, not
     ready. One whose heartbeat is older than `STALE_S` has a blocked loop: not alive.
@@ -166,17 +184,26 @@ class GroupHealth:
     def _states(self) -> dict[int, str | None]:
         """Each running replica's state; None for a stale heartbeat, "starting" for none yet."""
         states: dict[int, str | None] = {}
-        now = time.time()
         for pid in self._pids():
-            path = self.directory / f"{pid}.json"
-            try:
-                age = now - path.stat().st_mtime
-                state = json.loads(path.read_text())["state"]
-            except (OSError, ValueError, KeyError):
+            heartbeat = _read(self.directory / f"{pid}.json")
+            if heartbeat is None:
                 states[pid] = "starting"
-                continue
-            states[pid] = None if age > STALE_S else str(state)
+            else:
+                age, content = heartbeat
+                states[pid] = None if age > STALE_S else str(content["state"])
         return states
+
+    def collect(self) -> Iterator[Metric]:
+        """The replicas' metrics: counters of every replica that ran, gauges of the live."""
+        live = set(self._pids())
+        every, running = [], []
+        for path in sorted(self.directory.glob("*.json")):
+            heartbeat = _read(path)
+            if heartbeat is not None:
+                every.append(heartbeat[1]["metrics"])
+                if path.stem.isdigit() and int(path.stem) in live:
+                    running.append(heartbeat[1]["metrics"])
+        return families(every, running)
 
     def alive(self) -> str | None:
         stale = [pid for pid, state in self._states().items() if state is None]
@@ -211,20 +238,20 @@ async def serve_monitored(worker: Worker, metrics: Metrics, port: int) -> None:
 
 
 async def serve_replica(worker: Worker, metrics: Metrics, directory: Path) -> None:
-    """`serve(worker)` as one replica of a group: heartbeats in `directory` for the supervisor's
-    endpoint (`metrics` reach it through prometheus-client's multiprocess files)."""
+    """`serve(worker)` as one replica of a group: heartbeats with `metrics` in `directory`,
+    for the supervisor's endpoint."""
     async with anyio.create_task_group() as tg:
-        tg.start_soon(write_heartbeats, directory, lambda: worker.not_ready() or "ready")
+        state = lambda: worker.not_ready() or "ready"  # noqa: E731
+        tg.start_soon(write_heartbeats, directory, state, metrics.snapshot)
         tg.start_soon(watch_outbox, worker.outbox_stats, metrics)
         await serve(worker)
         tg.cancel_scope.cancel()
 
 
 class GroupEndpoint:
-    """The endpoint of a supervised group on `port`: the replicas' metrics summed from
-    `directory` (prometheus-client multiprocess mode), one reading of the consumer gauges,
-    and `/healthz`, `/readyz` from the replicas' heartbeats. Pass `replicas_changed` to
-    `supervise(on_change=...)`.
+    """The endpoint of a supervised group on `port`: the replicas' metrics summed from their
+    heartbeat files in `directory`, one reading of the consumer gauges, and `/healthz`,
+    `/readyz` from the heartbeats. Pass `replicas_changed` to `supervise(on_change=...)`.
     """
 
     def __init__(
@@ -232,10 +259,9 @@ class GroupEndpoint:
     ) -> None:
         self.directory = directory
         self._pids: list[int] = []
-        self._health = GroupHealth(directory / "health", replicas, lambda: list(self._pids))
+        self._health = GroupHealth(directory, replicas, lambda: list(self._pids))
         registry = CollectorRegistry()
-        (directory / "health").mkdir(exist_ok=True)
-        MultiProcessCollector(registry, path=str(directory))  # type: ignore[no-untyped-call]
+        registry.register(self._health)
         gauges = ConsumerGauges()
         registry.register(gauges)
         self._endpoint = HealthEndpoint(
@@ -244,9 +270,6 @@ class GroupEndpoint:
         self._poller = _LoopThread(watch_consumers(config, durables, gauges))
 
     def replicas_changed(self, pids: list[int]) -> None:
-        for gone in set(self._pids) - set(pids):
-            # Its live gauges leave the sums; its counters stay in the totals.
-            mark_process_dead(gone, str(self.directory))  # type: ignore[no-untyped-call]
         self._pids = pids
 
     def __enter__(self) -> GroupEndpoint:

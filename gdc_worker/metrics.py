@@ -2,20 +2,29 @@
 `ConsumerGauges`, the consumers' lag as JetStream reports it, read every few seconds.
 
 Every name starts with `gdc_worker_`; labels are bounded (app, handler, consumer, outcome,
-result), never an event id. Under `--processes` the replicas write their counters to a shared
-directory (prometheus-client's multiprocess mode) and the supervisor serves their sum; the
-consumer gauges are read once for the group, so each has one value, not one per replica.
+result, state), never an event id. The hook counts in plain numbers on the event loop, which
+costs a few attribute updates per delivery, and builds the metric families only when scraped.
+Under `--processes` each replica writes its `snapshot()` to a file every second and the
+supervisor serves their sum (`families` over all snapshots): counters and histograms over every
+replica that ran, gauges over the live ones; the consumer gauges are read once for the group,
+so each has one value, not one per replica.
 """
 
 from __future__ import annotations
 
+import bisect
 import logging
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import anyio
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
 
 from .bus import NATSEventBus
@@ -31,7 +40,15 @@ if TYPE_CHECKING:
     from .events import Event
     from .outbox import OutboxStats
 
-__all__ = ["CONSUMER_POLL_S", "ConsumerGauges", "Metrics", "watch_consumers", "watch_outbox"]
+__all__ = [
+    "CONSUMER_POLL_S",
+    "ConsumerGauges",
+    "Metrics",
+    "Snapshot",
+    "families",
+    "watch_consumers",
+    "watch_outbox",
+]
 
 log = logging.getLogger(__name__)
 
@@ -42,139 +59,111 @@ DURATION_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 
 #: Publish latencies, in seconds: an ack on loopback, to a publish riding out an election.
 PUBLISH_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 5)
 _OUTCOMES = (Ack.outcome, Nak.outcome, DeadLetter.outcome)
+_RESULTS = ("stored", "duplicate", "queued", "failed")
 _BREAKER_STATES = {"closed": 0, "half_open": 1, "open": 2}
 
+#: What one process counted, as `Metrics.snapshot()` gives it (JSON-compatible).
+Snapshot = dict[str, Any]
 
-class Metrics(Hook):
-    """The worker's metrics, for the app `app`, in `registry` (a new one by default).
 
-    Register it as a hook (`gdc-worker run --metrics-port` does); every metric of one handler
-    starts at 0 once the worker is ready, so rates and alerts need no first event.
+class _Histogram:
+    """Observations counted per bucket (the last one: above every bound), and their sum."""
+
+    __slots__ = ("bounds", "counts", "sum")
+
+    def __init__(self, bounds: Sequence[float]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1
+        self.sum += value
+
+    def snapshot(self) -> dict[str, Any]:
+        return {"counts": list(self.counts), "sum": self.sum}
+
+
+class _Handler:
+    """One handler's counts."""
+
+    __slots__ = (
+        "breaker_state",
+        "breaker_transitions",
+        "consumer",
+        "deliveries",
+        "duration",
+        "in_flight",
+        "redeliveries",
+        "retries",
+    )
+
+    def __init__(self, consumer: str) -> None:
+        self.consumer = consumer
+        self.deliveries = dict.fromkeys(_OUTCOMES, 0)
+        self.retries = 0
+        self.redeliveries = 0
+        self.in_flight = 0
+        self.duration = _Histogram(DURATION_BUCKETS)
+        self.breaker_state: int | None = None  # no breaker
+        self.breaker_transitions = dict.fromkeys(_BREAKER_STATES, 0)
+
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            "consumer": self.consumer,
+            "deliveries": dict(self.deliveries),
+            "retries": self.retries,
+            "redeliveries": self.redeliveries,
+            "in_flight": self.in_flight,
+            "duration": self.duration.snapshot(),
+            "breaker_state": self.breaker_state,
+            "breaker_transitions": dict(self.breaker_transitions),
+        }
+
+
+class Metrics(Hook, Collector):
+    """The metrics of the app `app`: a hook that counts, and a collector of what it counted.
+
+    Register it as a hook (`gdc-worker run --metrics-port` does) and serve `registry`, where it
+    is registered. Every metric of a handler starts at 0 once the worker is ready, so rates and
+    alerts need no first event.
     """
 
     def __init__(self, app: str, registry: CollectorRegistry | None = None) -> None:
         self.app = app
+        self._handlers: dict[str, _Handler] = {}
+        self._publishes = dict.fromkeys(_RESULTS, 0)
+        self._publish_duration = _Histogram(PUBLISH_BUCKETS)
+        self._connected = 0
+        self._reconnects = 0
+        self._outbox: OutboxStats | None = None
+        #: Deliveries between a failed attempt and their settlement: the next call is a retry.
+        self._failed: set[Delivery] = set()
         self.registry = registry or CollectorRegistry()
-        handler = ["app", "handler"]
-        r = self.registry
-        self.deliveries = Counter(
-            "gdc_worker_deliveries",
-            "Deliveries settled, by outcome: acked, nakd (redelivered later) or dead_lettered.",
-            [*handler, "consumer", "outcome"],
-            registry=r,
-        )
-        self.retries = Counter(
-            "gdc_worker_handler_retries",
-            "In-process attempts of a handler after the first, within one delivery.",
-            handler,
-            registry=r,
-        )
-        self.redeliveries = Counter(
-            "gdc_worker_redeliveries",
-            "Deliveries of an event this consumer had delivered before (count above 1).",
-            handler,
-            registry=r,
-        )
-        self.duration = Histogram(
-            "gdc_worker_handler_duration_seconds",
-            "Time of one handler call (one attempt).",
-            handler,
-            buckets=DURATION_BUCKETS,
-            registry=r,
-        )
-        self.in_flight = Gauge(
-            "gdc_worker_handlers_in_flight",
-            "Handler calls running now.",
-            handler,
-            multiprocess_mode="livesum",
-            registry=r,
-        )
-        self.publishes = Counter(
-            "gdc_worker_publishes",
-            "Event publishes, by result: stored, duplicate (stored before), queued (in the "
-            "outbox) or failed.",
-            ["app", "result"],
-            registry=r,
-        )
-        self.publish_duration = Histogram(
-            "gdc_worker_publish_duration_seconds",
-            "Time from sending an event to its JetStream ack (or failure).",
-            ["app"],
-            buckets=PUBLISH_BUCKETS,
-            registry=r,
-        )
-        self.connected = Gauge(
-            "gdc_worker_connected",
-            "1 while connected to NATS, else 0 (the lowest of the replicas).",
-            ["app"],
-            multiprocess_mode="livemin",
-            registry=r,
-        )
-        self.reconnects = Counter(
-            "gdc_worker_reconnects", "Reconnections to NATS after a drop.", ["app"], registry=r
-        )
-        self.breaker_state = Gauge(
-            "gdc_worker_breaker_state",
-            "A handler's circuit breaker: 0 closed, 1 half open, 2 open (the highest replica).",
-            handler,
-            multiprocess_mode="livemax",
-            registry=r,
-        )
-        self.breaker_transitions = Counter(
-            "gdc_worker_breaker_transitions",
-            "Changes of a handler's circuit breaker, by the state entered.",
-            [*handler, "state"],
-            registry=r,
-        )
-        self.outbox_events = Gauge(
-            "gdc_worker_outbox_events",
-            "Events waiting in the publish outbox for NATS.",
-            ["app"],
-            multiprocess_mode="livemax",  # replicas share the file: each sees the same totals
-            registry=r,
-        )
-        self.outbox_bytes = Gauge(
-            "gdc_worker_outbox_bytes",
-            "Bytes the publish outbox holds.",
-            ["app"],
-            multiprocess_mode="livemax",
-            registry=r,
-        )
-        self.outbox_age = Gauge(
-            "gdc_worker_outbox_oldest_age_seconds",
-            "Age of the oldest event in the publish outbox, 0 when it is empty.",
-            ["app"],
-            multiprocess_mode="livemax",
-            registry=r,
-        )
-        #: Attempts so far of each delivery being handled, by consumer, sequence and count.
-        self._attempts: dict[tuple[str, int, int], int] = {}
+        self.registry.register(self)
+
+    def _of(self, handler: HandlerSpec) -> _Handler:
+        counts = self._handlers.get(handler.name)
+        if counts is None:
+            counts = self._handlers[handler.name] = _Handler(handler.durable)
+            if handler.breaker is not None:
+                counts.breaker_state = 0
+        return counts
 
     def worker_ready(self, app: str, handlers: Sequence[HandlerSpec]) -> None:
         for spec in handlers:
-            for outcome in _OUTCOMES:
-                self.deliveries.labels(self.app, spec.name, spec.durable, outcome)
-            self.retries.labels(self.app, spec.name)
-            self.redeliveries.labels(self.app, spec.name)
-            self.in_flight.labels(self.app, spec.name).set(0)
-        for result in ("stored", "duplicate", "queued", "failed"):
-            self.publishes.labels(self.app, result)
-            if spec.breaker is not None:
-                self.breaker_state.labels(self.app, spec.name).set(0)
-        self.reconnects.labels(self.app)
-        self.connected.labels(self.app).set(1)
+            self._of(spec)
+        self._connected = 1
 
     def delivery_received(self, handler: HandlerSpec, delivery: Delivery) -> None:
         if delivery.deliveries > 1:
-            self.redeliveries.labels(self.app, handler.name).inc()
+            self._of(handler).redeliveries += 1
 
     def call_started(self, handler: HandlerSpec, delivery: Delivery, event: Event) -> None:
-        key = (handler.durable, delivery.stream_seq, delivery.deliveries)
-        attempts = self._attempts.get(key, 0)
-        if attempts:
-            self.retries.labels(self.app, handler.name).inc()
-        self._attempts[key] = attempts + 1
-        self.in_flight.labels(self.app, handler.name).inc()
+        counts = self._of(handler)
+        counts.in_flight += 1
+        if delivery in self._failed:
+            counts.retries += 1
 
     def call_finished(
         self,
@@ -184,14 +173,17 @@ class Metrics(Hook):
         error: BaseException | None,
         duration_s: float,
     ) -> None:
-        self.in_flight.labels(self.app, handler.name).dec()
-        self.duration.labels(self.app, handler.name).observe(duration_s)
+        counts = self._of(handler)
+        counts.in_flight -= 1
+        counts.duration.observe(duration_s)
+        if error is not None:
+            self._failed.add(delivery)
 
     def delivery_settled(
         self, handler: HandlerSpec, delivery: Delivery, decision: Decision
     ) -> None:
-        self._attempts.pop((handler.durable, delivery.stream_seq, delivery.deliveries), None)
-        self.deliveries.labels(self.app, handler.name, handler.durable, decision.outcome).inc()
+        self._failed.discard(delivery)
+        self._of(handler).deliveries[decision.outcome] += 1
 
     def published(
         self,
@@ -201,26 +193,155 @@ class Metrics(Hook):
         error: BaseException | None,
         duration_s: float,
     ) -> None:
-        self.publishes.labels(self.app, outcome).inc()
-        self.publish_duration.labels(self.app).observe(duration_s)
+        self._publishes[outcome] += 1
+        self._publish_duration.observe(duration_s)
 
     def connection_changed(self, connected: bool) -> None:
-        self.connected.labels(self.app).set(1 if connected else 0)
+        self._connected = 1 if connected else 0
         if connected:
-            self.reconnects.labels(self.app).inc()
+            self._reconnects += 1
 
     def breaker_changed(self, handler: HandlerSpec, state: str) -> None:
-        self.breaker_state.labels(self.app, handler.name).set(_BREAKER_STATES[state])
-        self.breaker_transitions.labels(self.app, handler.name, state).inc()
+        counts = self._of(handler)
+        counts.breaker_state = _BREAKER_STATES[state]
+        counts.breaker_transitions[state] += 1
 
     def observe_outbox(self, stats: OutboxStats) -> None:
-        """Set the outbox gauges from `Outbox.stats()`."""
-        self.outbox_events.labels(self.app).set(stats.events)
-        self.outbox_bytes.labels(self.app).set(stats.bytes)
-        self.outbox_age.labels(self.app).set(stats.oldest_age_s or 0.0)
+        """Report the outbox's depth from `Outbox.stats()`."""
+        self._outbox = stats
 
-    def worker_stopping(self, app: str) -> None:
-        self._attempts.clear()  # deliveries handed back on a forced stop are never settled
+    def snapshot(self) -> Snapshot:
+        """Everything counted so far, for the supervisor of a group to add up."""
+        outbox = self._outbox
+        return {
+            "app": self.app,
+            "handlers": {name: counts.snapshot() for name, counts in self._handlers.items()},
+            "publishes": dict(self._publishes),
+            "publish_duration": self._publish_duration.snapshot(),
+            "connected": self._connected,
+            "reconnects": self._reconnects,
+            "outbox": None if outbox is None else list(outbox),
+        }
+
+    def collect(self) -> Iterator[Metric]:
+        snapshot = self.snapshot()
+        return families([snapshot], [snapshot])
+
+
+def families(every: Iterable[Snapshot], live: Iterable[Snapshot]) -> Iterator[Metric]:
+    """The metric families of the snapshots of one app's processes: counters and histograms
+    summed over `every` process that ran, gauges over the `live` ones."""
+    every, live = list(every), list(live)
+    if not every:
+        return
+    app = every[0]["app"]
+    handler = ["app", "handler"]
+    deliveries = CounterMetricFamily(
+        "gdc_worker_deliveries",
+        "Deliveries settled, by outcome: acked, nakd (redelivered later) or dead_lettered.",
+        labels=[*handler, "consumer", "outcome"],
+    )
+    retries = CounterMetricFamily(
+        "gdc_worker_handler_retries",
+        "In-process attempts of a handler after the first, within one delivery.",
+        labels=handler,
+    )
+    redeliveries = CounterMetricFamily(
+        "gdc_worker_redeliveries",
+        "Deliveries of an event this consumer had delivered before (count above 1).",
+        labels=handler,
+    )
+    duration = HistogramMetricFamily(
+        "gdc_worker_handler_duration_seconds",
+        "Time of one handler call (one attempt).",
+        labels=handler,
+    )
+    transitions = CounterMetricFamily(
+        "gdc_worker_breaker_transitions",
+        "Changes of a handler's circuit breaker, by the state entered.",
+        labels=[*handler, "state"],
+    )
+    in_flight = GaugeMetricFamily(
+        "gdc_worker_handlers_in_flight", "Handler calls running now.", labels=handler
+    )
+    breaker = GaugeMetricFamily(
+        "gdc_worker_breaker_state",
+        "A handler's circuit breaker: 0 closed, 1 half open, 2 open (the highest replica).",
+        labels=handler,
+    )
+    names = sorted({name for snapshot in every for name in snapshot["handlers"]})
+    for name in names:
+        ran = [s["handlers"][name] for s in every if name in s["handlers"]]
+        running = [s["handlers"][name] for s in live if name in s["handlers"]]
+        consumer = ran[0]["consumer"]
+        for outcome in _OUTCOMES:
+            total = sum(h["deliveries"][outcome] for h in ran)
+            deliveries.add_metric([app, name, consumer, outcome], total)
+        retries.add_metric([app, name], sum(h["retries"] for h in ran))
+        redeliveries.add_metric([app, name], sum(h["redeliveries"] for h in ran))
+        _add_histogram(duration, [app, name], DURATION_BUCKETS, [h["duration"] for h in ran])
+        in_flight.add_metric([app, name], sum(h["in_flight"] for h in running))
+        states = [h["breaker_state"] for h in running if h["breaker_state"] is not None]
+        if any(h["breaker_state"] is not None for h in ran):
+            breaker.add_metric([app, name], max(states, default=0))
+            for state in _BREAKER_STATES:
+                count = sum(h["breaker_transitions"][state] for h in ran)
+                transitions.add_metric([app, name, state], count)
+    yield from (deliveries, retries, redeliveries, duration, in_flight, breaker, transitions)
+
+    publishes = CounterMetricFamily(
+        "gdc_worker_publishes",
+        "Event publishes, by result: stored, duplicate (stored before), queued (in the "
+        "outbox) or failed.",
+        labels=["app", "result"],
+    )
+    for result in _RESULTS:
+        publishes.add_metric([app, result], sum(s["publishes"][result] for s in every))
+    publish_duration = HistogramMetricFamily(
+        "gdc_worker_publish_duration_seconds",
+        "Time from sending an event to its JetStream ack (or failure).",
+        labels=["app"],
+    )
+    _add_histogram(publish_duration, [app], PUBLISH_BUCKETS, [s["publish_duration"] for s in every])
+    connected = GaugeMetricFamily(
+        "gdc_worker_connected",
+        "1 while connected to NATS, else 0 (the lowest of the replicas).",
+        labels=["app"],
+    )
+    connected.add_metric([app], min((s["connected"] for s in live), default=0))
+    reconnects = CounterMetricFamily(
+        "gdc_worker_reconnects", "Reconnections to NATS after a drop.", labels=["app"]
+    )
+    reconnects.add_metric([app], sum(s["reconnects"] for s in every))
+    yield from (publishes, publish_duration, connected, reconnects)
+
+    outboxes = [s["outbox"] for s in live if s["outbox"] is not None]
+    if outboxes:  # replicas share the file: each sees the same totals
+        for index, (field, text) in enumerate(_OUTBOX_GAUGES):
+            family = GaugeMetricFamily(f"gdc_worker_outbox_{field}", text, labels=["app"])
+            family.add_metric([app], max(o[index] or 0 for o in outboxes))
+            yield family
+
+
+_OUTBOX_GAUGES = (
+    ("events", "Events waiting in the publish outbox for NATS."),
+    ("bytes", "Bytes the publish outbox holds."),
+    ("oldest_age_seconds", "Age of the oldest event in the publish outbox, 0 when it is empty."),
+)
+
+
+def _add_histogram(
+    family: HistogramMetricFamily,
+    labels: list[str],
+    bounds: Sequence[float],
+    histograms: list[dict[str, Any]],
+) -> None:
+    counts = [sum(h["counts"][i] for h in histograms) for i in range(len(bounds) + 1)]
+    cumulative, running = [], 0
+    for bound, count in zip([*map(str, bounds), "+Inf"], counts, strict=True):
+        running += count
+        cumulative.append((bound, running))
+    family.add_metric(labels, cumulative, sum_value=sum(h["sum"] for h in histograms))
 
 
 _CONSUMER_GAUGES = (

@@ -202,7 +202,7 @@ def run(
                 code = _supervise(target, replica_args, config, processes, metrics_port, durables)
                 sys.exit(code)
             if metrics is not None and replica_dir:
-                anyio.run(serve_replica, worker, metrics, Path(replica_dir) / "health")
+                anyio.run(serve_replica, worker, metrics, Path(replica_dir))
             elif metrics is not None and metrics_port is not None:
                 anyio.run(serve_monitored, worker, metrics, metrics_port)
             else:
@@ -239,7 +239,7 @@ def _supervise(
         return supervise(command, processes, env=env, fatal_codes=fatal)
     directory = Path(tempfile.mkdtemp(prefix="gdc-worker-metrics-"))
     try:
-        env[REPLICA_METRICS_ENVVAR] = env["PROMETHEUS_MULTIPROC_DIR"] = str(directory)
+        env[REPLICA_METRICS_ENVVAR] = str(directory)
         with GroupEndpoint(metrics_port, directory, processes, config, durables) as endpoint:
             return supervise(
                 command, processes, env=env, fatal_codes=fatal, on_change=endpoint.replicas_changed
