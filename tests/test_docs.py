@@ -27,7 +27,7 @@ from gdc_worker.cli import main
 from gdc_worker.testing import isolated_config
 
 ROOT = Path(__file__).resolve().parent.parent
-PAGES = sorted((ROOT / "docs").rglob("*.md")) + [ROOT / "README.md"]
+PAGES = [*sorted((ROOT / "docs").rglob("*.md")), ROOT / "README.md"]
 _FENCE = re.compile(r"^```(\w*)[^\n]*\n(.*?)^```\s*$", re.MULTILINE | re.DOTALL)
 
 #: Runs the blocks given as JSON on stdin, in order, in one namespace and one event loop.
@@ -69,9 +69,7 @@ def test_the_docs_have_samples_to_check() -> None:
     assert sum(len(blocks(p, "sh")) for p in PAGES) > 5
 
 
-@pytest.mark.parametrize(
-    "page", [p for p in PAGES if blocks(p, "python")], ids=page_id
-)
+@pytest.mark.parametrize("page", [p for p in PAGES if blocks(p, "python")], ids=page_id)
 def test_every_python_sample_runs(page: Path, nats_server: NATSServer) -> None:
     """Given a page's Python samples and a real nats-server,
     when they run in order, as a reader would paste them into `python -m asyncio`,
