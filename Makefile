@@ -5,13 +5,14 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-dev
 BENCH_STAMP := $(VENV)/.installed-bench
+DOCS_STAMP := $(VENV)/.installed-docs
 # Options for `make bench`, e.g. BENCH_ARGS="--n 2000 --runs 1" (see `python -m bench.run -h`).
 BENCH_ARGS ?=
 # The oldest nats-server release line we support (docker-compose pins nats:2.10-alpine).
 COMPAT_SERVER_VERSION ?= 2.10.26
 COMPAT_SERVER := $(VENV)/compat-server/bin/nats-server
 
-.PHONY: help install demo test lint format typecheck pytest pytest-compat bench clean
+.PHONY: help install demo test lint format typecheck pytest pytest-compat bench docs docs-serve clean
 
 ## install: create the virtualenv and install gdc-worker with the dev tools (the default)
 install: $(STAMP)
@@ -23,6 +24,10 @@ $(STAMP): pyproject.toml
 
 $(BENCH_STAMP): $(STAMP)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev,bench]'
+	touch $@
+
+$(DOCS_STAMP): $(STAMP)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev,docs]'
 	touch $@
 
 ## help: list the targets
@@ -67,6 +72,14 @@ pytest: $(STAMP)
 bench: $(BENCH_STAMP)
 	$(BIN)/python -m bench.run $(BENCH_ARGS)
 
+## docs: install the docs extra and build the site into site/ (warnings are errors)
+docs: $(DOCS_STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
+
+## docs-serve: the docs site on http://127.0.0.1:8000, rebuilt on every change
+docs-serve: $(DOCS_STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs serve --strict
+
 ## clean: remove the virtualenv and the tool caches
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info site

@@ -91,7 +91,7 @@ def _problems(state: ConsumerState, max_lag: int | None, max_age: float | None) 
 
 \b
 Examples:
-  gdc-worker check --consumer scheduler-plan --max-lag 1000 --max-age 300
+  gdc-worker check --consumer scheduler-plan_pin --max-lag 1000 --max-age 300
   gdc-worker check myservice:app --processes 4
 
 {EXIT_CODES_HELP} A FAIL or a WARN exits 1: a warning names a setting that cannot work, so CI

@@ -100,9 +100,9 @@ def publish(
 ) -> None:
     """Publish one event of TYPE and print its stream sequence.
 
-    The data of a type with a typed payload (pin.requested, plan.ready, exec.progress,
-    health.changed, policy.updated, alert.triggered) is checked against it first: a value of
-    the wrong type exits 1, naming the field, and nothing is published.
+    The data is checked against the payload struct of its type first (every GDC type has
+    one, and register_payload_type adds others): a value of the wrong type exits 1, naming
+    the field, and nothing is published.
     """
     with reported_errors():
         event = Event.new(check_event_type(event_type), source, subject or "", _data(data))

@@ -35,7 +35,7 @@ def stream() -> None:
 def stream_apply(url: str | None, creds: str | None, yes: bool) -> None:
     """Show how the event stream's limits differ from the configuration, then apply them.
 
-    The configuration is `GDC_NATS_*` (see the README). Lowering a limit deletes the stored
+    The configuration is `GDC_NATS_*` (see the docs, Deploying). Lowering a limit deletes the stored
     events beyond it at once.
     """
 
