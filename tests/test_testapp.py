@@ -273,3 +273,20 @@ async def test_publishing_outside_the_block_says_how_to_use_it() -> None:
 
     with pytest.raises(WorkerError, match="async with TestApp"):
         await TestApp(app).publish(node_up())
+
+
+async def test_an_error_raised_inside_the_block_leaves_it_as_it_is() -> None:
+    """Given a handler that always fails,
+    when join(fail_fast=True) raises its error and nothing inside the block catches it,
+    then it leaves `async with TestApp(...)` as that error, not wrapped in an ExceptionGroup,
+    so `pytest.raises` around the block sees it."""
+    app = App("svc")
+
+    @app.on("node.up", retry=None)
+    async def broken(event: Event) -> None:
+        raise RuntimeError("dependency down")
+
+    with pytest.raises(RuntimeError, match="dependency down"):  # noqa: PT012 - the block is the point
+        async with TestApp(app) as t:
+            await t.publish(node_up())
+            await t.join(fail_fast=True)

@@ -192,7 +192,12 @@ class TestApp:
             app.hooks.run("worker_stopping", app.name)
         group, self._group = self._tasks(), None
         group.cancel_scope.cancel()
-        return await group.__aexit__(exc_type, exc, tb)
+        try:
+            return await group.__aexit__(exc_type, exc, tb)
+        except BaseExceptionGroup as raised:
+            if exc is not None and raised.exceptions == (exc,):
+                return False  # the block's own error (fail_fast's, say): raised as it is
+            raise
 
     async def publish(self, event: Event) -> int:
         """Store `event` as the bus would, deliver it, and run what is due now; its sequence."""
