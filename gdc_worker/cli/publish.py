@@ -118,9 +118,12 @@ def publish(
             config = NATSConfig.from_env(None, **connection(url, creds))
             async with await NATSEventBus.connect(config, setup_stream=False) as bus:
                 seq = await bus.publish_event(event)
-                click.echo(
-                    f"published {event.type} event {event.id} as #{seq} in {config.stream_name}"
+                where = (
+                    f"as #{seq} in {config.stream_name}"
+                    if seq is not None
+                    else (f"into the outbox {config.outbox_path}, for {config.stream_name}")
                 )
+                click.echo(f"published {event.type} event {event.id} {where}")
             return EXIT_OK
 
         code = anyio.run(main)
