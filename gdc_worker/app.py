@@ -51,27 +51,36 @@ class PendingPublish(Awaitable["int | None"]):
     outbox); it raises the `PublishError` of an event that was not stored.
     """
 
-    __slots__ = ("_outcome",)
+    __slots__ = ("_done", "_outcome", "_waiters")
 
     def __init__(self) -> None:
-        self._outcome: asyncio.Future[int | PublishError | None] = (
-            asyncio.get_running_loop().create_future()
-        )
+        self._done = False
+        self._outcome: int | PublishError | None = None
+        # One future per task waiting, made only when one waits: cancelling one is its own.
+        self._waiters: list[asyncio.Future[None]] | None = None
 
     def resolve(self, outcome: int | PublishError | None) -> None:
         """Tell how the publish ended, once: its sequence, None (queued), or its error."""
-        if not self._outcome.done():  # a second word on it, or a waiter cancelled: ignored
-            self._outcome.set_result(outcome)
+        if self._done:
+            return
+        self._done, self._outcome = True, outcome
+        for waiter in self._waiters or ():
+            if not waiter.done():
+                waiter.set_result(None)
 
     def __await__(self) -> Generator[Any, None, int | None]:
         return self._result().__await__()
 
     async def _result(self) -> int | None:
-        # Shielded: a waiter cancelled (a handler's timeout) leaves the outcome to the others.
-        outcome = await asyncio.shield(self._outcome)
-        if isinstance(outcome, PublishError):
-            raise outcome
-        return outcome
+        if not self._done:
+            waiter = asyncio.get_running_loop().create_future()
+            if self._waiters is None:
+                self._waiters = []
+            self._waiters.append(waiter)
+            await waiter
+        if isinstance(self._outcome, PublishError):
+            raise self._outcome
+        return self._outcome
 
 
 class Publisher(Protocol):

@@ -87,6 +87,7 @@ class NATSEventBus:
         self._events = events
         js = nc.jetstream(timeout=config.connect_timeout)
         self._js = js
+        self._subject_prefix = config.subject_prefix
         self._admin = Admin(nc, js, redact_url(config.url))
         self._state = StateReader(nc, timeout=config.connect_timeout)
         self._relay = Relay(outbox, nc, js, config) if outbox is not None else None
@@ -447,7 +448,7 @@ class NATSEventBus:
         not connected, when the outbox still holds events (it goes behind them), or after one
         try that failed for a passing reason; `OutboxFull` when the outbox is full.
         """
-        subject = self.config.subject_for(check_event_type(event.type))
+        subject = self._subject_of(event)
         headers = event_headers(event)
         hooks = self.hooks
         if not (hooks.publishing or hooks.published):
@@ -463,6 +464,11 @@ class NATSEventBus:
         outcome = "queued" if stored is None else "duplicate" if stored.duplicate else "stored"
         hooks.run("published", subject, event, outcome, None, time.perf_counter() - started)
         return stored.seq if stored is not None else None
+
+    def _subject_of(self, event: Event) -> str:
+        """The subject `event` is published on (`config.subject_for`, with the prefix read once);
+        `PublishError` for a type that is not a literal subject."""
+        return self._subject_prefix + check_event_type(event.type)
 
     async def _store(
         self, subject: str, payload: bytes, headers: Mapping[str, str], what: str
@@ -524,7 +530,7 @@ class NATSEventBus:
         the bus is not connected or the outbox still holds events; one whose publish fails for
         a passing reason is queued there once that is known; `OutboxFull` when it is full.
         """
-        await self._send(self.config.subject_for(check_event_type(event.type)), event, None)
+        await self._send(self._subject_of(event), event, None)
 
     async def send_event(self, event: Event) -> PendingPublish:
         """Publish without waiting for the ack, as `publish_event_async` does, and return the
@@ -533,7 +539,7 @@ class NATSEventBus:
 
         What `publish_event_async` raises at once, this does too. `ctx.publish` sends here.
         """
-        subject = self.config.subject_for(check_event_type(event.type))
+        subject = self._subject_of(event)
         pending = PendingPublish()
 
         def done(outcome: str, error: str | None, seq: int | None) -> None:
