@@ -8,20 +8,25 @@ Consumes until N events were handled (each decoded as an `Event`), then prints o
 (connect, set-up) to the first, "peak_rss_kb": ...}. Throughput is N / elapsed: the same
 steady-state measure for every implementation, whatever each spends on starting up.
 With `--fail-ratio`, that share of events fails once (nak, no delay) before succeeding.
+The pipeline implementations (`*-pipeline*`) turn each pin.requested into one stored
+plan.ready (`output_for`) before acking it.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import time
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import anyio
 import msgspec
 import nats
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
 
 from gdc_worker import (
     App,
@@ -36,10 +41,25 @@ from gdc_worker import (
     Retry,
     Worker,
 )
+from gdc_worker.events import event_headers
 
 #: The event type an implementation's consumer filters on, where it is not every type (">"):
-#: a typed handler takes one type (the bench's events are all pin.requested).
-FILTERS = {"gdc-typed": "pin.requested"}
+#: a typed handler takes one type (the bench's events are all pin.requested), and a pipeline
+#: does not consume its own outputs.
+FILTERS = {
+    "gdc-typed": "pin.requested",
+    "gdc-pipeline": "pin.requested",
+    "raw-pipeline-async": "pin.requested",
+    "raw-pipeline-sync": "pin.requested",
+}
+#: The type of what a pipeline publishes for each event it consumes.
+OUTPUT_TYPE = "plan.ready"
+
+
+def output_for(event: Event) -> Event:
+    """The event a pipeline publishes for `event`: its id derived from the input's, so a
+    redelivery publishes the same one again and the stream drops the duplicate."""
+    return msgspec.structs.replace(event, id=f"{event.id}-plan", type=OUTPUT_TYPE)
 
 
 class Progress:
@@ -118,11 +138,17 @@ async def run_gdc_typed(args: argparse.Namespace, progress: Progress) -> None:
     await run_gdc(args, progress, typed=True)
 
 
+async def run_gdc_pipeline(args: argparse.Namespace, progress: Progress) -> None:
+    """`run_gdc` with a handler that publishes one event per event, with `ctx.publish`."""
+    await run_gdc(args, progress, pipeline=True)
+
+
 async def run_gdc(
     args: argparse.Namespace,
     progress: Progress,
     hooks: Sequence[Hook] = (),
     typed: bool = False,
+    pipeline: bool = False,
 ) -> None:
     """gdc-worker's runner with default settings and a no-op handler."""
     config = NATSConfig(
@@ -136,6 +162,13 @@ async def run_gdc(
         async def failing_once(event: Event, ctx: Context) -> None:
             if ctx.deliveries == 1 and progress.fails_first(event.id):
                 raise Retry(delay=0)
+            progress.handled_one()
+
+    elif pipeline:
+
+        @app.on(FILTERS["gdc-pipeline"], durable=args.durable)
+        async def schedule(event: Event, ctx: Context) -> None:
+            await ctx.publish(output_for(event))
             progress.handled_one()
 
     elif typed:
@@ -181,6 +214,60 @@ async def run_raw(args: argparse.Namespace, progress: Progress) -> None:
     await nc.drain()
 
 
+async def run_raw_pipeline_async(args: argparse.Namespace, progress: Progress) -> None:
+    """A hand-written nats-py pipeline: fetch(batch=100), publish_async one output per
+    message, one gather of the batch's publish acks, then ack the batch."""
+
+    async def batch(js: JetStreamContext, msgs: list[Msg]) -> None:
+        acks = []
+        for msg in msgs:
+            output = output_for(Event.from_json(msg.data))
+            subject, data, headers = _publish_args(args, output)
+            acks.append(await js.publish_async(subject, data, headers=headers))
+        await asyncio.gather(*acks)
+        for msg in msgs:
+            await msg.ack()
+            progress.handled_one()
+
+    await _raw_pipeline(args, progress, batch)
+
+
+async def run_raw_pipeline_sync(args: argparse.Namespace, progress: Progress) -> None:
+    """A hand-written nats-py pipeline: fetch(batch=100), then for each message `await
+    js.publish` of its output (its ack) before acking it."""
+
+    async def batch(js: JetStreamContext, msgs: list[Msg]) -> None:
+        for msg in msgs:
+            output = output_for(Event.from_json(msg.data))
+            subject, data, headers = _publish_args(args, output)
+            await js.publish(subject, data, headers=headers)
+            await msg.ack()
+            progress.handled_one()
+
+    await _raw_pipeline(args, progress, batch)
+
+
+def _publish_args(args: argparse.Namespace, event: Event) -> tuple[str, bytes, dict[str, str]]:
+    return args.subject_prefix + event.type, event.to_json(), event_headers(event)
+
+
+async def _raw_pipeline(
+    args: argparse.Namespace,
+    progress: Progress,
+    batch: Callable[[JetStreamContext, list[Msg]], Awaitable[None]],
+) -> None:
+    nc = await nats.connect(args.url)
+    js = nc.jetstream()
+    sub = await js.pull_subscribe_bind(args.durable, args.stream)
+    while not progress.done.is_set():
+        try:
+            msgs = await sub.fetch(batch=100, timeout=5)
+        except nats.errors.TimeoutError:
+            continue
+        await batch(js, msgs)
+    await nc.drain()
+
+
 async def run_faststream(args: argparse.Namespace, progress: Progress) -> None:
     """FastStream's NatsBroker JetStream pull subscriber (batch 100) doing the same work."""
     from faststream.nats import JStream, NatsBroker, PullSub
@@ -214,7 +301,10 @@ IMPLEMENTATIONS: dict[str, Callable[[argparse.Namespace, Progress], Any]] = {
     "gdc-traced": run_gdc_traced,
     "gdc-metrics": run_gdc_metrics,
     "gdc-typed": run_gdc_typed,
+    "gdc-pipeline": run_gdc_pipeline,
     "raw": run_raw,
+    "raw-pipeline-async": run_raw_pipeline_async,
+    "raw-pipeline-sync": run_raw_pipeline_sync,
     "faststream": run_faststream,
 }
 

@@ -3,10 +3,10 @@ depend on what else the machine is doing.
 
     python -m bench.instructions [--n 3000] [--baseline DIR]
 
-Runs the `gdc`, `gdc-hooked`, `gdc-typed`, `gdc-metrics` and `gdc-traced` consumers of
-`bench.consumers` (and, with `--baseline`, the `gdc` consumer of another checkout, e.g. `git
-worktree add DIR REV`) under callgrind over N and 2N events, and reports (I(2N) - I(N)) / N for
-each, which cancels start-up, and their ratios.
+Runs the `gdc`, `gdc-hooked`, `gdc-typed`, `gdc-metrics`, `gdc-traced` and `gdc-pipeline`
+consumers of `bench.consumers` (and, with `--baseline`, the `gdc` consumer of another checkout,
+e.g. `git worktree add DIR REV`) under callgrind over N and 2N events, and reports
+(I(2N) - I(N)) / N for each, which cancels start-up, and their ratios.
 Wall-clock throughput (`bench.run`) on a shared 2-core machine moves by 10% or more between
 runs; this moves by well under 1%.
 """
@@ -52,7 +52,14 @@ async def instructions(bench: Bench, root: Path, impl: str, n: int, out_dir: Pat
 async def main_async(args: argparse.Namespace) -> dict[str, float]:
     cases = {
         name: (ROOT, name)
-        for name in ("gdc", "gdc-hooked", "gdc-typed", "gdc-metrics", "gdc-traced")
+        for name in (
+            "gdc",
+            "gdc-hooked",
+            "gdc-typed",
+            "gdc-metrics",
+            "gdc-traced",
+            "gdc-pipeline",
+        )
     }
     if args.baseline is not None:
         cases["gdc baseline"] = (args.baseline, "gdc")
@@ -83,6 +90,7 @@ def main() -> int:
         "gdc typed/untyped handler": per_event["gdc-typed"] / per_event["gdc"],
         "gdc Metrics/no hooks": per_event["gdc-metrics"] / per_event["gdc"],
         "gdc Tracing/no hooks": per_event["gdc-traced"] / per_event["gdc"],
+        "gdc ctx.publish pipeline/no-op": per_event["gdc-pipeline"] / per_event["gdc"],
     }
     if "gdc baseline" in per_event:
         ratios["gdc/baseline (target <= 1.03)"] = per_event["gdc"] / per_event["gdc baseline"]

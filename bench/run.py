@@ -34,7 +34,7 @@ from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, StorageType, StreamConfig
 
-from bench.consumers import FILTERS
+from bench.consumers import FILTERS, OUTPUT_TYPE
 from gdc_worker import (
     App,
     Event,
@@ -95,6 +95,11 @@ class Bench:
             )
         )
         return name, prefix
+
+    async def count(self, stream: str, subject: str) -> int:
+        """How many messages `stream` holds on `subject`."""
+        info = await self.js.stream_info(stream, subjects_filter=subject)
+        return sum((info.state.subjects or {}).values())
 
     async def drop(self, stream: str) -> None:
         await self.js.delete_stream(stream)
@@ -200,7 +205,8 @@ async def consume_once(
     """One consumer implementation in its own process over `events` pre-filled in a fresh stream.
 
     `root` is the source tree the consumer imports gdc_worker and bench from: another checkout
-    of the project measures an earlier version in the same run.
+    of the project measures an earlier version in the same run. A pipeline (an impl in
+    `PIPELINES`) must have stored one output per event, exactly once.
     """
     stream, prefix = await bench.fresh_stream()
     durable = f"{impl}-consumer"
@@ -214,8 +220,20 @@ async def consume_once(
         raise Lost(f"{impl} consumer failed:\n{result.stderr.decode()[-2000:]}")
     figures: dict[str, float] = json.loads(result.stdout.decode().strip().splitlines()[-1])
     await bench.settled(stream, durable)
+    if impl in PIPELINES:
+        outputs = await bench.count(stream, prefix + OUTPUT_TYPE)
+        if outputs != len(events):
+            raise Lost(f"{impl}: {outputs} outputs stored for {len(events)} events")
     await bench.drop(stream)
     return {"rate": len(events) / figures["elapsed"], "peak_rss_kb": figures["peak_rss_kb"]}
+
+
+#: The consumers that publish one output per event, and what they are called in the results.
+PIPELINES = {
+    "gdc-pipeline": "gdc ctx.publish",
+    "raw-pipeline-async": "raw publish_async batch",
+    "raw-pipeline-sync": "raw await js.publish each",
+}
 
 
 # -- latency -------------------------------------------------------------------------------------
@@ -404,6 +422,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         if args.baseline is not None:
             consume["gdc baseline"] = []
         retry: dict[str, list[float]] = {"gdc": [], "raw": []}
+        pipeline: dict[str, list[float]] = {name: [] for name in PIPELINES.values()}
         lat: dict[str, list[dict[str, float]]] = {impl: [] for impl in impls}
         scale: dict[str, list[float]] = {}
         parallelism: list[float] = []
@@ -418,6 +437,8 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
             if args.baseline is not None:
                 base = await consume_once(bench, "gdc", events, root=args.baseline)
                 consume["gdc baseline"].append(base["rate"])
+            for impl, name in PIPELINES.items():
+                pipeline[name].append((await consume_once(bench, impl, events))["rate"])
             for impl in ("gdc", "raw"):
                 failing = await consume_once(bench, impl, events, fail_ratio=0.1)
                 retry[impl].append(failing["rate"])
@@ -439,6 +460,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     results["publish_msgs_per_s"] = {k: median(v) for k, v in publish.items()}
     results["consume_msgs_per_s"] = {k: median(v) for k, v in consume.items()}
     results["retry_10pct_msgs_per_s"] = {k: median(v) for k, v in retry.items()}
+    results["pipeline_msgs_per_s"] = {k: median(v) for k, v in pipeline.items()}
     results["latency_ms"] = {
         impl: {q: median([s[q] for s in samples]) for q in ("p50_ms", "p99_ms")}
         for impl, samples in lat.items()
@@ -456,7 +478,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         "consume gdc/raw (target >= 2)": c["gdc"] / c["raw"],
         "publish async gdc/raw (target >= 1)": p["gdc publish_event_async"]
         / p["raw js.publish_async"],
-        "publish sync gdc/raw": p["gdc publish_event"] / p["raw js.publish"],
+        "publish sync gdc/raw (target >= 1)": p["gdc publish_event"] / p["raw js.publish"],
         "p99 latency gdc/raw (target <= 1.5)": lt["gdc"]["p99_ms"] / lt["raw"]["p99_ms"],
         "cpu1ms x2/x1 (target >= 1.7)": s["cpu1ms x2"] / s["cpu1ms x1"],
         "machine: 2 CPU-bound processes / 1": results["machine_two_process_cpu_ratio"],
@@ -470,6 +492,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         "peak rss gdc/raw at 4N": memory["gdc 4N"] / memory["raw 4N"],
     }
     ratios["consume gdc no-op hooks/no hooks"] = c["gdc-hooked"] / c["gdc"]
+    ratios.update(pipeline_ratios(results["pipeline_msgs_per_s"], c["gdc"]))
     ratios["consume gdc typed/untyped handler (target >= 0.90)"] = c["gdc-typed"] / c["gdc"]
     ratios["consume gdc metrics on/off (target >= 0.95)"] = c["gdc-metrics"] / c["gdc"]
     if "gdc baseline" in c:
@@ -488,6 +511,17 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     return results
 
 
+def pipeline_ratios(rates: dict[str, float], noop: float) -> dict[str, float]:
+    """The publish pipeline against gdc-worker's own no-op consume rate and the raw loops."""
+    gdc = rates[PIPELINES["gdc-pipeline"]]
+    return {
+        "pipeline gdc/gdc no-op (target >= 0.5)": gdc / noop,
+        "pipeline gdc/raw publish_async (target >= 2)": gdc
+        / rates[PIPELINES["raw-pipeline-async"]],
+        "pipeline gdc/raw js.publish each": gdc / rates[PIPELINES["raw-pipeline-sync"]],
+    }
+
+
 def server_version() -> str:
     from gdc_worker.server import find_nats_server
 
@@ -502,6 +536,7 @@ def report(results: dict[str, Any]) -> None:
         "publish_msgs_per_s",
         "consume_msgs_per_s",
         "retry_10pct_msgs_per_s",
+        "pipeline_msgs_per_s",
         "scale_msgs_per_s",
     ):
         print(f"\n{section}")

@@ -1,6 +1,6 @@
 """gdc-worker: typed GDC events and event-driven workers on NATS JetStream."""
 
-from .app import App, Context, HandlerSpec
+from .app import App, Context, HandlerSpec, PendingPublish
 from .breaker import Breaker
 from .bus import Delivery, NATSEventBus
 from .config import NATSConfig
@@ -110,6 +110,7 @@ __all__ = [
     "NodeDownEvent",
     "NodeUpEvent",
     "OutboxFull",
+    "PendingPublish",
     "PinCompletedEvent",
     "PinFailedEvent",
     "PinRequestedEvent",

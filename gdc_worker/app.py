@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import logging
 import math
 import re
 import types
 import typing
-from collections.abc import Awaitable, Callable, MutableMapping, Sequence
+from collections.abc import Awaitable, Callable, Generator, MutableMapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any, Protocol, TypeVar
 
@@ -17,7 +18,7 @@ import msgspec
 
 from .breaker import Breaker
 from .config import NATSConfig
-from .errors import HandlerDefinitionError, SubscriptionError, describe
+from .errors import HandlerDefinitionError, PublishError, SubscriptionError, describe
 from .events import Event, parse_event_data
 from .hooks import Hook, Hooks
 from .payloads import check_payload_type
@@ -30,6 +31,7 @@ __all__ = [
     "DeliveryFacts",
     "HandlerOptions",
     "HandlerSpec",
+    "PendingPublish",
     "Publisher",
     "as_async",
     "check_concurrency",
@@ -42,10 +44,49 @@ _DURABLE = re.compile(r"^[A-Za-z0-9_-]+$")
 _APP_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 
 
+class PendingPublish(Awaitable["int | None"]):
+    """An event sent without waiting for its acknowledgement (`ctx.publish`, `send_event`).
+
+    `await` it for the stream sequence JetStream stored the event at (None: queued in the
+    outbox); it raises the `PublishError` of an event that was not stored.
+    """
+
+    __slots__ = ("_done", "_outcome", "_waiters")
+
+    def __init__(self) -> None:
+        self._done = False
+        self._outcome: int | PublishError | None = None
+        # One future per task waiting, made only when one waits: cancelling one is its own.
+        self._waiters: list[asyncio.Future[None]] | None = None
+
+    def resolve(self, outcome: int | PublishError | None) -> None:
+        """Tell how the publish ended, once: its sequence, None (queued), or its error."""
+        if self._done:
+            return
+        self._done, self._outcome = True, outcome
+        for waiter in self._waiters or ():
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def __await__(self) -> Generator[Any, None, int | None]:
+        return self._result().__await__()
+
+    async def _result(self) -> int | None:
+        if not self._done:
+            waiter = asyncio.get_running_loop().create_future()
+            if self._waiters is None:
+                self._waiters = []
+            self._waiters.append(waiter)
+            await waiter
+        if isinstance(self._outcome, PublishError):
+            raise self._outcome
+        return self._outcome
+
+
 class Publisher(Protocol):
     """Where `Context.publish` sends events: a `NATSEventBus`, or the in-memory `TestApp`."""
 
-    async def publish_event(self, event: Event) -> int | None: ...
+    async def send_event(self, event: Event) -> PendingPublish: ...
 
 
 class DeliveryFacts(Protocol):
@@ -91,12 +132,18 @@ class Context:
         """The event's sequence number in the stream."""
         return self._delivery.stream_seq
 
-    async def publish(self, event: Event) -> int | None:
-        """Publish `event`, waiting for the ack (or the outbox: see `publish_event`); without a
-        trace id it takes this event's. The delivery is settled only after this returns."""
+    async def publish(self, event: Event) -> PendingPublish:
+        """Send `event` without waiting for JetStream's ack; without a trace id it takes this
+        event's.
+
+        The delivery is acked only once every event its handler published is stored, in
+        JetStream or in the outbox; one that is not fails the delivery as the handler's
+        `PublishError` (retried, nak'd, dead-lettered as its policy says). `await` what this
+        returns for the stream sequence: `seq = await (await ctx.publish(event))`.
+        """
         if not event.trace_id:
             event.trace_id = self.event.trace_id
-        return await self._bus.publish_event(event)
+        return await self._bus.send_event(event)
 
 
 class _EventLogger(logging.LoggerAdapter[logging.Logger]):

@@ -3,9 +3,11 @@
 `HandlerRunner` runs a bounded pool of workers over one durable pull consumer. Every delivery a
 worker takes is settled once, by its `SettlePath`: ack, nak with a delay, or dead-letter then
 terminate (nak instead if the dead letter cannot be written); the in-memory test app settles
-its deliveries on the same path. The only other settlement is the
-immediate nak of a delivery handed back on shutdown: one taken after stopping, or one whose
-handler a forced stop cancelled. `Worker` and the bus's subscriptions both run on it.
+its deliveries on the same path. What a handler publishes with `ctx.publish` is sent at once
+and waited for after the call: an attempt succeeds only once all of it is stored. The only
+other settlement is the immediate nak of a delivery handed back on shutdown: one taken after
+stopping, or one whose handler a forced stop cancelled. `Worker` and the bus's subscriptions
+both run on it.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
 import anyio
 
-from .app import Context, HandlerSpec, Publisher
+from .app import Context, HandlerSpec, PendingPublish, Publisher
 from .dlq import FailedMessage
 from .errors import EventDataError, EventDecodeError, GDCWorkerError, describe, one_error
 from .events import Event
@@ -347,7 +349,10 @@ class SettlePath(Generic[D]):
         if dead is not None:
             await self._settle(delivery, event, dead, None)
             return
-        ctx = Context(self._bus, event, delivery, spec.name) if spec.takes_context else None
+        outputs = ctx = None
+        if spec.takes_context:
+            outputs = _Outputs(self._bus)
+            ctx = Context(outputs, event, delivery, spec.name)
         try:
             args = spec.arguments(event, ctx)
         except EventDataError as exc:  # data that does not fit the handler's type: permanent
@@ -357,16 +362,19 @@ class SettlePath(Generic[D]):
                 with anyio.CancelScope(shield=True):  # stopped while waiting: another replica
                     await self.hand_back(delivery)
                 return
-            error = await self._call(delivery, event, args)
+            error = await self._call(delivery, event, args, outputs)
         decision = decide(error, delivery.deliveries, self.max_deliver, spec.backoff)
         await self._settle(delivery, event, decision, error)
 
-    async def _call(self, delivery: D, event: Event, args: tuple[Any, ...]) -> BaseException | None:
+    async def _call(
+        self, delivery: D, event: Event, args: tuple[Any, ...], outputs: _Outputs | None
+    ) -> BaseException | None:
         """Run the handler on `args` with its retries and timeout; the error it ended with, if
         any.
 
         Anything the handler raises is its failure, `SystemExit` and its own `CancelledError`
-        included; only a cancellation of ours (a forced stop) ends the call early.
+        included, and so is an event it published that was not stored (a `PublishError`);
+        only a cancellation of ours (a forced stop) ends the call early.
         """
         spec = self.spec
         self.running += 1
@@ -374,14 +382,16 @@ class SettlePath(Generic[D]):
             try:
                 if self._bare:  # the fast path: no timeout, no hook around the call
                     await spec.call(*args)
+                    if outputs is not None:
+                        await outputs.stored()
                 else:
-                    await self._attempt(args, delivery, event)
+                    await self._attempt(args, outputs, delivery, event)
                 return None
             except BaseException as exc:
                 if not is_handler_failure(exc):
                     raise
                 first_error = exc
-            attempt = functools.partial(self._attempt, args, delivery, event)
+            attempt = functools.partial(self._attempt, args, outputs, delivery, event)
             return await retry_failed(spec.retry, attempt, first_error, sleep=self._sleep)
         except anyio.get_cancelled_exc_class():
             with anyio.CancelScope(shield=True):
@@ -391,21 +401,35 @@ class SettlePath(Generic[D]):
         finally:
             self.running -= 1
 
-    async def _attempt(self, args: tuple[Any, ...], delivery: Settleable, event: Event) -> None:
-        """One call of the handler, within its timeout, between the call hooks."""
+    async def _attempt(
+        self,
+        args: tuple[Any, ...],
+        outputs: _Outputs | None,
+        delivery: Settleable,
+        event: Event,
+    ) -> None:
+        """One call of the handler and the wait for what it published, within its timeout,
+        between the call hooks."""
         hooks, spec = self._hooks, self.spec
+        if outputs is not None:
+            outputs.forget()  # an earlier attempt's: this one publishes its own
         hooks.run("call_started", spec, delivery, event)
         started = time.perf_counter()
         try:
             if spec.timeout is None:
-                await spec.call(*args)
+                await self._invoke(args, outputs)
             else:
                 with anyio.fail_after(spec.timeout):
-                    await spec.call(*args)
+                    await self._invoke(args, outputs)
         except BaseException as exc:
             hooks.run("call_finished", spec, delivery, event, exc, time.perf_counter() - started)
             raise
         hooks.run("call_finished", spec, delivery, event, None, time.perf_counter() - started)
+
+    async def _invoke(self, args: tuple[Any, ...], outputs: _Outputs | None) -> None:
+        await self.spec.call(*args)
+        if outputs is not None:
+            await outputs.stored()
 
     async def hand_back(self, delivery: D) -> None:
         """Give `delivery` back to the stream at once; the hooks see it settled as `Nak(0)`."""
@@ -486,6 +510,34 @@ class SettlePath(Generic[D]):
             extra=delivery_fields(spec, delivery, event, DeadLetter.outcome),
         )
         return decision
+
+
+class _Outputs:
+    """The `Publisher` a handler's `ctx` publishes through: the bus's (or the test app's),
+    noting each event sent, so that the attempt waits until all are stored."""
+
+    __slots__ = ("_pending", "_publisher")
+
+    def __init__(self, publisher: Publisher) -> None:
+        self._publisher = publisher
+        self._pending: list[PendingPublish] = []
+
+    async def send_event(self, event: Event) -> PendingPublish:
+        pending = await self._publisher.send_event(event)
+        self._pending.append(pending)
+        return pending
+
+    async def stored(self) -> None:
+        """Wait until every event sent so far is stored (in JetStream or the outbox); raises
+        the `PublishError` of the first one that is not."""
+        pending, self._pending = self._pending, []
+        for each in pending:
+            await each
+
+    def forget(self) -> None:
+        """Stop waiting for the events sent so far: those of a failed attempt, which a retry
+        sends again with the same ids if its handler gives them."""
+        self._pending.clear()
 
 
 def _what(delivery: Settleable, event: Event | None) -> str:

@@ -25,6 +25,7 @@ from gdc_worker import (
     ConfigError,
     Context,
     Event,
+    Hook,
     NATSConfig,
     NATSEventBus,
     NATSServer,
@@ -33,6 +34,7 @@ from gdc_worker import (
     Worker,
     new_node_down_event,
 )
+from gdc_worker.bus import ConsumerState
 from gdc_worker.cli import main
 from gdc_worker.events import MSG_ID_HEADER
 from gdc_worker.outbox import Outbox
@@ -288,6 +290,74 @@ async def test_a_worker_started_while_nats_is_down_binds_once_it_is_up(down: Dow
 
     assert handled == [event.id]
     assert stored == [down.config.subject_for("node.up"), down.config.subject_for("node.down")]
+
+
+class Connection(Hook):
+    """Notes whether the worker's bus is connected, as the hooks hear it."""
+
+    def __init__(self) -> None:
+        self.connected = True
+
+    def connection_changed(self, connected: bool) -> None:
+        self.connected = connected
+
+
+@pytest.mark.anyio
+async def test_an_event_is_acked_once_its_outputs_are_in_the_outbox_while_nats_is_down(
+    down: Down,
+) -> None:
+    """Given a worker with an outbox whose handler is held on a node.up until NATS is down,
+    when the handler then publishes a node.down with ctx.publish,
+    then the publish is queued (its sequence None) and the handler's call succeeds; once the
+    server is back the node.down is stored once and the node.up is acked, never redelivered."""
+    connection = Connection()
+    app = App("outbox-app", down.config, hooks=[connection])
+    held, go = anyio.Event(), anyio.Event()
+    outcomes: list[int | None] = []
+    calls: list[int] = []
+
+    @app.on("node.up")
+    async def plan(event: Event, ctx: Context) -> None:
+        calls.append(ctx.deliveries)
+        held.set()
+        await go.wait()
+        outcomes.append(await (await ctx.publish(new_node_down_event("x", event.subject, "y"))))
+
+    await down.start()
+    worker = Worker(app, config=down.config, grace=1.0)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(worker.run)
+        async with await NATSEventBus.connect(down.config.replace(outbox_path="")) as bus:
+            await bus.publish_event(node_up())
+        with anyio.fail_after(DRAIN_TIMEOUT):
+            await held.wait()
+        await anyio.to_thread.run_sync(down.server.stop)
+        await eventually(lambda: not connection.connected, "the worker's bus disconnected")
+        go.set()
+        await eventually(lambda: outcomes, "the handler's publish queued", DRAIN_TIMEOUT)
+        await down.start()
+        async with await NATSEventBus.connect(down.config.replace(outbox_path="")) as bus:
+            down_subject = down.config.subject_for("node.down")
+            await eventually(
+                lambda: bus.count_messages(down.config.stream_name, down_subject),
+                "the node.down relayed",
+                DRAIN_TIMEOUT,
+            )
+            info = await eventually(
+                lambda: _settled(bus, "outbox-app-plan"), "the node.up acked", DRAIN_TIMEOUT
+            )
+            stored = await bus.count_messages(down.config.stream_name, down_subject)
+        worker.stop()
+
+    assert outcomes == [None]
+    assert calls == [1]
+    assert stored == 1
+    assert info.redelivered == 0
+
+
+async def _settled(bus: NATSEventBus, durable: str) -> ConsumerState | None:
+    state = await bus.consumer_state(durable)
+    return state if state is not None and (state.pending, state.ack_pending) == (0, 0) else None
 
 
 # -- the commands -------------------------------------------------------------------------------

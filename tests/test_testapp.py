@@ -220,6 +220,25 @@ async def test_hooks_see_what_they_see_in_production() -> None:
     assert t.published == [down, down]
 
 
+async def test_a_ctx_publish_awaited_gives_the_sequence_it_is_stored_at() -> None:
+    """Given a handler that awaits what ctx.publish returns,
+    when an event is published (sequence 1),
+    then the handler got sequence 2, the one its node.down is stored at."""
+    app = App("svc")
+    sequences: list[int | None] = []
+
+    @app.on("node.up")
+    async def report(event: Event, ctx: Context) -> None:
+        pending = await ctx.publish(new_node_down_event("svc", event.subject, "lost"))
+        sequences.append(await pending)
+
+    async with TestApp(app) as t:
+        assert await t.publish(node_up()) == 1
+        await t.join()
+
+    assert sequences == [2]
+
+
 async def test_ctx_publish_reaches_the_matching_handlers_of_every_app() -> None:
     """Given a monitor app that turns node.up into node.down, and an alerts app with a handler
     on node.* and one on pin.*,

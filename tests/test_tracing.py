@@ -88,7 +88,7 @@ async def test_one_trace_follows_an_event_through_a_handlers_publish(
     @app.on("node.up")
     async def relay(event: Event, ctx: Context) -> None:
         current.append(trace.get_current_span().get_span_context())
-        relayed.append(await ctx.publish(Event.new("node.down", "svc", event.subject, {})))
+        relayed.append(await (await ctx.publish(Event.new("node.down", "svc", event.subject, {}))))
 
     @app.on("node.down")
     async def sink(event: Event) -> None:
@@ -185,7 +185,7 @@ async def test_an_upstream_trace_context_and_its_tracestate_carry_on(
 
     @app.on("node.up")
     async def relay(event: Event, ctx: Context) -> None:
-        relayed.append(await ctx.publish(Event.new("node.down", "svc", event.subject, {})))
+        relayed.append(await (await ctx.publish(Event.new("node.down", "svc", event.subject, {}))))
 
     trace_id, parent_id = 0x0AF7651916CD43DD8448EB211C80319C, 0xB7AD6B7169203331
     upstream = {

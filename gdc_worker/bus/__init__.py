@@ -12,6 +12,7 @@ worker's `HandlerRunner`, so they have the worker's guarantees: retries, backoff
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import time
@@ -23,7 +24,7 @@ import anyio
 import nats.errors
 from nats.aio.client import Client as NATS
 
-from ..app import HandlerFunc, HandlerOptions, handler_spec
+from ..app import HandlerFunc, HandlerOptions, PendingPublish, handler_spec
 from ..config import NATSConfig, redact_url
 from ..errors import ConnectionFailed, GDCWorkerError, PublishError, SubscriptionError
 from ..events import Event, event_headers
@@ -33,7 +34,7 @@ from ..retry import DEFAULT_BACKOFF, DEFAULT_RETRY, RetryPolicy
 from ..subjects import check_event_type, safe_name
 from .admin import Admin, BoundConsumer, LimitChange, StoredMessage, StreamSpec
 from .connection import ConnectionEvents, connect
-from .publish import AsyncPublishWindow, Stored, publish
+from .publish import TRY_TIMEOUT_S, AckCallback, AsyncPublishWindow, Stored, publish
 from .pull import Delivery, PullConsumer
 from .relay import Relay
 from .scan import count_messages, scan_messages
@@ -86,6 +87,7 @@ class NATSEventBus:
         self._events = events
         js = nc.jetstream(timeout=config.connect_timeout)
         self._js = js
+        self._subject_prefix = config.subject_prefix
         self._admin = Admin(nc, js, redact_url(config.url))
         self._state = StateReader(nc, timeout=config.connect_timeout)
         self._relay = Relay(outbox, nc, js, config) if outbox is not None else None
@@ -94,6 +96,8 @@ class NATSEventBus:
             timeout=config.connect_timeout,
             requeue=self._relay.submit if self._relay is not None else None,
         )
+        # The first try of each publish that waits for its ack: no timer of its own per message.
+        self._first_tries = AsyncPublishWindow(nc, timeout=TRY_TIMEOUT_S)
         self._consumers: set[PullConsumer] = set()
         self._subscriptions = Subscriptions(self)
         self._closed = False
@@ -213,6 +217,8 @@ class NATSEventBus:
                 await self._close_relay(self._relay)
             elif self._nc.is_connected:
                 await self._window.wait_drained(self.config.connect_timeout)
+            await self._window.close()
+            await self._first_tries.close()
             if self._nc.is_connected:
                 with (
                     contextlib.suppress(nats.errors.Error),
@@ -442,7 +448,7 @@ class NATSEventBus:
         not connected, when the outbox still holds events (it goes behind them), or after one
         try that failed for a passing reason; `OutboxFull` when the outbox is full.
         """
-        subject = self.config.subject_for(check_event_type(event.type))
+        subject = self._subject_of(event)
         headers = event_headers(event)
         hooks = self.hooks
         if not (hooks.publishing or hooks.published):
@@ -458,6 +464,11 @@ class NATSEventBus:
         outcome = "queued" if stored is None else "duplicate" if stored.duplicate else "stored"
         hooks.run("published", subject, event, outcome, None, time.perf_counter() - started)
         return stored.seq if stored is not None else None
+
+    def _subject_of(self, event: Event) -> str:
+        """The subject `event` is published on (`config.subject_for`, with the prefix read once);
+        `PublishError` for a type that is not a literal subject."""
+        return self._subject_prefix + check_event_type(event.type)
 
     async def _store(
         self, subject: str, payload: bytes, headers: Mapping[str, str], what: str
@@ -483,13 +494,29 @@ class NATSEventBus:
     async def _publish(
         self, subject: str, payload: bytes, headers: Mapping[str, str], what: str
     ) -> Stored:
+        """The first try through `_first_tries` (the acks of all on one inbox, decoded by
+        msgspec: cheaper than a request of nats-py's); a failed one goes on in `publish()`,
+        which tells a lasting failure from one that passes, with the same headers."""
+        started = time.monotonic()
+        acked: asyncio.Future[Stored | None] = asyncio.get_running_loop().create_future()
+
+        def done(outcome: str, error: str | None, seq: int | None) -> None:
+            if not acked.done():
+                acked.set_result(None if seq is None else Stored(seq, outcome == "duplicate"))
+
+        await self._first_tries.publish(
+            subject, payload, headers, what=what, done=done, report=False
+        )
+        stored = await acked
+        if stored is not None:
+            return stored
         return await publish(
             self._nc,
             self._js,
             subject,
             payload,
             headers,
-            timeout=self.config.connect_timeout,
+            timeout=max(self.config.connect_timeout - (time.monotonic() - started), 0.0),
             what=what,
         )
 
@@ -503,33 +530,64 @@ class NATSEventBus:
         the bus is not connected or the outbox still holds events; one whose publish fails for
         a passing reason is queued there once that is known; `OutboxFull` when it is full.
         """
-        subject = self.config.subject_for(check_event_type(event.type))
+        await self._send(self._subject_of(event), event, None)
+
+    async def send_event(self, event: Event) -> PendingPublish:
+        """Publish without waiting for the ack, as `publish_event_async` does, and return the
+        publish pending: `await` it for the stream sequence (None: queued in the outbox), or
+        the `PublishError` of an event that was not stored. `flush()` does not report it.
+
+        What `publish_event_async` raises at once, this does too. `ctx.publish` sends here.
+        """
+        subject = self._subject_of(event)
+        pending = PendingPublish()
+
+        def done(outcome: str, error: str | None, seq: int | None) -> None:
+            if error is None:
+                pending.resolve(seq)
+            else:
+                pending.resolve(
+                    PublishError(f"publish of event {event.id} to {subject} failed: {error}")
+                )
+
+        await self._send(subject, event, done)
+        return pending
+
+    async def _send(self, subject: str, event: Event, done: AckCallback | None) -> None:
+        """Send `event` without waiting for its ack, between the hooks; `done`, if given, is
+        told how it ended and owns a failure (else `flush()` reports it)."""
         headers = event_headers(event)
+        what = f"event {event.id}"
+        report = done is None
         hooks = self.hooks
+        hooked = bool(hooks.publishing or hooks.published)
+        if hooked:
+            hooks.run("publishing", subject, event, headers)
+            started = time.perf_counter()
+            owner = done
+
+            def told(outcome: str, error: str | None, seq: int | None) -> None:
+                failure = PublishError(error) if error is not None else None
+                took = time.perf_counter() - started
+                hooks.run("published", subject, event, outcome, failure, took)
+                if owner is not None:
+                    owner(outcome, error, seq)
+
+            done = told
         relay = self._relay
-        if not (hooks.publishing or hooks.published):
-            if relay is not None and not relay.direct:
-                await relay.publish(subject, event.to_json(), headers, f"event {event.id}")
-                return
-            await self._window.publish(subject, event.to_json(), headers, what=f"event {event.id}")
-            return
-        hooks.run("publishing", subject, event, headers)
-        started = time.perf_counter()
-
-        def done(outcome: str, error: str | None) -> None:
-            failure = PublishError(error) if error is not None else None
-            hooks.run("published", subject, event, outcome, failure, time.perf_counter() - started)
-
         try:
             if relay is not None and not relay.direct:
-                await relay.publish(subject, event.to_json(), headers, f"event {event.id}")
-                done("queued", None)
+                await relay.publish(subject, event.to_json(), headers, what)
+                if done is not None:
+                    done("queued", None, None)
                 return
             await self._window.publish(
-                subject, event.to_json(), headers, what=f"event {event.id}", done=done
+                subject, event.to_json(), headers, what=what, done=done, report=report
             )
         except Exception as exc:
-            hooks.run("published", subject, event, "failed", exc, time.perf_counter() - started)
+            if hooked:
+                took = time.perf_counter() - started
+                hooks.run("published", subject, event, "failed", exc, took)
             raise
 
     @contextlib.asynccontextmanager

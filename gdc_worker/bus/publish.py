@@ -67,8 +67,8 @@ class Stored(NamedTuple):
 
 
 #: Told how an async publish ended: its outcome (`stored`, `duplicate`, `queued` in the outbox
-#: or `failed`), and the error of a failed one.
-AckCallback = Callable[[str, str | None], None]
+#: or `failed`), the error of a failed one, and the stream sequence of a stored one.
+AckCallback = Callable[[str, str | None, int | None], None]
 #: Queues a message in the outbox (subject, payload, headers, what); done once it is on disk.
 Requeue = Callable[[str, bytes, Mapping[str, str], str], asyncio.Future[None]]
 
@@ -88,7 +88,13 @@ def check_size(
     nats-py checks the payload alone, and the server closes the whole connection for a message
     whose headers push it over: every other publish and delivery on it would fail too.
     """
-    size = message_size(headers, payload) if headers else len(payload)
+    if not headers:
+        size = len(payload)
+    else:
+        chars = sum(len(key) + len(value) for key, value in headers.items())
+        if len(payload) + 4 * chars + 12 + 4 * len(headers) <= nc.max_payload:
+            return  # under the limit even if every character took 4 bytes: no need to count
+        size = message_size(headers, payload)
     if size > nc.max_payload:
         raise PublishError(
             f"publish of {what} to {subject} refused: {size} bytes with headers, over the "
@@ -241,26 +247,32 @@ class _ApiError(msgspec.Struct):
 
 class _PubAckReply(msgspec.Struct):
     error: _ApiError | None = None
+    seq: int = 0
     duplicate: bool = False
 
 
 _ack_decoder = msgspec.json.Decoder(_PubAckReply)
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class _Pending:
     what: str
     subject: str
     done: AckCallback | None
     payload: bytes
     headers: Mapping[str, str]
+    sent_at: float
+    #: Whether `flush()` reports a failure too; not when `done` owns the outcome.
+    report: bool
 
 
 class AsyncPublishWindow:
     """Publishes whose acks arrive on one inbox subscription, with no future per message.
 
-    At most `limit` acks are outstanding: `publish()` waits for room, for at most `timeout`
-    (acks that do not come by then count as failed). `flush()` reports every failure once.
+    At most `limit` acks are outstanding: `publish()` waits for room, for at most `timeout`.
+    A publish with no ack `timeout` seconds after it was sent counts as failed, told to its
+    `done` (within twice that at most), so every publish ends. `flush()` reports every failure
+    once, but those whose `done` owns them.
     With `requeue` (the outbox), a publish that failed for a passing reason (no ack in time,
     the connection between two servers, JetStream unavailable) is queued there instead.
     """
@@ -287,6 +299,7 @@ class AsyncPublishWindow:
         self._drained.set()
         self._room = asyncio.Event()
         self._room.set()
+        self._expiry: asyncio.TimerHandle | None = None
 
     async def publish(
         self,
@@ -296,9 +309,11 @@ class AsyncPublishWindow:
         *,
         what: str,
         done: AckCallback | None = None,
+        report: bool = True,
     ) -> None:
-        """Send without waiting for the ack; a failure is reported by `flush()`, and to `done`
-        when given, once the ack (or the failure) is known.
+        """Send without waiting for the ack; a failure is reported by `flush()` (unless not
+        `report`: `done` owns it), and to `done` when given, once the ack (or the failure) is
+        known.
 
         A message over the server's max_payload raises `PublishError` at once.
         """
@@ -317,11 +332,17 @@ class AsyncPublishWindow:
             self._inbox = await self._nc.subscribe(self._prefix + "*", cb=self._on_ack)
         self._next_token += 1
         token = str(self._next_token)
-        self._pending[token] = _Pending(what, subject, done, payload, headers)
+        now = time.monotonic()
+        self._pending[token] = _Pending(what, subject, done, payload, headers, now, report)
         self._drained.clear()
+        if self._expiry is None:
+            self._expiry = asyncio.get_running_loop().call_later(self._timeout, self._expire)
         try:
             await self._nc.publish(
-                subject, payload, reply=self._prefix + token, headers=dict(headers)
+                subject,
+                payload,
+                reply=self._prefix + token,
+                headers=headers if isinstance(headers, dict) else dict(headers),
             )
         except nats.errors.Error as exc:
             self._settle(token, describe(exc), passing=isinstance(exc, _PASSING))
@@ -352,6 +373,9 @@ class AsyncPublishWindow:
 
     async def close(self) -> None:
         """Stop listening for acks, for a window used for a while only; call `flush()` first."""
+        if self._expiry is not None:
+            self._expiry.cancel()
+            self._expiry = None
         if self._inbox is not None:
             with contextlib.suppress(nats.errors.Error):
                 await self._inbox.unsubscribe()
@@ -361,9 +385,23 @@ class AsyncPublishWindow:
         """What failed or got no ack so far, for a last log line on close."""
         return self._failed + [f"{p.what} to {p.subject}" for p in self._pending.values()]
 
+    def _expire(self) -> None:
+        """Count the publishes sent `timeout` seconds ago or more and still without an ack as
+        failed (acks lost with a connection); then wait for the oldest one left."""
+        self._expiry = None
+        now = time.monotonic()
+        while self._pending:
+            token, oldest = next(iter(self._pending.items()))
+            if now - oldest.sent_at < self._timeout:
+                delay = oldest.sent_at + self._timeout - now
+                self._expiry = asyncio.get_running_loop().call_later(delay, self._expire)
+                return
+            self._settle(token, f"no acknowledgement within {self._timeout:g}s", passing=True)
+
     async def _on_ack(self, msg: Msg) -> None:
         token = msg.subject[len(self._prefix) :]
         error = None
+        seq = 0
         duplicate = False
         passing = False
         if msg.headers and msg.headers.get("Status") == "503":
@@ -371,16 +409,21 @@ class AsyncPublishWindow:
         else:
             try:
                 reply = _ack_decoder.decode(msg.data)
-                duplicate = reply.duplicate
+                seq, duplicate = reply.seq, reply.duplicate
                 if reply.error is not None:
                     error = reply.error.description
                     passing = reply.error.code == _UNAVAILABLE
             except msgspec.DecodeError:
                 error = f"unreadable acknowledgement {msg.data[:80]!r}"
-        self._settle(token, error, duplicate, passing)
+        self._settle(token, error, duplicate, passing, seq)
 
     def _settle(
-        self, token: str, error: str | None, duplicate: bool = False, passing: bool = False
+        self,
+        token: str,
+        error: str | None,
+        duplicate: bool = False,
+        passing: bool = False,
+        seq: int = 0,
     ) -> None:
         pending = self._pending.pop(token, None)
         if pending is None:
@@ -388,11 +431,12 @@ class AsyncPublishWindow:
         if error is not None and passing and self._requeue is not None:
             self._queue(pending)
         elif error is not None:
-            self._failed.append(f"{pending.what} to {pending.subject}: {error}")
+            if pending.report:
+                self._failed.append(f"{pending.what} to {pending.subject}: {error}")
             if pending.done is not None:
-                pending.done("failed", error)
+                pending.done("failed", error, None)
         elif pending.done is not None:
-            pending.done("duplicate" if duplicate else "stored", None)
+            pending.done("duplicate" if duplicate else "stored", None, seq)
         if not self._pending:
             self._drained.set()
         self._room.set()
@@ -406,10 +450,10 @@ class AsyncPublishWindow:
         def queued(future: asyncio.Future[None]) -> None:
             self._requeued.discard(future)
             failure = None if future.cancelled() else future.exception()
-            if failure is not None:
+            if failure is not None and pending.report:
                 self._failed.append(message_of(failure))
             if pending.done is not None:
                 error = None if failure is None else message_of(failure)
-                pending.done("queued" if failure is None else "failed", error)
+                pending.done("queued" if failure is None else "failed", error, None)
 
         future.add_done_callback(queued)

@@ -20,7 +20,7 @@ from types import TracebackType
 import anyio
 import anyio.abc
 
-from ..app import App
+from ..app import App, PendingPublish
 from ..config import NATSConfig
 from ..dlq import DeadLetterRecord, FailedMessage
 from ..errors import PublishError, WorkerError
@@ -76,16 +76,24 @@ class _Publisher:
         self._config = config
         self._hooks = hooks
 
-    async def publish_event(self, event: Event) -> int:
-        """Store `event` (collected in `TestApp.published`) and deliver it to its handlers."""
+    async def send_event(self, event: Event) -> PendingPublish:
+        """Store `event` (collected in `TestApp.published`) and deliver it to its handlers; a
+        subject no stream captures fails the publish, and so the delivery, as on a server."""
         subject = self._config.subject_for(check_event_type(event.type))
         headers = event_headers(event)
         self._hooks.run("publishing", subject, event, headers)
         self._test.published.append(event)
-        seq, duplicate = self._test._store(subject, event.to_json(), headers)
+        pending = PendingPublish()
+        try:
+            seq, duplicate = self._test._store(subject, event.to_json(), headers)
+        except PublishError as exc:
+            self._hooks.run("published", subject, event, "failed", exc, 0.0)
+            pending.resolve(exc)
+            return pending
         outcome = "duplicate" if duplicate else "stored"
         self._hooks.run("published", subject, event, outcome, None, 0.0)
-        return seq
+        pending.resolve(seq)
+        return pending
 
 
 class _DeadLetters:
