@@ -253,6 +253,10 @@ async def test_no_event_is_lost_while_replicas_are_killed_and_nats_restarts(
         "replica_exits": dict(exits),
         "server_restart_s": round(restarted[0], 1),
         "publish_retries": publisher.retries,
+        "never_handled": len(missing),
+        "consumer_pending": info.num_pending,
+        "consumer_ack_pending": info.num_ack_pending,
+        "dead_letters": dead,
         "seconds": round(took),
     }
     for name, value in figures.items():
