@@ -19,7 +19,7 @@ import signal
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import anyio
@@ -84,11 +84,11 @@ class Replicas:
     def replace_exited(self) -> None:
         self.current = [p if p.popen.poll() is None else self._start() for p in self.current]
 
-    def kill_one(self, rng: random.Random) -> None:
+    def kill_one(self) -> None:
         """SIGKILL a random replica that is working (it logged `worker ready`), start another."""
         working = [p for p in self.current if p.popen.poll() is None and READY.search(p.stderr)]
         if working:
-            victim = rng.choice(working)
+            victim = random.choice(working)
             victim.send(signal.SIGKILL)
             victim.popen.wait()
             self.killed.append(victim)
@@ -112,8 +112,10 @@ class Publisher:
     """Publishes events steadily, each retried with the same id until JetStream stores it."""
 
     bus: NATSEventBus
-    published: list[str]
-    half_way: anyio.Event
+    #: The ids of the events stored so far, in the order published.
+    published: list[str] = field(default_factory=list)
+    #: Set once half the events are stored.
+    half_way: anyio.Event = field(default_factory=anyio.Event)
     #: Publishes that raised `PublishError` and were sent again.
     retries: int = 0
 
@@ -144,13 +146,13 @@ async def restart(server: NATSServer, when: anyio.Event) -> float:
     return time.monotonic() - began
 
 
-async def kill_until(replicas: Replicas, done: anyio.Event, rng: random.Random) -> None:
+async def kill_until(replicas: Replicas, done: anyio.Event) -> None:
     """Kill a replica about every `KILL_EVERY_S` seconds until `done` is set."""
     while not done.is_set():
         with anyio.move_on_after(KILL_EVERY_S):
             await done.wait()
         if not done.is_set():
-            replicas.kill_one(rng)
+            replicas.kill_one()
 
 
 def handled(out: Path) -> list[str]:
@@ -200,7 +202,6 @@ async def test_no_event_is_lost_while_replicas_are_killed_and_nats_restarts(
         GDC_TEST_SLEEP=HANDLER_S,
     )
     events = node_ups(EVENTS)
-    rng = random.Random()
     publisher_config = config.replace(connect_timeout=PUBLISH_CONNECT_TIMEOUT_S)
     async with await NATSEventBus.connect(publisher_config) as bus:
         replicas = Replicas(
@@ -212,7 +213,7 @@ async def test_no_event_is_lost_while_replicas_are_killed_and_nats_restarts(
         try:
             for replica in replicas.current:
                 await replica.ready()
-            publisher = Publisher(bus, [], anyio.Event())
+            publisher = Publisher(bus)
             published = anyio.Event()
             restarted: list[float] = []
             began = time.monotonic()
@@ -228,7 +229,7 @@ async def test_no_event_is_lost_while_replicas_are_killed_and_nats_restarts(
                 async with anyio.create_task_group() as tg:
                     tg.start_soon(publish)
                     tg.start_soon(restart_once)
-                    tg.start_soon(kill_until, replicas, published, rng)
+                    tg.start_soon(kill_until, replicas, published)
 
             replicas.replace_exited()
             wanted = set(publisher.published)
