@@ -240,10 +240,12 @@ def wait_until(
         time.sleep(POLL)
 
 
-async def settled(config: NATSConfig, durable: str) -> ConsumerInfo:
+async def settled(
+    config: NATSConfig, durable: str, timeout: float = ARRIVAL_TIMEOUT
+) -> ConsumerInfo:
     """`consumer_info` of the config's stream, on a connection of its own."""
     nc = await nats.connect(config.url)
     try:
-        return await consumer_info(nc.jetstream(), config.stream_name, durable)
+        return await consumer_info(nc.jetstream(), config.stream_name, durable, timeout=timeout)
     finally:
         await nc.close()

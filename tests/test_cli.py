@@ -72,9 +72,15 @@ class Report:
 
 
 def reports(path: Path) -> list[Report]:
+    """The lines the handlers wrote so far.
+
+    A reader can see an append half done (the kernel copies a write that crosses a page
+    boundary a page at a time), so a last line without its newline is left for the next look.
+    """
     if not path.exists():
         return []
-    lines = [line.split() for line in path.read_text().splitlines()]
+    text = path.read_text()
+    lines = [line.split() for line in text[: text.rfind("\n") + 1].splitlines()]
     return [Report(phase, event_id, int(pid)) for phase, event_id, pid in lines]
 
 
