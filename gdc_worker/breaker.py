@@ -11,6 +11,7 @@ nats-server 2.11+ the consumer is paused server-side, so that every replica back
 from __future__ import annotations
 
 import collections
+import itertools
 import logging
 import math
 import time
@@ -74,6 +75,9 @@ class Breaker(Hook):
         self._clock = clock
         self._state: _State = "closed"
         self._in_a_row = 0
+        self._streak_from = 0  # the start number of the first failure in a row
+        self._starts: dict[int, int] = {}  # the start number of each delivery's last attempt
+        self._numbers = itertools.count(1)
         self._recent = _Window(window)
         self._opened_at = 0.0
         self._probe: int | None = None  # the delivery let through while half-open
@@ -118,6 +122,7 @@ class Breaker(Hook):
         self._spec, self._hooks, self._bus = spec, hooks, bus
         self._probe = None
         self._errors.clear()
+        self._starts.clear()
 
     def admit(self, delivery: Delivery) -> bool:
         """Whether the handler may be called for `delivery` now (half-open: this is the trial)."""
@@ -150,6 +155,10 @@ class Breaker(Hook):
             self._server_paused = False
             await self._pause(0)
 
+    def call_started(self, handler: HandlerSpec, delivery: Delivery, event: Event) -> None:
+        """Number the attempt: failures count "in a row" in the order their calls started."""
+        self._starts[id(delivery)] = next(self._numbers)
+
     def call_finished(
         self,
         handler: HandlerSpec,
@@ -167,11 +176,14 @@ class Breaker(Hook):
         """Count the delivery's outcome, if the handler was called for it."""
         key = id(delivery)
         if key in self._errors:
-            self._record(key, self._errors.pop(key))
+            self._record(key, self._errors.pop(key), self._starts.pop(key, 0))
 
-    def _record(self, key: int, error: BaseException | None) -> None:
+    def _record(self, key: int, error: BaseException | None, started: int) -> None:
         """Delivery `key` (its `id`) ended: with `error` None if it succeeded, else with the
-        error its last attempt raised."""
+        error its last attempt raised; `started` numbers that attempt's call.
+
+        A success ends a run of failures only if its call started after the run's first: one
+        that was already running when the dependency went down says nothing about it now."""
         failed = _failed(error)
         if self._state == "half_open":
             if key != self._probe:
@@ -184,7 +196,12 @@ class Breaker(Hook):
             else:
                 self._change("closed", "the trial delivery succeeded")
         elif self._state == "closed" and failed is not None:
-            self._in_a_row = self._in_a_row + 1 if failed else 0
+            if failed:
+                if self._in_a_row == 0:
+                    self._streak_from = started
+                self._in_a_row += 1
+            elif started > self._streak_from:
+                self._in_a_row = 0
             calls, failures = self._recent.add(failed, self._clock())
             if not failed:
                 return

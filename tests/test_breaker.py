@@ -71,6 +71,7 @@ def bound(breaker: Breaker, hooks: Sequence[Hook] = ()) -> Breaker:
 
 def finish(breaker: Breaker, target: Delivery, error: BaseException | None) -> None:
     """What the runner's hooks tell the breaker once the handler was called for `target`."""
+    breaker.call_started(SPEC, target, EVENT)
     breaker.call_finished(SPEC, target, EVENT, error, 0.001)
     decision: Decision = ACK if error is None else Nak(1.0)
     breaker.delivery_settled(SPEC, target, decision)
@@ -101,6 +102,27 @@ def test_it_opens_after_that_many_failed_deliveries_in_a_row() -> None:
 
     assert breaker.state == "open"
     assert not breaker.admit(delivery())
+
+
+def test_a_success_of_a_call_started_before_the_failures_does_not_end_them() -> None:
+    """Given Breaker(failures=3) and a call A that started before the dependency went down,
+    when calls B and C (started after A) fail, then A succeeds, then call D fails,
+    then it opens on D: A was already running when the failures began, so its success says
+    nothing about the dependency now (four calls at a time may settle in any order)."""
+    breaker = bound(Breaker(failures=3, clock=Clock()))
+    early, down = ConnectionError("dependency down"), delivery()
+    a, b, c, d = delivery(), delivery(), delivery(), delivery()
+    breaker.call_started(SPEC, a, EVENT)
+    for failing in (b, c):
+        finish(breaker, failing, early)
+    breaker.call_finished(SPEC, a, EVENT, None, 0.001)
+    breaker.delivery_settled(SPEC, a, ACK)
+    assert breaker.state == "closed"
+
+    finish(breaker, d, early)
+
+    assert breaker.state == "open"
+    assert not breaker.admit(down)
 
 
 def test_retry_and_reject_do_not_count() -> None:
