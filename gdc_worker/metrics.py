@@ -155,10 +155,6 @@ class Metrics(Hook, Collector):
             self._of(spec)
         self._connected = 1
 
-    def delivery_received(self, handler: HandlerSpec, delivery: Delivery) -> None:
-        if delivery.deliveries > 1:
-            self._of(handler).redeliveries += 1
-
     def call_started(self, handler: HandlerSpec, delivery: Delivery, event: Event) -> None:
         counts = self._of(handler)
         counts.in_flight += 1
@@ -183,7 +179,10 @@ class Metrics(Hook, Collector):
         self, handler: HandlerSpec, delivery: Delivery, decision: Decision
     ) -> None:
         self._failed.discard(delivery)
-        self._of(handler).deliveries[decision.outcome] += 1
+        counts = self._of(handler)
+        counts.deliveries[decision.outcome] += 1
+        if delivery.deliveries > 1:  # counted here: one hook call less per delivery
+            counts.redeliveries += 1
 
     def published(
         self,
