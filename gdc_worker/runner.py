@@ -416,11 +416,13 @@ class SettlePath(Generic[D]):
         hooks.run("call_started", spec, delivery, event)
         started = time.perf_counter()
         try:
+            # A handler that publishes nothing is awaited directly: one coroutine less.
+            call = spec.call(*args) if outputs is None else self._invoke(args, outputs)
             if spec.timeout is None:
-                await self._invoke(args, outputs)
+                await call
             else:
                 with anyio.fail_after(spec.timeout):
-                    await self._invoke(args, outputs)
+                    await call
         except BaseException as exc:
             hooks.run("call_finished", spec, delivery, event, exc, time.perf_counter() - started)
             raise
