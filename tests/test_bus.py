@@ -52,9 +52,9 @@ from gdc_worker import (
     new_policy_updated_event,
     parse_event_data,
 )
-from gdc_worker.bus.connection import _Client as FastClient
+from gdc_worker.bus.connection import Client as FastClient
 from tests.recording import ARRIVAL_TIMEOUT, Recording
-from tests.support import consumer_info, dead_letters, free_port
+from tests.support import consumer_info, dead_letters, eventually, free_port
 
 pytestmark = pytest.mark.anyio
 
@@ -593,6 +593,7 @@ async def test_publishing_without_a_stream_raises_publish_error(
         await event_bus.flush(timeout=2.0)
     for event in lost:
         assert event.id in str(failure.value)
+    assert "no stream listens on the subject" in str(failure.value)
     await event_bus.flush(timeout=2.0)
 
     subject = nats_config.subject_for("node.up")
@@ -670,6 +671,35 @@ async def test_delivery_resumes_after_the_server_restarts(tmp_path: Path) -> Non
             await collector.wait_for_event(after, timeout=15.0)
             # At least once: an ack lost in the kill may bring `before` again, nothing else.
             assert set(collector.ids) == {before.id, after.id}
+
+
+async def test_async_publish_acks_still_arrive_after_the_server_restarts(tmp_path: Path) -> None:
+    """Given a bus whose async publishes were acked by a server with a persistent store,
+    when the server is killed and started again on the same port and store,
+    then the acks of the async publishes made afterwards arrive too (the ack inbox is
+    subscribed again): flush reports nothing, and the stream holds every event once."""
+    with NATSServer(store_dir=tmp_path / "store") as server:
+        config = NATSConfig(
+            url=server.url, connect_timeout=5.0, reconnect_wait=0.2, max_reconnect_attempts=-1
+        )
+        async with await NATSEventBus.connect(config) as bus:
+            before = [node_up(f"node-{i}") for i in range(3)]
+            for event in before:
+                await bus.publish_event_async(event)
+            await bus.flush()
+
+            server.kill()
+            await anyio.to_thread.run_sync(server.start)
+            await eventually(lambda: bus.connected, "the bus reconnected", timeout=15.0)
+            after = [node_up(f"node-{i}") for i in range(3, 6)]
+            for event in after:
+                await bus.publish_event_async(event)
+            await bus.flush(timeout=15.0)
+
+            stored = [
+                m.headers[MSG_ID_HEADER] async for m in bus.stream_messages(config.stream_name)
+            ]
+            assert stored == [event.id for event in before + after]
 
 
 @pytest.mark.parametrize(
