@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import ssl
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import anyio
@@ -67,6 +68,15 @@ class ConnectionEvents:
             self.on_lost()
 
 
+#: What nats-py allows in a header name (RFC 7230 token characters), and in a subject: no
+#: whitespace, which would let a name or a subject end the protocol line.
+_HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_NOT_IN_SUBJECT = re.compile(r"[ \t\r\n]")
+#: nats-py turns CR and LF in a header value into spaces, so a value cannot end its line.
+_NEWLINES = str.maketrans({"\r": " ", "\n": " "})
+#: The header names a client remembers as checked (events carry the same few).
+_MAX_HEADER_NAMES = 256
+
 #: Told of each message of a direct subscription: its subject, payload and headers (None:
 #: none), in the client's read loop.
 Deliver = Callable[[bytes, bytes, "dict[str, str] | None"], None]
@@ -81,11 +91,66 @@ class Client(NATS):
 
     A direct subscription (`subscribe_direct`) hands each message to a plain function as it is
     read: no `Msg`, no queue, no task of its own, for the publish acks, one per event sent.
+    `header_block()` and `publish_block()` send a message with headers as `publish()` does,
+    checking each header name once rather than once per message.
     """
 
     def __init__(self) -> None:
         super().__init__()
         self._direct: dict[int, Deliver] = {}
+        self._header_lines: dict[str, bytes] = {}
+
+    def header_block(self, headers: Mapping[str, str]) -> bytes:
+        """The headers as nats-py sends them: names trimmed (empty ones left out), values
+        trimmed with CR and LF made spaces; raises `BadHeaderError` for a name nats-py refuses.
+        """
+        lines = self._header_lines
+        block = [b"NATS/1.0\r\n"]
+        for key, value in headers.items():
+            line = lines.get(key)
+            if line is None:
+                name = key.strip()
+                if name and not _HEADER_NAME.fullmatch(name):
+                    raise nats.errors.BadHeaderError(name)
+                line = name.encode() + b": " if name else b""
+                if len(lines) < _MAX_HEADER_NAMES:
+                    lines[key] = line
+            if line:
+                block += (line, value.strip().translate(_NEWLINES).encode(), b"\r\n")
+        block.append(b"\r\n")
+        return b"".join(block)
+
+    async def publish_block(self, subject: str, reply: str, payload: bytes, block: bytes) -> None:
+        """`publish()` with headers already in a `header_block()`, and its checks: the subject
+        (the reply is our own inbox), closed, draining, the buffer while reconnecting, and
+        max_payload, each raising the error `publish()` raises."""
+        if not self._skip_subject_validation and (not subject or _NOT_IN_SUBJECT.search(subject)):
+            raise nats.errors.BadSubjectError
+        if self.is_closed:
+            raise nats.errors.ConnectionClosedError
+        if self.is_draining_pubs:
+            raise nats.errors.ConnectionDrainingError
+        size = len(payload)
+        if not self.is_connected and (
+            self._max_pending_size <= 0 or size + self._pending_data_size > self._max_pending_size
+        ):
+            raise nats.errors.OutboundBufferLimitError
+        if size > self._max_payload:
+            raise nats.errors.MaxPayloadError
+        head = len(block)
+        command = b"HPUB %b %b %d %d\r\n%b%b\r\n" % (
+            subject.encode(),
+            reply.encode(),
+            head,
+            head + size,
+            block,
+            payload,
+        )
+        self.stats["out_msgs"] += 1
+        self.stats["out_bytes"] += size
+        await self._send_command(command)
+        if self._flush_queue is not None and self._flush_queue.empty():
+            await self._flush_pending()
 
     async def subscribe_direct(self, subject: str, deliver: Deliver) -> Subscription:
         """Subscribe `deliver` to `subject`, called in the read loop, so it must not block.

@@ -338,12 +338,8 @@ class AsyncPublishWindow:
         if self._expiry is None:
             self._expiry = asyncio.get_running_loop().call_later(self._timeout, self._expire)
         try:
-            await self._nc.publish(
-                subject,
-                payload,
-                reply=self._prefix + str(token),
-                headers=headers if isinstance(headers, dict) else dict(headers),
-            )
+            block = self._nc.header_block(headers)
+            await self._nc.publish_block(subject, self._prefix + str(token), payload, block)
         except nats.errors.Error as exc:
             self._settle(token, describe(exc), passing=isinstance(exc, _PASSING))
 
