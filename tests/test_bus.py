@@ -8,13 +8,14 @@ import threading
 import time
 import uuid
 import warnings
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import anyio
 import anyio.from_thread
 import msgspec
+import nats.errors
 import pytest
 from nats.aio.client import Client
 from nats.js import JetStreamContext
@@ -52,9 +53,9 @@ from gdc_worker import (
     new_policy_updated_event,
     parse_event_data,
 )
-from gdc_worker.bus.connection import _Client as FastClient
+from gdc_worker.bus.connection import Client as FastClient
 from tests.recording import ARRIVAL_TIMEOUT, Recording
-from tests.support import consumer_info, dead_letters, free_port
+from tests.support import consumer_info, dead_letters, eventually, free_port
 
 pytestmark = pytest.mark.anyio
 
@@ -593,6 +594,7 @@ async def test_publishing_without_a_stream_raises_publish_error(
         await event_bus.flush(timeout=2.0)
     for event in lost:
         assert event.id in str(failure.value)
+    assert "no stream listens on the subject" in str(failure.value)
     await event_bus.flush(timeout=2.0)
 
     subject = nats_config.subject_for("node.up")
@@ -672,6 +674,35 @@ async def test_delivery_resumes_after_the_server_restarts(tmp_path: Path) -> Non
             assert set(collector.ids) == {before.id, after.id}
 
 
+async def test_async_publish_acks_still_arrive_after_the_server_restarts(tmp_path: Path) -> None:
+    """Given a bus whose async publishes were acked by a server with a persistent store,
+    when the server is killed and started again on the same port and store,
+    then the acks of the async publishes made afterwards arrive too (the ack inbox is
+    subscribed again): flush reports nothing, and the stream holds every event once."""
+    with NATSServer(store_dir=tmp_path / "store") as server:
+        config = NATSConfig(
+            url=server.url, connect_timeout=5.0, reconnect_wait=0.2, max_reconnect_attempts=-1
+        )
+        async with await NATSEventBus.connect(config) as bus:
+            before = [node_up(f"node-{i}") for i in range(3)]
+            for event in before:
+                await bus.publish_event_async(event)
+            await bus.flush()
+
+            server.kill()
+            await anyio.to_thread.run_sync(server.start)
+            await eventually(lambda: bus.connected, "the bus reconnected", timeout=15.0)
+            after = [node_up(f"node-{i}") for i in range(3, 6)]
+            for event in after:
+                await bus.publish_event_async(event)
+            await bus.flush(timeout=15.0)
+
+            stored = [
+                m.headers[MSG_ID_HEADER] async for m in bus.stream_messages(config.stream_name)
+            ]
+            assert stored == [event.id for event in before + after]
+
+
 @pytest.mark.parametrize(
     "raw",
     [
@@ -687,6 +718,66 @@ async def test_delivery_resumes_after_the_server_restarts(tmp_path: Path) -> Non
 def test_header_parsing_matches_nats_py(raw: bytes) -> None:
     """Given raw header lines, the bus's faster parser yields exactly what nats-py's does."""
     assert FastClient._parse_header_lines(raw) == Client._parse_header_lines(raw)
+
+
+class SentCommands(FastClient):
+    """The bus's client, keeping the protocol commands it sends."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sent: list[bytes] = []
+
+    async def _send_command(self, cmd: bytes, priority: bool = False) -> None:
+        self.sent.append(cmd)
+        await super()._send_command(cmd, priority)
+
+
+@pytest.fixture
+async def sent_commands(nats_config: NATSConfig) -> AsyncIterator[SentCommands]:
+    nc = SentCommands()
+    await nc.connect(nats_config.url)
+    yield nc
+    await nc.close()
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {"Nats-Msg-Id": "6f1c2a4e", "Gdc-Trace-Id": "trace-1"},
+        {" Padded ": "  both sides \t", "Crlf": "a\r\nb\rc\nd", "": "left out", "E": ""},
+        {"Ok": "\u00fcber caf\u00e9"},
+        {},
+    ],
+)
+async def test_publish_block_sends_what_nats_py_publish_sends(
+    sent_commands: SentCommands, headers: dict[str, str]
+) -> None:
+    """Given the bus's client connected to a real server,
+    when a message is published with `header_block()` + `publish_block()` and with nats-py's
+    `publish()`,
+    then both send the same bytes; a subject with whitespace is refused as nats-py does."""
+    nc = sent_commands
+    await nc.publish_block("some.subject", "_INBOX.x.1", b"data", nc.header_block(headers))
+    await nc.publish("some.subject", b"data", "_INBOX.x.1", headers=headers)
+
+    assert nc.sent[-1] == nc.sent[-2]
+    for bad in ("", "a subject", "a\r\nPING"):
+        with pytest.raises(nats.errors.BadSubjectError):
+            await nc.publish_block(bad, "_INBOX.x.1", b"data", nc.header_block(headers))
+
+
+@pytest.mark.parametrize("name", ["Bad Name", "Bad\r\nName", "Caf\u00e9", "a:b"])
+async def test_header_block_refuses_the_names_nats_py_refuses(
+    sent_commands: SentCommands, name: str
+) -> None:
+    """Given a header name nats-py refuses to send,
+    then `header_block()` refuses it too, with the same `BadHeaderError`, every time."""
+    with pytest.raises(nats.errors.BadHeaderError) as theirs:
+        await sent_commands.publish("some.subject", b"data", headers={name: "x"})
+    for _ in range(2):
+        with pytest.raises(nats.errors.BadHeaderError) as ours:
+            sent_commands.header_block({name: "x"})
+        assert str(ours.value) == str(theirs.value)
 
 
 async def test_a_server_list_connects_to_the_first_that_answers(

@@ -22,7 +22,6 @@ from types import TracebackType
 
 import anyio
 import nats.errors
-from nats.aio.client import Client as NATS
 
 from ..app import HandlerFunc, HandlerOptions, PendingPublish, handler_spec
 from ..config import NATSConfig, redact_url
@@ -33,7 +32,7 @@ from ..outbox import Outbox
 from ..retry import DEFAULT_BACKOFF, DEFAULT_RETRY, RetryPolicy
 from ..subjects import check_event_type, safe_name
 from .admin import Admin, BoundConsumer, LimitChange, StoredMessage, StreamSpec
-from .connection import ConnectionEvents, connect
+from .connection import Client, ConnectionEvents, connect
 from .publish import TRY_TIMEOUT_S, AckCallback, AsyncPublishWindow, Stored, publish
 from .pull import Delivery, PullConsumer
 from .relay import Relay
@@ -74,7 +73,7 @@ class NATSEventBus:
 
     def __init__(
         self,
-        nc: NATS,
+        nc: Client,
         config: NATSConfig,
         events: ConnectionEvents,
         hooks: Hooks | None = None,

@@ -15,11 +15,11 @@ import msgspec
 import nats.errors
 import nats.js.errors
 from nats.aio.client import Client as NATS
-from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
 
 from ..errors import PublishError, describe, message_of
+from .connection import Client
 
 __all__ = [
     "MAX_PENDING_PUBLISHES",
@@ -267,7 +267,7 @@ class _Pending:
 
 
 class AsyncPublishWindow:
-    """Publishes whose acks arrive on one inbox subscription, with no future per message.
+    """Publishes whose acks arrive on one direct inbox subscription, with no future per message.
 
     At most `limit` acks are outstanding: `publish()` waits for room, for at most `timeout`.
     A publish with no ack `timeout` seconds after it was sent counts as failed, told to its
@@ -279,7 +279,7 @@ class AsyncPublishWindow:
 
     def __init__(
         self,
-        nc: NATS,
+        nc: Client,
         *,
         timeout: float,
         limit: int = MAX_PENDING_PUBLISHES,
@@ -293,7 +293,7 @@ class AsyncPublishWindow:
         self._prefix = ""
         self._inbox: Subscription | None = None
         self._next_token = 0
-        self._pending: dict[str, _Pending] = {}
+        self._pending: dict[int, _Pending] = {}
         self._failed: list[str] = []
         self._drained = asyncio.Event()
         self._drained.set()
@@ -329,21 +329,17 @@ class AsyncPublishWindow:
                     )
         if not self._prefix:
             self._prefix = self._nc.new_inbox() + "."
-            self._inbox = await self._nc.subscribe(self._prefix + "*", cb=self._on_ack)
+            self._inbox = await self._nc.subscribe_direct(self._prefix + "*", self._on_ack)
         self._next_token += 1
-        token = str(self._next_token)
+        token = self._next_token
         now = time.monotonic()
         self._pending[token] = _Pending(what, subject, done, payload, headers, now, report)
         self._drained.clear()
         if self._expiry is None:
             self._expiry = asyncio.get_running_loop().call_later(self._timeout, self._expire)
         try:
-            await self._nc.publish(
-                subject,
-                payload,
-                reply=self._prefix + token,
-                headers=headers if isinstance(headers, dict) else dict(headers),
-            )
+            block = self._nc.header_block(headers)
+            await self._nc.publish_block(subject, self._prefix + str(token), payload, block)
         except nats.errors.Error as exc:
             self._settle(token, describe(exc), passing=isinstance(exc, _PASSING))
 
@@ -398,28 +394,31 @@ class AsyncPublishWindow:
                 return
             self._settle(token, f"no acknowledgement within {self._timeout:g}s", passing=True)
 
-    async def _on_ack(self, msg: Msg) -> None:
-        token = msg.subject[len(self._prefix) :]
+    def _on_ack(self, subject: bytes, data: bytes, headers: dict[str, str] | None) -> None:
+        try:
+            token = int(subject[len(self._prefix) :])
+        except ValueError:
+            return  # not a reply to one of ours: nothing waits for it
         error = None
         seq = 0
         duplicate = False
         passing = False
-        if msg.headers and msg.headers.get("Status") == "503":
+        if headers and headers.get("Status") == "503":
             error = "no stream listens on the subject"
         else:
             try:
-                reply = _ack_decoder.decode(msg.data)
+                reply = _ack_decoder.decode(data)
                 seq, duplicate = reply.seq, reply.duplicate
                 if reply.error is not None:
                     error = reply.error.description
                     passing = reply.error.code == _UNAVAILABLE
             except msgspec.DecodeError:
-                error = f"unreadable acknowledgement {msg.data[:80]!r}"
+                error = f"unreadable acknowledgement {data[:80]!r}"
         self._settle(token, error, duplicate, passing, seq)
 
     def _settle(
         self,
-        token: str,
+        token: int,
         error: str | None,
         duplicate: bool = False,
         passing: bool = False,
