@@ -13,13 +13,14 @@ import signal
 import subprocess
 import sysconfig
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 import anyio
 import pytest
 
-from gdc_worker import NATSConfig
+from gdc_worker import Event, NATSConfig, new_node_up_event
 from tests.support import alive, eventually
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -152,3 +153,41 @@ def spawn(tmp_path: Path) -> Iterator[Spawn]:
     yield start
     for process in started:
         process.close()
+
+
+# -- what the tests.apps.recorder handlers report -----------------------------------------
+
+#: The durable consumers of `tests.apps.recorder`'s apps.
+RECORDER_DURABLE = "recorder-record"
+SHORT_ACK_DURABLE = "recorder-short-ack-record"
+
+
+@dataclass(frozen=True)
+class Report:
+    """One line a `tests.apps.recorder` handler wrote: it started or finished an event."""
+
+    phase: str
+    event_id: str
+    pid: int
+
+
+def reports(path: Path) -> list[Report]:
+    """The lines the handlers wrote so far.
+
+    A reader can see an append half done (the kernel copies a write that crosses a page
+    boundary a page at a time), so a last line without its newline is left for the next look.
+    """
+    if not path.exists():
+        return []
+    text = path.read_text()
+    lines = [line.split() for line in text[: text.rfind("\n") + 1].splitlines()]
+    return [Report(phase, event_id, int(pid)) for phase, event_id, pid in lines]
+
+
+def ids(path: Path, phase: str, pid: int | None = None) -> list[str]:
+    """Event ids reported in `phase` (by `pid`, if given), in reporting order."""
+    return [r.event_id for r in reports(path) if r.phase == phase and pid in (None, r.pid)]
+
+
+def node_ups(n: int) -> list[Event]:
+    return [new_node_up_event("health-monitor", f"node-{i}") for i in range(n)]

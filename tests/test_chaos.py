@@ -28,8 +28,8 @@ import pytest
 
 from gdc_worker import DeadLetterQueue, Event, NATSEventBus, NATSServer, PublishError
 from gdc_worker.testing import isolated_config
+from tests.processes import READY, SHORT_ACK_DURABLE, Process, node_ups, reports, worker_env
 from tests.support import free_port, settled
-from tests.test_cli import READY, SHORT_ACK_DURABLE, Process, node_ups, reports, worker_env
 
 EVENTS = 5000
 #: Events published per second: 5,000 take 25 s, the span of the chaos.

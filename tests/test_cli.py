@@ -18,7 +18,6 @@ import subprocess
 import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
@@ -48,49 +47,19 @@ from tests.processes import (
     EXIT_TIMEOUT,
     GDC_WORKER,
     READY_TIMEOUT,
+    RECORDER_DURABLE,
     ROOT,
+    SHORT_ACK_DURABLE,
     Spawn,
     clean_env,
+    ids,
+    node_ups,
+    reports,
     worker_env,
 )
 from tests.support import alive, eventually, free_port, settled, wait_until
 
-#: The durable consumers of `tests.apps.recorder`'s apps.
-RECORDER_DURABLE = "recorder-record"
-SHORT_ACK_DURABLE = "recorder-short-ack-record"
-
 T = TypeVar("T")
-
-
-@dataclass(frozen=True)
-class Report:
-    """One line a `tests.apps.recorder` handler wrote: it started or finished an event."""
-
-    phase: str
-    event_id: str
-    pid: int
-
-
-def reports(path: Path) -> list[Report]:
-    """The lines the handlers wrote so far.
-
-    A reader can see an append half done (the kernel copies a write that crosses a page
-    boundary a page at a time), so a last line without its newline is left for the next look.
-    """
-    if not path.exists():
-        return []
-    text = path.read_text()
-    lines = [line.split() for line in text[: text.rfind("\n") + 1].splitlines()]
-    return [Report(phase, event_id, int(pid)) for phase, event_id, pid in lines]
-
-
-def ids(path: Path, phase: str, pid: int | None = None) -> list[str]:
-    """Event ids reported in `phase` (by `pid`, if given), in reporting order."""
-    return [r.event_id for r in reports(path) if r.phase == phase and pid in (None, r.pid)]
-
-
-def node_ups(n: int) -> list[Event]:
-    return [new_node_up_event("health-monitor", f"node-{i}") for i in range(n)]
 
 
 async def publish(bus: NATSEventBus, events: list[Event]) -> None:
