@@ -23,6 +23,7 @@ import anyio
 from .errors import EventBusError, HandlerDefinitionError, describe
 from .hooks import Hook, Hooks
 from .retry import Retry, is_permanent
+from .settle import Nak
 
 if TYPE_CHECKING:
     from .app import HandlerSpec
@@ -175,8 +176,16 @@ class Breaker(Hook):
     ) -> None:
         """Count the delivery's outcome, if the handler was called for it."""
         key = id(delivery)
-        if key in self._errors:
-            self._record(key, self._errors.pop(key), self._starts.pop(key, 0))
+        if key not in self._errors:
+            return
+        error, started = self._errors.pop(key), self._starts.pop(key, 0)
+        if decision == _HANDED_BACK and isinstance(error, anyio.get_cancelled_exc_class()):
+            # Cancelled by a forced stop and handed back: it says nothing about a dependency.
+            if key == self._probe:
+                self._probe = None
+                self._wake()
+            return
+        self._record(key, error, started)
 
     def _record(self, key: int, error: BaseException | None, started: int) -> None:
         """Delivery `key` (its `id`) ended: with `error` None if it succeeded, else with the
@@ -278,6 +287,10 @@ class _Window:
 
     def clear(self) -> None:
         self._buckets.clear()
+
+
+#: How the runner settles a delivery it gives back at once (a forced stop).
+_HANDED_BACK = Nak(0.0)
 
 
 def _failed(error: BaseException | None) -> bool | None:

@@ -136,6 +136,7 @@ class Metrics(Hook, Collector):
         self._publish_duration = _Histogram(PUBLISH_BUCKETS)
         self._connected = 0
         self._reconnects = 0
+        self._dropped = False  # the connection dropped since it was last up
         self._outbox: OutboxStats | None = None
         #: Deliveries between a failed attempt and their settlement: the next call is a retry.
         self._failed: set[Delivery] = set()
@@ -196,9 +197,10 @@ class Metrics(Hook, Collector):
         self._publish_duration.observe(duration_s)
 
     def connection_changed(self, connected: bool) -> None:
-        self._connected = 1 if connected else 0
-        if connected:
+        if connected and self._dropped:  # not the first connect of a bus started offline
             self._reconnects += 1
+        self._dropped = not connected
+        self._connected = 1 if connected else 0
 
     def breaker_changed(self, handler: HandlerSpec, state: str) -> None:
         counts = self._of(handler)
@@ -407,6 +409,10 @@ async def watch_consumers(
                 if not failing:
                     log.warning("consumer metrics not updated: %s (trying again)", exc)
                 failing = True
+                if bus is not None and not bus.connected:  # maybe closed for good: a new one
+                    with anyio.CancelScope(shield=True):
+                        await bus.close()
+                    bus = None
             else:
                 gauges.update(s for s in states if s.name in wanted)
                 failing = False

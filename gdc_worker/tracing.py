@@ -53,7 +53,7 @@ HANDLER = "gdc.handler"
 DELIVERIES = "gdc.deliveries"
 #: How a delivery was settled: `acked`, `nakd` or `dead_lettered` (the metrics' outcomes).
 OUTCOME = "gdc.outcome"
-#: How a publish ended: `stored`, `duplicate` or `failed`.
+#: How a publish ended: `stored`, `duplicate`, `queued` (in the outbox) or `failed`.
 PUBLISH_OUTCOME = "gdc.publish.outcome"
 
 
@@ -197,8 +197,9 @@ class Tracing(Hook):
     def _end_unsettled(self) -> None:
         """End the span of a delivery this task took and never settled, and detach it.
 
-        The runner hands a delivery back without `delivery_settled` after an internal error
-        of its own; the next delivery on the same task closes what that one left open.
+        Every delivery the runner takes reaches `delivery_settled`, hand-backs included; this
+        is the fallback for one that did not (a hook error, a defect), so that the next
+        delivery on the same task never runs under the span that one left open.
         """
         left = self._processing.get()
         if left is None:

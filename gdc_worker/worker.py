@@ -128,7 +128,9 @@ class Worker:
             self._bus = bus
             if not bus.connected:  # an outbox: the bus connects in the background
                 log.warning("waiting for NATS at %s to bind the consumers", bus.server_url)
-            await bus.wait_connected()
+            if not await self._connected(bus):
+                log.info("worker stopped before NATS could be reached")
+                return
             dlq = DeadLetterQueue(bus)
             await dlq.ensure()
             runners = [
@@ -159,6 +161,19 @@ class Worker:
                     tg.cancel_scope.cancel()
                     self._bound = False
         log.info("worker stopped")
+
+    async def _connected(self, bus: NATSEventBus) -> bool:
+        """Wait for `bus` to connect in the background; False if the worker is stopped first."""
+        async with anyio.create_task_group() as tg:
+
+            async def stop_waiting() -> None:
+                await self._stopping.wait()
+                tg.cancel_scope.cancel()
+
+            tg.start_soon(stop_waiting)
+            await bus.wait_connected()
+            tg.cancel_scope.cancel()
+        return not self._stopping.is_set()
 
     async def _shut_down(self, runners: list[ConsumerLoop]) -> None:
         await self._stopping.wait()

@@ -21,7 +21,7 @@ from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 
 from ..config import NATSConfig
-from ..errors import ConfigError, GDCWorkerError, PublishError
+from ..errors import ConfigError, GDCWorkerError, PublishError, describe
 from ..outbox import Outbox, QueuedEvent, drain
 from .publish import Stored, check_size, publish, publish_once
 
@@ -66,14 +66,17 @@ class Relay:
 
     async def wait_ready(self) -> None:
         """Wait until the client is connected and the stream set up; raises the `ConfigError`
-        that keeps the stream from being set up."""
+        that keeps the stream from being set up, or the `PublishError` of a relay that stopped."""
         await self._ready.wait()
         if self._failure is not None:
             raise self._failure
 
     async def wait_empty(self) -> None:
-        """Wait until the relay found the outbox empty: every queued event is in JetStream."""
+        """Wait until the relay found the outbox empty: every queued event is in JetStream;
+        raises the `PublishError` of a relay that stopped."""
         await self._empty.wait()
+        if isinstance(self._failure, PublishError):
+            raise self._failure
 
     @property
     def direct(self) -> bool:
@@ -140,11 +143,15 @@ class Relay:
                     return
                 self._ready.set()
             await self._relay()
-        except Exception:
+        except Exception as exc:
             log.exception(
                 "the outbox relay stopped; events stay in %s until the next start",
                 self.outbox.path,
             )
+            # Whoever waits for the relay hears it stopped, rather than waiting for good.
+            self._failure = PublishError(f"the outbox relay stopped: {describe(exc)}")
+            self._ready.set()
+            self._empty.set()
 
     async def _set_up(self, connected: Callable[[], Awaitable[None]]) -> bool:
         """Set the stream up once connected, trying again while it fails for a passing reason;

@@ -57,6 +57,8 @@ def _data(value: str | None) -> dict[str, Any]:
     if value.startswith("@"):
         try:
             text = Path(value[1:]).read_text()
+        except UnicodeDecodeError:
+            raise ReportedError(f"--data: {value[1:]} is not UTF-8 text", EXIT_USAGE) from None
         except OSError as exc:
             raise ReportedError(
                 f"--data: cannot read {value[1:]}: {exc.strerror}", EXIT_USAGE
@@ -101,8 +103,8 @@ def publish(
     """Publish one event of TYPE and print its stream sequence.
 
     The data is checked against the payload struct of its type first (every GDC type has
-    one, and register_payload_type adds others): a value of the wrong type exits 1, naming
-    the field, and nothing is published.
+    one): a value of the wrong type exits 1, naming the field, and nothing is published. It
+    publishes directly, never through an outbox: NATS out of reach exits 4.
     """
     with reported_errors():
         event = Event.new(check_event_type(event_type), source, subject or "", _data(data))
@@ -117,13 +119,10 @@ def publish(
         async def main() -> int:
             config = NATSConfig.from_env(None, **connection(url, creds))
             async with await NATSEventBus.connect(config, setup_stream=False) as bus:
-                seq = await bus.publish_event(event)
-                where = (
-                    f"as #{seq} in {config.stream_name}"
-                    if seq is not None
-                    else (f"into the outbox {config.outbox_path}, for {config.stream_name}")
+                seq = await bus.publish_event(event)  # no outbox without setup_stream
+                click.echo(
+                    f"published {event.type} event {event.id} as #{seq} in {config.stream_name}"
                 )
-                click.echo(f"published {event.type} event {event.id} {where}")
             return EXIT_OK
 
         code = anyio.run(main)

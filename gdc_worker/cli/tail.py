@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from datetime import datetime
 
@@ -84,7 +85,10 @@ def tail(
                 click.echo(_json_line(message) if as_json else _text_line(message))
 
     with reported_errors():
-        run_until_stopped(follow)
+        try:
+            run_until_stopped(follow)
+        except BrokenPipeError:  # `tail --json | head`: the reader has what it wanted
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     sys.exit(EXIT_OK)
 
 
