@@ -125,6 +125,22 @@ def test_a_success_of_a_call_started_before_the_failures_does_not_end_them() -> 
     assert not breaker.admit(down)
 
 
+@pytest.mark.anyio
+async def test_calls_cancelled_by_a_forced_stop_do_not_count() -> None:
+    """Given Breaker(failures=2), when three calls are cancelled by a forced stop (each then
+    handed back, settled as Nak(0)), then it stays closed: a stop says nothing about a
+    dependency."""
+    breaker = bound(Breaker(failures=2, clock=Clock()))
+
+    for _ in range(3):
+        target = delivery()
+        breaker.call_started(SPEC, target, EVENT)
+        breaker.call_finished(SPEC, target, EVENT, anyio.get_cancelled_exc_class()(), 0.001)
+        breaker.delivery_settled(SPEC, target, Nak(0.0))
+
+    assert breaker.state == "closed"
+
+
 def test_retry_and_reject_do_not_count() -> None:
     """Given Breaker(failures=2), when deliveries end in Retry, Reject and one failure each,
     then it stays closed: only the handler's failures say a dependency is down."""

@@ -356,3 +356,21 @@ async def test_outbox_gauges_follow_what_the_outbox_holds(tmp_path: Path) -> Non
         await eventually(lambda: reading("events") == 0, "the outbox emptied")
         assert (reading("bytes"), reading("oldest_age_seconds")) == (0, 0)
         tg.cancel_scope.cancel()
+
+
+def test_reconnects_count_a_connect_only_after_a_drop() -> None:
+    """Given the metrics hook of a bus that started while NATS was down,
+    when it connects, drops, and connects again,
+    then one reconnect is counted, and the connected gauge follows each change."""
+    metrics = Metrics("svc")
+
+    def reading(name: str) -> float | None:
+        return metrics.registry.get_sample_value(f"gdc_worker_{name}", {"app": "svc"})
+
+    seen = []
+    for connected in (True, False, True):
+        metrics.connection_changed(connected)
+        seen.append(reading("connected"))
+
+    assert seen == [1, 0, 1]
+    assert reading("reconnects_total") == 1

@@ -292,6 +292,30 @@ async def test_a_worker_started_while_nats_is_down_binds_once_it_is_up(down: Dow
     assert stored == [down.config.subject_for("node.up"), down.config.subject_for("node.down")]
 
 
+@pytest.mark.anyio
+async def test_a_worker_waiting_for_nats_stops_when_asked(down: Down) -> None:
+    """Given a worker with an outbox started while NATS is down, waiting to bind,
+    when it is stopped (SIGTERM's path),
+    then run() returns without NATS ever coming back, and /readyz said it was waiting."""
+    app = App("outbox-app", down.config)
+
+    @app.on("node.up")
+    async def plan(event: Event) -> None:
+        pass
+
+    worker = Worker(app, config=down.config, grace=1.0)
+    with anyio.fail_after(DRAIN_TIMEOUT):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(worker.run)
+            waiting = await eventually(
+                lambda: (worker.not_ready() or "").startswith("waiting for NATS") and "yes",
+                "the worker waiting for NATS",
+            )
+            worker.stop()
+    assert waiting == "yes"
+    assert worker.not_ready() == "stopping"
+
+
 class Connection(Hook):
     """Notes whether the worker's bus is connected, as the hooks hear it."""
 
