@@ -49,18 +49,18 @@ async def instructions(bench: Bench, root: Path, impl: str, n: int, out_dir: Pat
     return int(found.group(1))
 
 
+#: The consumers counted against `gdc`, and what their ratio to it says.
+_VARIANTS = {
+    "hooked": "no-op hooks/no hooks",
+    "typed": "typed/untyped handler",
+    "metrics": "Metrics/no hooks",
+    "traced": "Tracing/no hooks",
+    "pipeline": "ctx.publish pipeline/no-op",
+}
+
+
 async def main_async(args: argparse.Namespace) -> dict[str, float]:
-    cases = {
-        name: (ROOT, name)
-        for name in (
-            "gdc",
-            "gdc-hooked",
-            "gdc-typed",
-            "gdc-metrics",
-            "gdc-traced",
-            "gdc-pipeline",
-        )
-    }
+    cases = {name: (ROOT, name) for name in args.cases}
     if args.baseline is not None:
         cases["gdc baseline"] = (args.baseline, "gdc")
     per_event: dict[str, float] = {}
@@ -80,17 +80,22 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=3_000, help="events of the shorter run")
     parser.add_argument("--baseline", type=Path, help="a checkout of an earlier version")
+    parser.add_argument(
+        "--cases",
+        type=lambda text: ["gdc", *(c for c in text.split(",") if c and c != "gdc")],
+        default=["gdc", *(f"gdc-{c}" for c in _VARIANTS)],
+        metavar="gdc-X,...",
+        help="the consumers to count besides gdc (default: all)",
+    )
     args = parser.parse_args()
     if shutil.which("valgrind") is None:
         print("valgrind is not installed (apt-get install valgrind)", file=sys.stderr)
         return 1
     per_event = anyio.run(main_async, args)
     ratios = {
-        "gdc no-op hooks/no hooks": per_event["gdc-hooked"] / per_event["gdc"],
-        "gdc typed/untyped handler": per_event["gdc-typed"] / per_event["gdc"],
-        "gdc Metrics/no hooks": per_event["gdc-metrics"] / per_event["gdc"],
-        "gdc Tracing/no hooks": per_event["gdc-traced"] / per_event["gdc"],
-        "gdc ctx.publish pipeline/no-op": per_event["gdc-pipeline"] / per_event["gdc"],
+        f"gdc {label}": per_event[f"gdc-{case}"] / per_event["gdc"]
+        for case, label in _VARIANTS.items()
+        if f"gdc-{case}" in per_event
     }
     if "gdc baseline" in per_event:
         ratios["gdc/baseline (target <= 1.03)"] = per_event["gdc"] / per_event["gdc baseline"]
