@@ -31,6 +31,8 @@ log = logging.getLogger("gdc_worker.bus")
 
 #: How often the relay looks whether the client is connected again.
 _CONNECTED_POLL_S = 0.1
+#: How long closing waits for the relay to stop before it closes the outbox anyway.
+_CLOSE_WAIT_S = 1.0
 
 
 class Relay:
@@ -121,7 +123,9 @@ class Relay:
         """Stop the relay and close the outbox; what it holds drains at the next start."""
         if self._task is not None:
             self._task.cancel()
-            await asyncio.wait({self._task})
+            # Bounded: a relay waiting on nats-py's background connect may not see the
+            # cancellation until that connect gives up; closing the client ends it then.
+            await asyncio.wait({self._task}, timeout=_CLOSE_WAIT_S)
         await self.outbox.close()
         left = self.outbox.stats().events
         if left:
