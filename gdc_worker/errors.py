@@ -22,6 +22,7 @@ __all__ = [
     "NATSServerError",
     "OutboxFull",
     "PublishError",
+    "PublishRefused",
     "SubscriptionError",
     "TargetError",
     "WorkerError",
@@ -80,6 +81,12 @@ class ConnectionFailed(EventBusError):
 
 class PublishError(EventBusError):
     """Raised by the bus's publish methods: one or more events were not stored by JetStream."""
+
+
+class PublishRefused(PublishError):
+    """Raised by the bus's publish methods for an event JetStream will not take however often
+    it is sent: no stream captures its subject, JetStream refuses the request, or it is over
+    the server's max_payload."""
 
 
 class OutboxFull(PublishError):

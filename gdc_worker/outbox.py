@@ -47,7 +47,7 @@ DEFAULT_MAX_BYTES = 256 * 1024**2
 DRAIN_BATCH = 100
 #: How long a write waits for another process holding the file (`gdc-worker outbox flush`).
 _BUSY_TIMEOUT_MS = 30_000
-_SCHEMA_VERSION = 1
+_SCHEMA_VERSION = 2  # 2: the refused table
 # The totals are kept by triggers, so the bounds are checked without counting the rows, and
 # stay right when another process drains the same file.
 _SCHEMA = """
@@ -69,6 +69,15 @@ END;
 CREATE TRIGGER IF NOT EXISTS counted_out AFTER DELETE ON events BEGIN
     UPDATE totals SET events = events - 1, bytes = bytes - old.size;
 END;
+CREATE TABLE IF NOT EXISTS refused (
+    id INTEGER PRIMARY KEY,
+    subject TEXT NOT NULL,
+    payload BLOB NOT NULL,
+    headers BLOB NOT NULL,
+    queued_at REAL NOT NULL,
+    refused_at REAL NOT NULL,
+    reason TEXT NOT NULL
+);
 """
 
 T = TypeVar("T")
@@ -82,6 +91,8 @@ class OutboxStats(NamedTuple):
     bytes: int
     #: Seconds since the oldest event still there was queued; None when there is none.
     oldest_age_s: float | None
+    #: Events set aside because JetStream refuses them for good (`refuse_head`).
+    refused: int = 0
 
 
 class QueuedEvent(NamedTuple):
@@ -111,7 +122,7 @@ class Outbox:
         self.max_events = max_events
         self.max_bytes = max_bytes
         self._conn: sqlite3.Connection | None = None  # used on the outbox's thread only
-        self._totals = (0, 0, None)  # events, bytes, when the oldest was queued
+        self._totals = (0, 0, None, 0)  # events, bytes, when the oldest was queued, refused
         self._jobs: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._serve, name="gdc-outbox", daemon=True)
         self._closed = False
@@ -144,9 +155,9 @@ class Outbox:
 
     def stats(self) -> OutboxStats:
         """Depth, bytes and oldest age as of the last read or write; no I/O, from any thread."""
-        events, size, oldest = self._totals
+        events, size, oldest, refused = self._totals
         age = None if oldest is None else max(0.0, time.time() - oldest)
-        return OutboxStats(events, size, age)
+        return OutboxStats(events, size, age, refused)
 
     def submit(
         self, subject: str, payload: bytes, headers: Mapping[str, str], what: str
@@ -203,6 +214,26 @@ class Outbox:
                 self._db.executemany("DELETE FROM events WHERE id = ?", [(i,) for i in ids])
 
         await self._call(delete)
+
+    async def refuse_head(self, reason: str) -> int | None:
+        """Set the oldest event aside, in the file's `refused` table with `reason`: JetStream
+        refuses it for good, and the events behind it must not wait for it. Its id; None if
+        the outbox is empty."""
+
+        def refuse() -> int | None:
+            with self._transaction():
+                row = self._db.execute("SELECT id FROM events ORDER BY id LIMIT 1").fetchone()
+                if row is None:
+                    return None
+                self._db.execute(
+                    "INSERT INTO refused SELECT id, subject, payload, headers, queued_at, ?, ? "
+                    "FROM events WHERE id = ?",
+                    (time.time(), reason, row[0]),
+                )
+                self._db.execute("DELETE FROM events WHERE id = ?", (row[0],))
+            return int(row[0])
+
+        return await self._call(refuse)
 
     async def close(self) -> None:
         """Finish what was submitted, then close the file. Idempotent."""
@@ -265,7 +296,8 @@ class Outbox:
         conn.execute("PRAGMA journal_mode = WAL")
         conn.execute("PRAGMA synchronous = FULL")
         version = conn.execute("PRAGMA user_version").fetchone()[0]
-        if version == 0:  # a new file (or one of another process creating it: idempotent)
+        if version < _SCHEMA_VERSION:  # new, or older (or another process creating it):
+            # the schema only adds what is missing
             conn.executescript(
                 f"BEGIN IMMEDIATE; {_SCHEMA} PRAGMA user_version = {_SCHEMA_VERSION}; COMMIT;"
             )
@@ -290,11 +322,12 @@ class Outbox:
             yield
             events, size = self._read_totals()
             oldest = self._db.execute("SELECT queued_at FROM events ORDER BY id LIMIT 1").fetchone()
+            refused = self._db.execute("SELECT COUNT(*) FROM refused").fetchone()[0]
             self._db.execute("COMMIT")
         except BaseException:
             self._db.execute("ROLLBACK")
             raise
-        self._totals = (events, size, oldest[0] if oldest else None)
+        self._totals = (events, size, oldest[0] if oldest else None, refused)
 
     def _read_totals(self) -> tuple[int, int]:
         row = self._db.execute("SELECT events, bytes FROM totals").fetchone()

@@ -127,6 +127,34 @@ async def test_a_bus_connects_while_nats_is_down_and_drains_once_it_is_up(
 
 
 @pytest.mark.anyio
+async def test_an_event_jetstream_refuses_for_good_is_set_aside_and_the_rest_go_on(
+    down: Down, bus_while_down: NATSEventBus, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Given an outbox holding an event, then one for a subject no stream captures, then
+    another event,
+    when the server starts,
+    then both events are stored in order, the refused one is set aside (counted as refused,
+    logged as an ERROR naming it) instead of blocking the outbox, and the outbox is empty."""
+    bus = bus_while_down
+    first, last = node_up("first"), node_up("last")
+    assert await bus.publish_event(first) is None
+    assert bus.outbox is not None
+    await bus.outbox.add("nowhere.node.up", b"{}", {"Nats-Msg-Id": "stray"}, "event stray")
+    assert await bus.publish_event(last) is None
+    await down.start()
+    with anyio.fail_after(DRAIN_TIMEOUT):
+        await bus.wait_outbox_empty()
+
+    assert await stored_ids(bus) == [first.id, last.id]
+    assert bus.outbox.stats().refused == 1
+    assert depth(bus) == 0
+    assert any(
+        r.levelname == "ERROR" and "event stray" in r.getMessage() and "set aside" in r.getMessage()
+        for r in caplog.records
+    )
+
+
+@pytest.mark.anyio
 async def test_events_published_while_the_outbox_drains_queue_behind_it(
     down: Down, bus_while_down: NATSEventBus
 ) -> None:
@@ -406,8 +434,9 @@ def test_outbox_status_and_flush_report_and_drain_it(down: Down) -> None:
 
     status = runner.invoke(main, ["outbox", "status", *path], env=env, catch_exceptions=False)
     assert status.exit_code == 0, status.output
-    assert "events  3" in status.stdout
+    assert "events   3" in status.stdout
     assert "s ago" in status.stdout
+    assert "refused  0" in status.stdout
     down.server.start()
     flush = runner.invoke(main, ["outbox", "flush", *path], env=env, catch_exceptions=False)
     assert flush.exit_code == 0, flush.output

@@ -18,7 +18,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
 
-from ..errors import PublishError, describe, message_of
+from ..errors import PublishError, PublishRefused, describe, message_of
 from .connection import Client
 
 __all__ = [
@@ -96,7 +96,7 @@ def check_size(
             return  # under the limit even if every character took 4 bytes: no need to count
         size = message_size(headers, payload)
     if size > nc.max_payload:
-        raise PublishError(
+        raise PublishRefused(
             f"publish of {what} to {subject} refused: {size} bytes with headers, over the "
             f"server's max_payload of {nc.max_payload}"
         )
@@ -192,12 +192,13 @@ async def _publish(
                 "publish of %s to %s: %s; kept to send again", what, subject, describe(failure)
             )
             return None
+        lasting = not passes
         if passes and time.monotonic() + wait >= deadline:
             took = time.monotonic() - start
             note = f" (after {tries} {'try' if tries == 1 else 'tries'} in {took:.1f}s)"
             passes = False
         if not passes:
-            raise PublishError(
+            raise (PublishRefused if lasting else PublishError)(
                 f"publish of {what} to {subject} failed: {describe(failure)}{note}"
             ) from None
         log.debug("publish of %s to %s: %s; trying again", what, subject, describe(failure))

@@ -21,7 +21,7 @@ from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 
 from ..config import NATSConfig
-from ..errors import ConfigError, GDCWorkerError, PublishError, describe
+from ..errors import ConfigError, GDCWorkerError, PublishError, PublishRefused, describe
 from ..outbox import Outbox, QueuedEvent, drain
 from .publish import Stored, check_size, publish, publish_once
 
@@ -180,6 +180,15 @@ class Relay:
             self._wake.clear()
             try:
                 sent = await drain(self.outbox, self._send)
+            except PublishRefused as exc:  # never stored, however often sent: set it aside
+                await self.outbox.refuse_head(str(exc))
+                log.error(
+                    "outbox: %s; set aside in the refused table of %s, for an operator (the "
+                    "events behind it go on)",
+                    exc,
+                    self.outbox.path,
+                )
+                continue
             except PublishError as exc:
                 left = self.outbox.stats().events
                 log.warning(

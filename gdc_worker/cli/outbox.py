@@ -59,6 +59,7 @@ def outbox_status(path: str | None, as_json: bool) -> None:
         ("events", str(stats.events)),
         ("bytes", f"{stats.bytes} ({_size(stats.bytes)})"),
         ("oldest", age),
+        ("refused", f"{stats.refused} (JetStream refuses them for good: see the refused table)"),
     ]
     width = max(len(name) for name, _ in rows)
     for name, value in rows:
