@@ -238,7 +238,7 @@ async def test_publish_hooks_see_stored_duplicate_and_failed_publishes(
         ("sync", "duplicate", ""),
         ("async", "stored", ""),
         ("async", "duplicate", ""),
-        ("lost", "failed", "PublishError"),
+        ("lost", "failed", "PublishRefused"),
     ]
     stored = await jetstream.get_msg(nats_config.stream_name, seq)
     assert stored.headers is not None

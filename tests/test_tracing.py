@@ -350,7 +350,7 @@ async def test_each_publish_span_ends_with_its_outcome(
         ("stored", StatusCode.UNSET),
         ("failed", StatusCode.ERROR),
     ]
-    assert (publishes[-1].status.description or "").startswith("PublishError: ")
+    assert (publishes[-1].status.description or "").startswith("PublishRefused: ")
 
 
 def _python(code: str, *, without_opentelemetry: bool = False) -> str:
