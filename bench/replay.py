@@ -40,6 +40,7 @@ from gdc_worker import (
     Reject,
 )
 from gdc_worker.events import event_headers
+from gdc_worker.testing import isolated_env
 
 #: `dlq replay --all` as measured before it was pipelined, on 10,000 records.
 OLD_REPLAY_PER_S = 71.0
@@ -100,14 +101,7 @@ async def fill(config: NATSConfig, events: list[Event]) -> float:
 
 def gdc_worker(config: NATSConfig, *args: str) -> tuple[float, str]:
     """Run `gdc-worker ARGS...` for the config's streams; returns (seconds, stdout)."""
-    env = {
-        **os.environ,
-        "GDC_NATS_URL": config.url,
-        "GDC_NATS_STREAM_NAME": config.stream_name,
-        "GDC_NATS_STREAM_SUBJECTS": ",".join(config.stream_subjects),
-        "GDC_NATS_DLQ_STREAM_NAME": config.dlq_stream_name,
-        "GDC_NATS_DLQ_SUBJECT_PREFIX": config.dlq_subject_prefix,
-    }
+    env = {**os.environ, **isolated_env(config)}
     started = time.perf_counter()
     done = subprocess.run(
         [sys.executable, "-m", "gdc_worker", *args], env=env, capture_output=True, text=True

@@ -21,6 +21,7 @@ import anyio
 import pytest
 
 from gdc_worker import Event, NATSConfig, new_node_up_event
+from gdc_worker.testing import isolated_env
 from tests.support import alive, eventually
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -48,16 +49,7 @@ def clean_env() -> dict[str, str]:
 
 def worker_env(config: NATSConfig, **extra: str) -> dict[str, str]:
     """`clean_env()` plus `config` as `GDC_NATS_*` variables, plus `extra`."""
-    env = clean_env()
-    env.update(
-        GDC_NATS_URL=config.url,
-        GDC_NATS_STREAM_NAME=config.stream_name,
-        GDC_NATS_STREAM_SUBJECTS=",".join(config.stream_subjects),
-        GDC_NATS_DLQ_STREAM_NAME=config.dlq_stream_name,
-        GDC_NATS_DLQ_SUBJECT_PREFIX=config.dlq_subject_prefix,
-    )
-    env.update(extra)
-    return env
+    return {**clean_env(), **isolated_env(config), **extra}
 
 
 # -- subprocesses -----------------------------------------------------------------------------

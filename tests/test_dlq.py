@@ -47,6 +47,7 @@ from gdc_worker import (
 )
 from gdc_worker.cli import main
 from gdc_worker.events import event_headers
+from gdc_worker.testing import isolated_env
 from tests.recording import Recording
 from tests.support import eventually
 
@@ -129,21 +130,10 @@ async def dead_letter_of(bus: NATSEventBus, event: Event) -> DeadLetterEntry:
     return await eventually(found, f"a dead letter of {event.id}")
 
 
-def dlq_env(config: NATSConfig) -> dict[str, str]:
-    """The `GDC_NATS_*` settings of the test's streams."""
-    return {
-        "GDC_NATS_URL": config.url,
-        "GDC_NATS_STREAM_NAME": config.stream_name,
-        "GDC_NATS_STREAM_SUBJECTS": ",".join(config.stream_subjects),
-        "GDC_NATS_DLQ_STREAM_NAME": config.dlq_stream_name,
-        "GDC_NATS_DLQ_SUBJECT_PREFIX": config.dlq_subject_prefix,
-    }
-
-
 async def dlq(config: NATSConfig, *args: str) -> Result:
     """`gdc-worker dlq ARGS...`, configured by `GDC_NATS_*` for the test's streams."""
     invoke = functools.partial(
-        CliRunner().invoke, main, ["dlq", *args], env=dlq_env(config), catch_exceptions=False
+        CliRunner().invoke, main, ["dlq", *args], env=isolated_env(config), catch_exceptions=False
     )
     return await anyio.to_thread.run_sync(invoke)
 
@@ -872,7 +862,7 @@ def on_a_terminal(config: NATSConfig, *args: str) -> tuple[str, str]:
     """`gdc-worker dlq replay --all ARGS...` as a subprocess with stderr on a pseudo-terminal:
     what the terminal showed, and stdout."""
     controller, terminal = pty.openpty()
-    env = {**os.environ, **dlq_env(config)}
+    env = {**os.environ, **isolated_env(config)}
     with subprocess.Popen(
         [sys.executable, "-m", "gdc_worker", "dlq", "replay", "--all", *args],
         env=env,

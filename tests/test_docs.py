@@ -24,7 +24,7 @@ from click.testing import CliRunner
 
 from gdc_worker import NATSConfig, NATSServer
 from gdc_worker.cli import main
-from gdc_worker.testing import isolated_config
+from gdc_worker.testing import isolated_config, isolated_env
 
 ROOT = Path(__file__).resolve().parent.parent
 PAGES = [*sorted((ROOT / "docs").rglob("*.md")), ROOT / "README.md"]
@@ -92,11 +92,7 @@ def test_every_python_sample_runs(page: Path, nats_server: NATSServer) -> None:
 def _environment(config: NATSConfig) -> dict[str, str]:
     """`GDC_NATS_*` for `config`'s server and streams, as a deployment would set them."""
     return {
-        "GDC_NATS_URL": config.url,
-        "GDC_NATS_STREAM_NAME": config.stream_name,
-        "GDC_NATS_STREAM_SUBJECTS": ",".join(config.stream_subjects),
-        "GDC_NATS_DLQ_STREAM_NAME": config.dlq_stream_name,
-        "GDC_NATS_DLQ_SUBJECT_PREFIX": config.dlq_subject_prefix,
+        **isolated_env(config),
         "GDC_NATS_MAX_BYTES": "0",
         "GDC_NATS_CONNECT_TIMEOUT": "5",
     }

@@ -12,6 +12,7 @@ from nats.js import JetStreamContext
 
 from gdc_worker import NATSConfig
 from gdc_worker.cli import main
+from gdc_worker.testing import isolated_env
 from tests.go_peer import DEFAULTS, GIB, RAISED, add_raised_stream, stream_limits
 
 pytestmark = pytest.mark.anyio
@@ -19,14 +20,7 @@ pytestmark = pytest.mark.anyio
 
 async def stream(config: NATSConfig, *args: str, answer: str | None = None) -> Result:
     """`gdc-worker stream ARGS...` on the test's stream with the default limits."""
-    env = {
-        "GDC_NATS_URL": config.url,
-        "GDC_NATS_STREAM_NAME": config.stream_name,
-        "GDC_NATS_STREAM_SUBJECTS": ",".join(config.stream_subjects),
-        "GDC_NATS_DLQ_STREAM_NAME": config.dlq_stream_name,
-        "GDC_NATS_DLQ_SUBJECT_PREFIX": config.dlq_subject_prefix,
-        "GDC_NATS_MAX_BYTES": str(GIB),
-    }
+    env = {**isolated_env(config), "GDC_NATS_MAX_BYTES": str(GIB)}
     invoke = functools.partial(
         CliRunner().invoke, main, ["stream", *args], env=env, input=answer, catch_exceptions=False
     )

@@ -33,6 +33,7 @@ __all__ = [
     "TestApp",
     "event_bus",
     "isolated_config",
+    "isolated_env",
     "nats_cluster",
     "nats_config",
     "nats_server",
@@ -59,6 +60,18 @@ def isolated_config(url: str) -> NATSConfig:
         # would exhaust the store, so leave them unlimited.
         max_bytes=0,
     )
+
+
+def isolated_env(config: NATSConfig) -> dict[str, str]:
+    """The `GDC_NATS_*` variables that point a `gdc-worker` command, run as a subprocess or
+    through click's runner, at `config`'s server and streams (see `isolated_config`)."""
+    return {
+        "GDC_NATS_URL": config.url,
+        "GDC_NATS_STREAM_NAME": config.stream_name,
+        "GDC_NATS_STREAM_SUBJECTS": ",".join(config.stream_subjects),
+        "GDC_NATS_DLQ_STREAM_NAME": config.dlq_stream_name,
+        "GDC_NATS_DLQ_SUBJECT_PREFIX": config.dlq_subject_prefix,
+    }
 
 
 def _server_binary() -> str:
