@@ -237,7 +237,7 @@ class Breaker(Hook):
         self._recent.clear()
         handler = self._spec.name if self._spec is not None else self._owner
         log.log(level, "handler %s: circuit breaker %s: %s", handler, state.replace("_", "-"), why)
-        if self._spec is not None and self._hooks.breaker_changed:
+        if self._spec is not None:
             self._hooks.run("breaker_changed", self._spec, state)
         self._wake()
 

@@ -103,20 +103,23 @@ _POINTS = (
 class Hooks:
     """The registered hooks, called point by point with their errors contained.
 
-    Each point is an attribute holding the bound methods that override it, so the runner
-    tests `if hooks.call_started:` before it builds any argument.
+    Each point is an attribute holding what to call, or None when no hook overrides it, so a
+    hot call site tests `if hooks.call_started is not None:` before it builds any argument:
+    the one overriding method itself, or a function calling several in turn. A call site
+    that calls it directly catches `Exception` and passes it to `failed(point)`; `run()` does
+    both for call sites that are not hot.
     """
 
-    worker_ready: tuple[Callable[..., None], ...]
-    worker_stopping: tuple[Callable[..., None], ...]
-    delivery_received: tuple[Callable[..., None], ...]
-    call_started: tuple[Callable[..., None], ...]
-    call_finished: tuple[Callable[..., None], ...]
-    delivery_settled: tuple[Callable[..., None], ...]
-    publishing: tuple[Callable[..., None], ...]
-    published: tuple[Callable[..., None], ...]
-    connection_changed: tuple[Callable[..., None], ...]
-    breaker_changed: tuple[Callable[..., None], ...]
+    worker_ready: Callable[..., None] | None
+    worker_stopping: Callable[..., None] | None
+    delivery_received: Callable[..., None] | None
+    call_started: Callable[..., None] | None
+    call_finished: Callable[..., None] | None
+    delivery_settled: Callable[..., None] | None
+    publishing: Callable[..., None] | None
+    published: Callable[..., None] | None
+    connection_changed: Callable[..., None] | None
+    breaker_changed: Callable[..., None] | None
 
     def __init__(self, hooks: Sequence[Hook] = ()) -> None:
         for hook in hooks:
@@ -125,27 +128,53 @@ class Hooks:
         self.hooks = tuple(hooks)
         self._reported: set[tuple[int, str]] = set()
         for point in _POINTS:
-            overriding = tuple(
-                getattr(hook, point)
+            overriding = [
+                hook
                 for hook in self.hooks
                 if getattr(type(hook), point) is not getattr(Hook, point)
-            )
-            setattr(self, point, overriding)
+            ]
+            call = None
+            if len(overriding) == 1:  # the usual case: the method itself, one call
+                call = getattr(overriding[0], point)
+            elif overriding:
+                call = self._each(point, overriding)
+            setattr(self, point, call)
 
     def __add__(self, other: Hooks) -> Hooks:
         return Hooks(self.hooks + other.hooks)
 
     def run(self, point: str, *args: Any) -> None:
-        """Call every hook overriding `point`; log a hook's error once per hook and point."""
-        for method in getattr(self, point):
+        """Call every hook overriding `point`, if any, containing their errors."""
+        call = getattr(self, point)
+        if call is not None:
             try:
-                method(*args)
+                call(*args)
             except Exception:
-                key = (id(method.__self__), point)
-                if key not in self._reported:
-                    self._reported.add(key)
-                    log.exception(
-                        "hook %s.%s failed (reported once; the delivery goes on)",
-                        type(method.__self__).__name__,
-                        point,
-                    )
+                self.failed(point)
+
+    def failed(self, point: str, hook: Hook | None = None) -> None:
+        """Log the error being handled, raised by `hook` (the only one overriding `point`
+        when not given) at `point`, once per hook and point."""
+        if hook is None:
+            hook = getattr(self, point).__self__
+        key = (id(hook), point)
+        if key not in self._reported:
+            self._reported.add(key)
+            log.exception(
+                "hook %s.%s failed (reported once; the delivery goes on)",
+                type(hook).__name__,
+                point,
+            )
+
+    def _each(self, point: str, hooks: list[Hook]) -> Callable[..., None]:
+        """A function calling `point` of each of `hooks` in turn, their errors contained."""
+        methods = [(hook, getattr(hook, point)) for hook in hooks]
+
+        def call_each(*args: Any) -> None:
+            for hook, method in methods:
+                try:
+                    method(*args)
+                except Exception:
+                    self.failed(point, hook)
+
+        return call_each

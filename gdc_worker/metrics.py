@@ -156,10 +156,12 @@ class Metrics(Hook, Collector):
             self._of(spec)
         self._connected = 1
 
+    # The three methods below run at every delivery: `_of` only for a handler not seen yet.
+
     def call_started(self, handler: HandlerSpec, delivery: Delivery, event: Event) -> None:
-        counts = self._of(handler)
+        counts = self._handlers.get(handler.name) or self._of(handler)
         counts.in_flight += 1
-        if delivery in self._failed:
+        if self._failed and delivery in self._failed:
             counts.retries += 1
 
     def call_finished(
@@ -170,7 +172,7 @@ class Metrics(Hook, Collector):
         error: BaseException | None,
         duration_s: float,
     ) -> None:
-        counts = self._of(handler)
+        counts = self._handlers.get(handler.name) or self._of(handler)
         counts.in_flight -= 1
         counts.duration.observe(duration_s)
         if error is not None:
@@ -179,8 +181,9 @@ class Metrics(Hook, Collector):
     def delivery_settled(
         self, handler: HandlerSpec, delivery: Delivery, decision: Decision
     ) -> None:
-        self._failed.discard(delivery)
-        counts = self._of(handler)
+        if self._failed:
+            self._failed.discard(delivery)
+        counts = self._handlers.get(handler.name) or self._of(handler)
         counts.deliveries[decision.outcome] += 1
         if delivery.deliveries > 1:  # counted here: one hook call less per delivery
             counts.redeliveries += 1

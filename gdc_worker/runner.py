@@ -330,16 +330,24 @@ class SettlePath(Generic[D]):
         self._sleep = sleep
         self._gate = gate
         self.running = 0
+        # The hook points of a delivery, read once (None: no hook overrides it).
+        self._received = hooks.delivery_received
+        self._started = hooks.call_started
+        self._finished = hooks.call_finished
+        self._settled = hooks.delivery_settled
         # Neither a timeout nor a hook around the call: the handler is called directly.
-        self._bare = spec.timeout is None and not (hooks.call_started or hooks.call_finished)
+        self._bare = spec.timeout is None and self._started is None and self._finished is None
         #: Deliveries before the dead letter: the handler's, or fewer if its consumer says so.
         self.max_deliver = spec.max_deliver
 
     async def process(self, delivery: D) -> None:
         """Decode, call the handler and settle `delivery` once."""
         spec = self.spec
-        if self._hooks.delivery_received:
-            self._hooks.run("delivery_received", spec, delivery)
+        if self._received is not None:
+            try:
+                self._received(spec, delivery)
+            except Exception:
+                self._hooks.failed("delivery_received")
         try:
             event = Event.from_json(delivery.data)
         except EventDecodeError as exc:
@@ -410,10 +418,14 @@ class SettlePath(Generic[D]):
     ) -> None:
         """One call of the handler and the wait for what it published, within its timeout,
         between the call hooks."""
-        hooks, spec = self._hooks, self.spec
+        spec, finished = self.spec, self._finished
         if outputs is not None:
             outputs.forget()  # an earlier attempt's: this one publishes its own
-        hooks.run("call_started", spec, delivery, event)
+        if self._started is not None:
+            try:
+                self._started(spec, delivery, event)
+            except Exception:
+                self._hooks.failed("call_started")
         started = time.perf_counter()
         try:
             # A handler that publishes nothing is awaited directly: one coroutine less.
@@ -424,9 +436,16 @@ class SettlePath(Generic[D]):
                 with anyio.fail_after(spec.timeout):
                     await call
         except BaseException as exc:
-            hooks.run("call_finished", spec, delivery, event, exc, time.perf_counter() - started)
+            error: BaseException | None = exc
             raise
-        hooks.run("call_finished", spec, delivery, event, None, time.perf_counter() - started)
+        else:
+            error = None
+        finally:
+            if finished is not None:
+                try:
+                    finished(spec, delivery, event, error, time.perf_counter() - started)
+                except Exception:
+                    self._hooks.failed("call_finished")
 
     async def _invoke(self, args: tuple[Any, ...], outputs: _Outputs | None) -> None:
         await self.spec.call(*args)
@@ -436,8 +455,7 @@ class SettlePath(Generic[D]):
     async def hand_back(self, delivery: D) -> None:
         """Give `delivery` back to the stream at once; the hooks see it settled as `Nak(0)`."""
         await self._give_back(delivery)
-        if self._hooks.delivery_settled:
-            self._hooks.run("delivery_settled", self.spec, delivery, Nak(0.0))
+        self._report_settled(delivery, Nak(0.0))
 
     async def _settle(
         self,
@@ -467,8 +485,14 @@ class SettlePath(Generic[D]):
         else:
             with anyio.CancelScope(shield=True):
                 decision = await self._dead_letter(delivery, event, decision, error)
-        if self._hooks.delivery_settled:
-            self._hooks.run("delivery_settled", self.spec, delivery, decision)
+        self._report_settled(delivery, decision)
+
+    def _report_settled(self, delivery: Settleable, decision: Decision) -> None:
+        if self._settled is not None:
+            try:
+                self._settled(self.spec, delivery, decision)
+            except Exception:
+                self._hooks.failed("delivery_settled")
 
     async def _dead_letter(
         self,

@@ -259,8 +259,7 @@ class NATSEventBus:
             consumer.fail(failure)
 
     def _on_change(self, connected: bool) -> None:
-        if self.hooks.connection_changed:
-            self.hooks.run("connection_changed", connected)
+        self.hooks.run("connection_changed", connected)
 
     async def _on_reconnect(self) -> None:
         # Pull requests die with the connection (nats-py #504/#544): issue them again.
@@ -450,7 +449,7 @@ class NATSEventBus:
         subject = self._subject_of(event)
         headers = event_headers(event)
         hooks = self.hooks
-        if not (hooks.publishing or hooks.published):
+        if hooks.publishing is None and hooks.published is None:
             stored = await self._store(subject, event.to_json(), headers, f"event {event.id}")
             return stored.seq if stored is not None else None
         hooks.run("publishing", subject, event, headers)
@@ -559,7 +558,7 @@ class NATSEventBus:
         what = f"event {event.id}"
         report = done is None
         hooks = self.hooks
-        hooked = bool(hooks.publishing or hooks.published)
+        hooked = hooks.publishing is not None or hooks.published is not None
         if hooked:
             hooks.run("publishing", subject, event, headers)
             started = time.perf_counter()
