@@ -128,6 +128,7 @@ class Backstop(ConsumerLoop):
         consumer = bus.pull_consumer(self.durable, capacity=2 * CONCURRENCY, stream=self.stream)
         super().__init__(bus, consumer, CONCURRENCY, ACK_WAIT_S)
         self._dlq = dlq
+        self._process = self._record
 
     async def prepare(self) -> None:
         """Create or update the advisory stream and the shared consumer, then start pulling."""
@@ -158,7 +159,7 @@ class Backstop(ConsumerLoop):
             self.durable,
         )
 
-    async def _process(self, delivery: Delivery) -> None:
+    async def _record(self, delivery: Delivery) -> None:
         try:
             advisory = _advisory_decoder.decode(delivery.data)
         except msgspec.DecodeError as exc:

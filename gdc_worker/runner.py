@@ -57,10 +57,14 @@ class ConsumerLoop:
     """A pool of workers over one pull consumer: taking deliveries, keeping the held ones alive,
     and stopping gracefully (`stop()`) or at once (`force()`).
 
-    A subclass binds the consumer in `prepare()` (then `_start()`) and settles each delivery in
-    `_process()`; what `_process()` raises unexpectedly (a defect) is logged, and the delivery
+    A subclass binds the consumer in `prepare()` (then `_start()`) and sets `_process` to what
+    settles each delivery; what that raises unexpectedly (a defect) is logged, and the delivery
     goes back to the stream.
     """
+
+    #: Settles one delivery: an attribute rather than a method, so a subclass can set its
+    #: settle path's own, with no coroutine in between.
+    _process: Callable[[Delivery], Awaitable[None]]
 
     def __init__(
         self, bus: NATSEventBus, consumer: PullConsumer, concurrency: int, ack_wait: float
@@ -158,9 +162,6 @@ class ConsumerLoop:
             for delivery in self._consumer.held_since(time.monotonic() - interval):
                 await delivery.in_progress()
 
-    async def _process(self, delivery: Delivery) -> None:
-        raise NotImplementedError
-
     async def _hand_back(self, delivery: Delivery) -> None:
         """Give a delivery being processed back to the stream at once (a nak)."""
         await self._consumer.hand_back(delivery)
@@ -204,6 +205,7 @@ class HandlerRunner(ConsumerLoop):
             self._consumer.hand_back,
             gate=self._wait_at_gate if spec.breaker is not None else None,
         )
+        self._process = self._path.process
 
     @property
     def running(self) -> int:
@@ -242,9 +244,6 @@ class HandlerRunner(ConsumerLoop):
         super().stop_fetching()
         for waiting in self._at_gate:
             waiting.cancel()
-
-    async def _process(self, delivery: Delivery) -> None:
-        await self._path.process(delivery)
 
     async def _wait_at_gate(self, delivery: Delivery) -> bool:
         """Hold `delivery` until the breaker lets it through; False if stopped meanwhile.

@@ -13,6 +13,7 @@ import collections
 import contextlib
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 import anyio
@@ -153,14 +154,13 @@ class PullConsumer:
         self._returned: list[Delivery] = []  # handed back while our pull requests were open
         self._inbox = nc.new_inbox()
         self._handoff = _Handoff()
+        #: The next delivery; raises `anyio.EndOfStream` once stopped and drained. (The
+        #: handoff's own method: no coroutine in between, at every delivery.)
+        self.next: Callable[[], Awaitable[Delivery]] = self._handoff.get
 
     def held_since(self, before: float) -> list[Delivery]:
         """Unsettled deliveries that arrived before `before` (a `time.monotonic()` value)."""
         return [delivery for delivery, arrived in self._held.values() if arrived < before]
-
-    async def next(self) -> Delivery:
-        """The next delivery; raises `anyio.EndOfStream` once stopped and drained."""
-        return await self._handoff.get()
 
     async def start(self) -> None:
         """Subscribe to the inbox and send the first pull request."""
