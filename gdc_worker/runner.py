@@ -149,7 +149,7 @@ class ConsumerLoop:
                     )
                     with anyio.CancelScope(shield=True):
                         await self._hand_back(delivery)
-            await self._consumer.release(delivery)
+            self._consumer.release(delivery)
 
     async def _keep_alive(self) -> None:
         """Tell JetStream that deliveries held a while are still being worked on (+WPI).

@@ -134,7 +134,7 @@ class Recorder:
     def __init__(self) -> None:
         self.sent: list[tuple[str, bytes]] = []
 
-    async def publish(self, subject: str, payload: bytes) -> None:
+    def publish_now(self, subject: str, payload: bytes) -> None:
         self.sent.append((subject, payload))
 
 

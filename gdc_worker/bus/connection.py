@@ -152,6 +152,41 @@ class Client(NATS):
         if self._flush_queue is not None and self._flush_queue.empty():
             await self._flush_pending()
 
+    def publish_now(self, subject: str, payload: bytes, reply: str = "") -> None:
+        """`publish()` of a message without headers, queued without a coroutine: for the acks
+        and pull requests, one or more per delivery. The same checks and errors; the flusher
+        sends it as it sends `publish()`'s (a full buffer does not make this one wait)."""
+        if self.is_closed:
+            raise nats.errors.ConnectionClosedError
+        if self.is_draining_pubs:
+            raise nats.errors.ConnectionDrainingError
+        size = len(payload)
+        if not self.is_connected and (
+            self._max_pending_size <= 0 or size + self._pending_data_size > self._max_pending_size
+        ):
+            raise nats.errors.OutboundBufferLimitError
+        if size > self._max_payload:
+            raise nats.errors.MaxPayloadError
+        if reply:
+            command = b"PUB %b %b %d\r\n%b\r\n" % (subject.encode(), reply.encode(), size, payload)
+        else:
+            command = b"PUB %b %d\r\n%b\r\n" % (subject.encode(), size, payload)
+        self.stats["out_msgs"] += 1
+        self.stats["out_bytes"] += size
+        self._pending.append(command)
+        self._pending_data_size += len(command)
+        queue = self._flush_queue
+        if queue is None or not queue.empty() or not self.is_connected:
+            return  # a flush is due already, or the buffer goes out once reconnected
+        if self._transport is not None and (
+            self._flusher_task is None or self._flusher_task.done()
+        ):
+            self._transport.writelines(self._pending)  # as `_flush_pending()` does then
+            self._pending = []
+            self._pending_data_size = 0
+        else:
+            queue.put_nowait(asyncio.get_running_loop().create_future())
+
     async def subscribe_direct(self, subject: str, deliver: Deliver) -> Subscription:
         """Subscribe `deliver` to `subject`, called in the read loop, so it must not block.
 

@@ -23,9 +23,10 @@ import nats.errors
 from ..errors import ConnectionFailed, SubscriptionError
 
 if TYPE_CHECKING:
-    from nats.aio.client import Client as NATS
     from nats.aio.msg import Msg
     from nats.aio.subscription import Subscription
+
+    from .connection import Client
 
 __all__ = ["Delivery", "PullConsumer"]
 
@@ -59,7 +60,7 @@ class Delivery:
         "subject",
     )
 
-    def __init__(self, nc: NATS, msg: Msg) -> None:
+    def __init__(self, nc: Client, msg: Msg) -> None:
         self._nc = nc
         self.subject: str = msg.subject
         self.reply: str = msg.reply
@@ -78,28 +79,30 @@ class Delivery:
 
     async def ack(self) -> None:
         """The message is handled; JetStream forgets it for this consumer."""
-        await self._send(_ACK)
+        self._send(_ACK)
 
     async def nak(self, delay: float = 0.0) -> None:
         """Redeliver the message after `delay` seconds (at once for 0)."""
         payload = _NAK
         if delay > 0:
             payload += b" " + msgspec.json.encode({"delay": int(delay * 1e9)})
-        await self._send(payload)
+        self._send(payload)
 
     async def in_progress(self) -> None:
         """Still working: restart the consumer's ack wait for this message."""
-        await self._send(_WPI)
+        self._send(_WPI)
 
     async def term(self, reason: str = "") -> None:
         """Never redeliver; the reason shows in the server's advisory."""
         # The server keeps 256 bytes of it; cut there, on a character boundary.
         cut = reason.encode()[:256].decode("utf-8", "ignore").encode()
-        await self._send(_TERM + b" " + cut if cut else _TERM)
+        self._send(_TERM + b" " + cut if cut else _TERM)
 
-    async def _send(self, payload: bytes) -> None:
+    def _send(self, payload: bytes) -> None:
+        # Queued as nats-py queues a publish, before any suspension: a cancellation cannot
+        # drop it half-way.
         try:
-            await self._nc.publish(self.reply, payload)
+            self._nc.publish_now(self.reply, payload)
         except nats.errors.Error as exc:
             # Unsent, JetStream redelivers the message after the consumer's ack wait.
             raise ConnectionFailed(f"cannot settle message #{self.stream_seq}: {exc}") from None
@@ -121,7 +124,7 @@ class PullConsumer:
 
     def __init__(
         self,
-        nc: NATS,
+        nc: Client,
         stream: str,
         consumer: str,
         *,
@@ -165,7 +168,7 @@ class PullConsumer:
     async def start(self) -> None:
         """Subscribe to the inbox and send the first pull request."""
         self._sub = await self._nc.subscribe(self._inbox, cb=self._on_msg)
-        await self._top_up()
+        self._top_up()
 
     async def watch(self) -> None:
         """Until `stop()`: re-issue pull requests that went silent; raise if the consumer is gone.
@@ -260,15 +263,15 @@ class PullConsumer:
         self._requested = 0
         self._leaderless = False
         self._last_seen = time.monotonic()
-        await self._top_up()
+        self._top_up()
 
-    async def release(self, delivery: Delivery) -> None:
+    def release(self, delivery: Delivery) -> None:
         """`delivery` is settled: its slot is free again."""
         del self._held[id(delivery)]
         if self._capacity - len(self._held) - self._requested >= self._threshold:
-            await self._top_up()
+            self._top_up()
 
-    async def _top_up(self) -> None:
+    def _top_up(self) -> None:
         free = self._capacity - len(self._held) - self._requested
         if (
             self._stopping.is_set()
@@ -279,7 +282,7 @@ class PullConsumer:
             return
         self._requested += free
         request = {"batch": free, "expires": self._expires_ns, "idle_heartbeat": self._heartbeat_ns}
-        await self._nc.publish(self._next_subject, msgspec.json.encode(request), reply=self._inbox)
+        self._nc.publish_now(self._next_subject, msgspec.json.encode(request), self._inbox)
 
     async def _on_msg(self, msg: Msg) -> None:
         self._last_seen = time.monotonic()
@@ -325,7 +328,7 @@ class PullConsumer:
         self._requested = max(0, self._requested - int(pending)) if pending else 0
         if status not in ("404", "408"):
             log.debug("pull request for %s ended: %s %s", self.name, status, description)
-        await self._top_up()
+        self._top_up()
 
     def _answered(self) -> None:
         since, self._unanswered_since = self._unanswered_since, None
