@@ -8,7 +8,6 @@ import sys
 from collections.abc import Callable, Iterator
 from typing import Any
 
-import nats
 import pytest
 from nats.js import JetStreamContext
 from opentelemetry import trace
@@ -31,6 +30,7 @@ from gdc_worker import (
     Reject,
     Worker,
 )
+from gdc_worker.bus.connection import Client
 from gdc_worker.tracing import Tracing
 from tests.support import GRACE, dead_letters, eventually, node_up, running
 
@@ -300,7 +300,8 @@ async def test_a_delivery_left_unsettled_is_ended_when_its_task_takes_the_next(
     spec = app.handlers["handle"]
     for node in ("lost", "next"):
         await event_bus.publish_event(node_up(node))
-    nc = await nats.connect(nats_config.url)
+    nc = Client()  # the bus's client, which a Delivery settles through
+    await nc.connect(nats_config.url)
     try:
         pulled = await nc.jetstream().pull_subscribe(
             nats_config.subject_for("node.up"), "probe", stream=nats_config.stream_name
