@@ -91,7 +91,7 @@ class OutboxStats(NamedTuple):
     bytes: int
     #: Seconds since the oldest event still there was queued; None when there is none.
     oldest_age_s: float | None
-    #: Events set aside because JetStream refuses them for good (`refuse_head`).
+    #: Events set aside because JetStream refuses them for good (`refuse`).
     refused: int = 0
 
 
@@ -215,25 +215,21 @@ class Outbox:
 
         await self._call(delete)
 
-    async def refuse_head(self, reason: str) -> int | None:
-        """Set the oldest event aside, in the file's `refused` table with `reason`: JetStream
-        refuses it for good, and the events behind it must not wait for it. Its id; None if
-        the outbox is empty."""
+    async def refuse(self, event_id: int, reason: str) -> bool:
+        """Set event `event_id` aside, in the file's `refused` table with `reason`: JetStream
+        refuses it for good, and the events behind it must not wait for it. False when it is
+        no longer queued (another process sharing the file drained it or set it aside)."""
 
-        def refuse() -> int | None:
+        def move() -> bool:
             with self._transaction():
-                row = self._db.execute("SELECT id FROM events ORDER BY id LIMIT 1").fetchone()
-                if row is None:
-                    return None
                 self._db.execute(
                     "INSERT INTO refused SELECT id, subject, payload, headers, queued_at, ?, ? "
                     "FROM events WHERE id = ?",
-                    (time.time(), reason, row[0]),
+                    (time.time(), reason, event_id),
                 )
-                self._db.execute("DELETE FROM events WHERE id = ?", (row[0],))
-            return int(row[0])
+                return self._db.execute("DELETE FROM events WHERE id = ?", (event_id,)).rowcount > 0
 
-        return await self._call(refuse)
+        return await self._call(move)
 
     async def close(self) -> None:
         """Finish what was submitted, then close the file. Idempotent."""

@@ -19,6 +19,7 @@ import anyio
 import anyio.to_thread
 import pytest
 from click.testing import CliRunner
+from nats.js import JetStreamContext
 
 from gdc_worker import (
     App,
@@ -152,6 +153,50 @@ async def test_an_event_jetstream_refuses_for_good_is_set_aside_and_the_rest_go_
         r.levelname == "ERROR" and "event stray" in r.getMessage() and "set aside" in r.getMessage()
         for r in caplog.records
     )
+
+
+@pytest.mark.anyio
+async def test_events_queued_for_a_server_that_lost_the_stream_are_stored_not_set_aside(
+    down: Down, tmp_path: Path
+) -> None:
+    """Given a bus with an outbox, connected, whose server then stops, and events queued;
+    when a server with an empty store (the stream is gone) comes up in its place,
+    then the relay sets the stream up again, as connecting does, and stores every event in
+    order: a missing stream says nothing about the events, so none is set aside."""
+    events = [node_up(f"node-{n}") for n in range(5)]
+    fresh = NATSServer(port=down.server.requested_port, store_dir=tmp_path / "fresh")
+    await down.start()
+    try:
+        async with await NATSEventBus.connect(down.config) as bus:
+            await anyio.to_thread.run_sync(down.server.stop)
+            assert [await bus.publish_event(e) for e in events] == [None] * 5
+            await anyio.to_thread.run_sync(fresh.start)
+            with anyio.fail_after(DRAIN_TIMEOUT):
+                await bus.wait_outbox_empty()
+
+            assert await stored_ids(bus) == [e.id for e in events]
+            assert bus.outbox is not None
+            assert bus.outbox.stats().refused == 0
+    finally:
+        fresh.stop()
+
+
+@pytest.mark.anyio
+async def test_a_publish_finding_the_stream_deleted_is_queued_until_it_is_set_up_again(
+    nats_config: NATSConfig, jetstream: JetStreamContext, tmp_path: Path
+) -> None:
+    """Given a bus with an outbox, connected, and its stream deleted behind its back,
+    when an event is published, then it is queued (None) rather than refused, and the relay
+    sets the stream up again and stores it there."""
+    config = nats_config.replace(outbox_path=str(tmp_path / "outbox.db"))
+    event = node_up()
+    async with await NATSEventBus.connect(config) as bus:
+        await jetstream.delete_stream(config.stream_name)
+
+        assert await bus.publish_event(event) is None
+        with anyio.fail_after(DRAIN_TIMEOUT):
+            await bus.wait_outbox_empty()
+        assert await stored_ids(bus) == [event.id]
 
 
 @pytest.mark.anyio

@@ -23,7 +23,7 @@ from nats.js.api import (
     StreamConfig,
 )
 
-from ..config import STREAM_SETUPS
+from ..config import STREAM_SETUPS, NATSConfig
 from ..errors import ConfigError, ConnectionFailed, EventBusError, SubscriptionError, describe
 
 __all__ = ["Admin", "BoundConsumer", "LimitChange", "StoredMessage", "StreamSpec"]
@@ -88,6 +88,19 @@ class StreamSpec:
     max_msgs: int = -1
     duplicate_window: float = 120.0
     replicas: int = 1
+
+    @classmethod
+    def of(cls, config: NATSConfig) -> StreamSpec:
+        """The event stream as `config` describes it."""
+        return cls(
+            config.stream_name,
+            config.stream_subjects,
+            max_age=config.max_age,
+            max_bytes=config.max_bytes,
+            max_msgs=config.max_msgs,
+            duplicate_window=config.duplicate_window,
+            replicas=config.replicas,
+        )
 
     def config(self) -> StreamConfig:
         """The JetStream configuration (0 for a limit means none, as in `NATSConfig`)."""
