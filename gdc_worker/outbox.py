@@ -48,6 +48,9 @@ DRAIN_BATCH = 100
 #: How long a write waits for another process holding the file (`gdc-worker outbox flush`).
 _BUSY_TIMEOUT_MS = 30_000
 _SCHEMA_VERSION = 2  # 2: the refused table
+#: Marks the file as an outbox (`PRAGMA application_id`: "GDCo"), so that a database of
+#: something else named by mistake is refused, not written into.
+_APPLICATION_ID = 0x4744436F
 # The totals are kept by triggers, so the bounds are checked without counting the rows, and
 # stay right when another process drains the same file.
 _SCHEMA = """
@@ -289,21 +292,33 @@ class Outbox:
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         self._conn = conn
         conn.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
-        conn.execute("PRAGMA journal_mode = WAL")
-        conn.execute("PRAGMA synchronous = FULL")
         version = conn.execute("PRAGMA user_version").fetchone()[0]
-        if version < _SCHEMA_VERSION:  # new, or older (or another process creating it):
-            # the schema only adds what is missing
-            conn.executescript(
-                f"BEGIN IMMEDIATE; {_SCHEMA} PRAGMA user_version = {_SCHEMA_VERSION}; COMMIT;"
+        marked = conn.execute("PRAGMA application_id").fetchone()[0]
+        tables = conn.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchone() is not None
+        # Not ours: marked by another application, or unmarked tables that are not an outbox
+        # (outboxes of schema 1 and 2 were not marked yet).
+        if marked not in (0, _APPLICATION_ID) or (marked == 0 and version == 0 and tables):
+            raise ConfigError(
+                f"outbox_path: {self.path} is a SQLite database of something else, not an "
+                "outbox: give the outbox a file of its own"
             )
-        elif version != _SCHEMA_VERSION:
+        if version > _SCHEMA_VERSION:
             raise ConfigError(
                 f"outbox_path: {self.path} is an outbox of schema {version}, which this version "
                 "of gdc-worker cannot read"
             )
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute("PRAGMA synchronous = FULL")
+        if version < _SCHEMA_VERSION or not marked:  # new, or older (or another process
+            # creating it): the schema only adds what is missing
+            conn.executescript(
+                f"BEGIN IMMEDIATE; {_SCHEMA} PRAGMA application_id = {_APPLICATION_ID}; "
+                f"PRAGMA user_version = {_SCHEMA_VERSION}; COMMIT;"
+            )
         with self._transaction():  # the totals, for stats()
-            pass
+            # A write now, so that a file it cannot write is refused here, not at the first
+            # publish while NATS is down, when the outbox is what the service relies on.
+            self._db.execute("UPDATE totals SET events = events")
 
     @property
     def _db(self) -> sqlite3.Connection:

@@ -7,8 +7,10 @@ store so that it can be started and stopped under the bus.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator
@@ -561,6 +563,50 @@ async def test_an_unusable_outbox_path_fails_connect_naming_it(tmp_path: Path) -
         config = NATSConfig(url=f"nats://127.0.0.1:{free_port()}", outbox_path=str(path))
         with pytest.raises(ConfigError, match=f"outbox_path: cannot use {path} .*{cause}"):
             await NATSEventBus.connect(config)
+
+
+@pytest.mark.anyio
+async def test_a_sqlite_database_of_something_else_is_refused_and_left_as_it_was(
+    tmp_path: Path,
+) -> None:
+    """Given outbox_path naming an application's own SQLite database (by mistake),
+    when an outbox opens it, ConfigError says it is not an outbox, and the database is as it
+    was: no table of the outbox's added, its journal mode kept."""
+    path = tmp_path / "app.db"
+    with contextlib.closing(sqlite3.connect(path)) as db, db:
+        db.execute("CREATE TABLE users (id INTEGER PRIMARY KEY, name TEXT)")
+    with pytest.raises(ConfigError, match=f"{path} is a SQLite database of something else"):
+        await Outbox.open(path)
+
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        assert db.execute("SELECT name FROM sqlite_master").fetchall() == [("users",)]
+        assert db.execute("PRAGMA journal_mode").fetchone() == ("delete",)
+
+
+@contextlib.contextmanager
+def read_only(path: Path) -> Iterator[None]:
+    """`path` made read-only, for root too (which file modes do not stop): immutable."""
+    if os.geteuid() != 0:
+        path.chmod(0o444)
+        yield
+        return
+    if subprocess.run(["chattr", "+i", str(path)], capture_output=True).returncode != 0:
+        pytest.skip("cannot make a file read-only for root here (chattr +i)")
+    try:
+        yield
+    finally:
+        subprocess.run(["chattr", "-i", str(path)], check=True)
+
+
+@pytest.mark.anyio
+async def test_an_outbox_file_it_cannot_write_is_refused_at_open(tmp_path: Path) -> None:
+    """Given an outbox file that is read-only to the service,
+    when an outbox opens it, ConfigError names the file at once, rather than every publish
+    failing later, while NATS is down and the outbox is what the service relies on."""
+    path = tmp_path / "outbox.db"
+    await (await Outbox.open(path)).close()
+    with read_only(path), pytest.raises(ConfigError, match=f"cannot use {path} .*readonly"):
+        await Outbox.open(path)
 
 
 @pytest.mark.anyio
