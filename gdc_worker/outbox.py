@@ -176,12 +176,9 @@ class Outbox:
             with self._transaction():
                 events, size = self._read_totals()
                 row = len(payload) + len(blob)
-                if events + 1 > self.max_events or size + row > self.max_bytes:
-                    raise OutboxFull(
-                        f"{what} to {subject} not stored: the outbox at {self.path} is full "
-                        f"({events} events, {size} bytes; outbox_max_events={self.max_events}, "
-                        f"outbox_max_bytes={self.max_bytes})"
-                    )
+                full = self._full(events, size, row)
+                if full:
+                    raise OutboxFull(f"{what} to {subject} not stored: {full}")
                 self._db.execute(
                     "INSERT INTO events (subject, payload, headers, size, queued_at)"
                     " VALUES (?, ?, ?, ?, ?)",
@@ -339,6 +336,29 @@ class Outbox:
             self._db.execute("ROLLBACK")
             raise
         self._totals = (events, size, oldest[0] if oldest else None, refused)
+
+    def _full(self, events: int, size: int, row: int) -> str | None:
+        """Why an event of `row` bytes cannot be queued behind `events` of `size` bytes, naming
+        the bound and the way out; None if it can."""
+        if row > self.max_bytes:  # waiting for NATS would not help
+            return (
+                f"it is {row} bytes, over outbox_max_bytes={self.max_bytes} "
+                f"(GDC_NATS_OUTBOX_MAX_BYTES) of the outbox at {self.path}: raise it to queue "
+                "events this large"
+            )
+        if events + 1 > self.max_events:
+            reached = (
+                f"{events} events, outbox_max_events={self.max_events} (GDC_NATS_OUTBOX_MAX_EVENTS)"
+            )
+        elif size + row > self.max_bytes:
+            reached = f"{size} bytes, outbox_max_bytes={self.max_bytes} (GDC_NATS_OUTBOX_MAX_BYTES)"
+        else:
+            return None
+        return (
+            f"the outbox at {self.path} is full: {reached}. It drains once NATS takes events "
+            f"again (`gdc-worker outbox flush --path {self.path}` drains it now), or raise the "
+            "bound"
+        )
 
     def _read_totals(self) -> tuple[int, int]:
         row = self._db.execute("SELECT events, bytes FROM totals").fetchone()

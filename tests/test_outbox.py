@@ -272,24 +272,40 @@ async def test_publishes_that_get_no_ack_go_to_the_outbox_and_are_stored_once(
 
 @pytest.mark.anyio
 async def test_a_full_outbox_raises_outbox_full(down: Down) -> None:
-    """Given an outbox bounded to 3 events, or to fewer bytes than an event, NATS down,
+    """Given an outbox bounded to 3 events, NATS down,
     when one more event is published (one at a time or async),
-    then OutboxFull (a PublishError) names the outbox and its bounds; the queued ones stay."""
+    then OutboxFull (a PublishError) names the outbox, the bound it reached and the ways out
+    (NATS back or `gdc-worker outbox flush`, or a higher bound); the queued ones stay."""
     config = down.config.replace(outbox_max_events=3)
     async with await NATSEventBus.connect(config) as bus:
         for n in range(3):
             await bus.publish_event(node_up(f"node-{n}"))
-        with pytest.raises(OutboxFull, match=r"is full .*outbox_max_events=3"):
+        with pytest.raises(OutboxFull) as full:
             await bus.publish_event(node_up("one too many"))
         with pytest.raises(PublishError, match="is full"):
             await bus.publish_event_async(node_up("one too many"))
         assert depth(bus) == 3
 
-    tiny = down.config.replace(outbox_path=down.outbox_path + "-tiny", outbox_max_bytes=100)
+    message = str(full.value)
+    assert f"the outbox at {down.outbox_path} is full: 3 events" in message
+    assert "outbox_max_events=3 (GDC_NATS_OUTBOX_MAX_EVENTS)" in message
+    assert f"gdc-worker outbox flush --path {down.outbox_path}" in message
+
+
+@pytest.mark.anyio
+async def test_an_event_larger_than_the_outbox_bound_is_refused_as_such(down: Down) -> None:
+    """Given an empty outbox bounded to fewer bytes than one event, NATS down,
+    when the event is published, then OutboxFull says the event alone is over
+    outbox_max_bytes (waiting would not help), not that the outbox is full."""
+    tiny = down.config.replace(outbox_max_bytes=100)
     async with await NATSEventBus.connect(tiny) as bus:
-        with pytest.raises(OutboxFull, match="outbox_max_bytes=100"):
+        with pytest.raises(OutboxFull) as refused:
             await bus.publish_event(node_up())
         assert depth(bus) == 0
+
+    message = str(refused.value)
+    assert "is full" not in message
+    assert "bytes, over outbox_max_bytes=100 (GDC_NATS_OUTBOX_MAX_BYTES)" in message
 
 
 def test_a_publisher_killed_half_way_loses_and_duplicates_nothing(
