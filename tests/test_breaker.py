@@ -494,3 +494,18 @@ async def test_the_bus_pauses_and_resumes_a_consumer_where_the_server_can(
 
     info = await jetstream.consumer_info(nats_config.stream_name, "svc-handle")
     assert not info.paused
+
+
+async def test_a_pause_longer_than_the_calendar_pauses_for_as_long_as_it_can(
+    nats_config: NATSConfig, event_bus: NATSEventBus, jetstream: JetStreamContext
+) -> None:
+    """Given a durable consumer and a breaker cooldown past the year 9999 (1e12 s, say),
+    when the bus pauses the consumer for it, then it is paused (as long as a date can say),
+    not failed with an OverflowError that would end the worker."""
+    await event_bus.ensure_consumer("svc-handle", nats_config.subject_for("node.up"))
+
+    with anyio.fail_after(5):
+        supported = await event_bus.pause_consumer("svc-handle", 1e12)
+
+    paused = (await jetstream.consumer_info(nats_config.stream_name, "svc-handle")).paused
+    assert bool(paused) == supported

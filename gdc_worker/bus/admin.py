@@ -38,6 +38,8 @@ _API_TIMEOUT_S = 5.0
 _PAUSE_SINCE = (2, 11)
 #: A pause until this instant resumes the consumer.
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+#: The last time a pause can last until (RFC 3339 ends with the year 9999).
+_LAST = datetime(9999, 12, 31, tzinfo=UTC)
 #: The description of every consumer gdc-worker creates: it may update those, and no other.
 CONSUMER_DESCRIPTION = "gdc-worker"
 
@@ -359,7 +361,13 @@ class Admin:
         version = self._nc.connected_server_version
         if (version.major, version.minor) < _PAUSE_SINCE:
             return False
-        until = datetime.now(UTC) + timedelta(seconds=seconds) if seconds > 0 else _EPOCH
+        now = datetime.now(UTC)
+        # A longer pause than a date can say (a breaker's cooldown of 1e12 s) is the longest.
+        until = (
+            now + timedelta(seconds=min(seconds, (_LAST - now).total_seconds()))
+            if seconds > 0
+            else _EPOCH
+        )
         try:
             await self._js.pause_consumer(stream, durable, until.isoformat().replace("+00:00", "Z"))
         except (nats.errors.Error, TimeoutError) as exc:
