@@ -220,6 +220,23 @@ def test_a_trial_ending_in_retry_lets_another_one_try() -> None:
     assert breaker.admit(delivery())
 
 
+def test_a_trial_handed_back_before_its_call_lets_another_one_try() -> None:
+    """Given a half-open breaker whose trial delivery is handed back before the handler was
+    called (a forced stop while the consumer was resumed for it), then the next delivery is
+    the trial: the breaker does not wait for a verdict that will never come."""
+    clock = Clock()
+    breaker = bound(Breaker(failures=1, cooldown=1, clock=clock))
+    fail(breaker)
+    clock.now += 1
+    trial = delivery()
+    assert breaker.admit(trial)
+
+    breaker.delivery_settled(SPEC, trial, Nak(0.0))
+
+    assert breaker.state == "half_open"
+    assert breaker.admit(delivery())
+
+
 def test_a_failure_ratio_within_the_window_opens_it() -> None:
     """Given Breaker(failures=100, ratio=0.5, window=10, min_calls=10), when 4 of 8
     deliveries fail, it stays closed (too few calls); when the 10th is the 5th failure, it
