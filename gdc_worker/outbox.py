@@ -286,6 +286,10 @@ class Outbox:
             self._conn.close()
 
     def _open(self) -> None:
+        if os.path.isdir(self.path):  # SQLite would only say "unable to open database file"
+            raise ConfigError(
+                f"outbox_path: cannot use {self.path} as the outbox: it is a directory"
+            )
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         self._conn = conn
         conn.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")

@@ -515,7 +515,7 @@ def test_outbox_status_and_flush_report_and_drain_it(down: Down) -> None:
 
 
 def test_outbox_commands_refuse_a_missing_outbox_in_one_line(tmp_path: Path) -> None:
-    """Given no outbox configured, or a path with no outbox file,
+    """Given no outbox configured, a path with no outbox file, or a directory,
     when `gdc-worker outbox status` runs, it exits 2 with one line naming the problem, and
     creates no file."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("GDC_NATS_")}
@@ -524,12 +524,17 @@ def test_outbox_commands_refuse_a_missing_outbox_in_one_line(tmp_path: Path) -> 
 
     unset = runner.invoke(main, ["outbox", "status"], env=env)
     absent = runner.invoke(main, ["outbox", "flush", "--path", str(missing)], env=env)
+    directory = runner.invoke(main, ["outbox", "status", "--path", str(tmp_path)], env=env)
 
     assert (unset.exit_code, unset.output) == (
         2,
         "Error: no outbox: give --path or set GDC_NATS_OUTBOX_PATH\n",
     )
     assert (absent.exit_code, absent.output) == (2, f"Error: no outbox at {missing}\n")
+    assert (directory.exit_code, directory.output) == (
+        2,
+        f"Error: {tmp_path} is a directory: give the outbox file in it\n",
+    )
     assert not missing.exists()
 
 
@@ -568,13 +573,15 @@ def test_outbox_settings_come_from_the_environment() -> None:
 
 @pytest.mark.anyio
 async def test_an_unusable_outbox_path_fails_connect_naming_it(tmp_path: Path) -> None:
-    """Given outbox_path in a missing directory, or a file that is not an outbox,
-    when the bus connects, ConfigError names outbox_path and the file, before any connect."""
+    """Given outbox_path in a missing directory, a file that is not an outbox, or a
+    directory, when the bus connects, ConfigError names outbox_path and the path, and why,
+    before any connect."""
     garbage = tmp_path / "notes.txt"
     garbage.write_text("not a database" * 100)
     for path, cause in [
         (tmp_path / "missing" / "outbox.db", "unable to open database file"),
         (garbage, "file is not a database"),
+        (tmp_path, "it is a directory"),
     ]:
         config = NATSConfig(url=f"nats://127.0.0.1:{free_port()}", outbox_path=str(path))
         with pytest.raises(ConfigError, match=f"outbox_path: cannot use {path} .*{cause}"):
