@@ -176,16 +176,21 @@ class Breaker(Hook):
     ) -> None:
         """Count the delivery's outcome, if the handler was called for it."""
         key = id(delivery)
-        if key not in self._errors:
+        if key not in self._errors:  # not called: handed back from the gate, say
+            self._forget_probe(key)
             return
         error, started = self._errors.pop(key), self._starts.pop(key, 0)
         if decision == _HANDED_BACK and isinstance(error, anyio.get_cancelled_exc_class()):
             # Cancelled by a forced stop and handed back: it says nothing about a dependency.
-            if key == self._probe:
-                self._probe = None
-                self._wake()
+            self._forget_probe(key)
             return
         self._record(key, error, started)
+
+    def _forget_probe(self, key: int) -> None:
+        """Delivery `key` ended without a verdict: if it was the trial, let another one try."""
+        if key == self._probe:
+            self._probe = None
+            self._wake()
 
     def _record(self, key: int, error: BaseException | None, started: int) -> None:
         """Delivery `key` (its `id`) ended: with `error` None if it succeeded, else with the

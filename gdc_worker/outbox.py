@@ -48,6 +48,9 @@ DRAIN_BATCH = 100
 #: How long a write waits for another process holding the file (`gdc-worker outbox flush`).
 _BUSY_TIMEOUT_MS = 30_000
 _SCHEMA_VERSION = 2  # 2: the refused table
+#: Marks the file as an outbox (`PRAGMA application_id`: "GDCo"), so that a database of
+#: something else named by mistake is refused, not written into.
+_APPLICATION_ID = 0x4744436F
 # The totals are kept by triggers, so the bounds are checked without counting the rows, and
 # stay right when another process drains the same file.
 _SCHEMA = """
@@ -91,7 +94,7 @@ class OutboxStats(NamedTuple):
     bytes: int
     #: Seconds since the oldest event still there was queued; None when there is none.
     oldest_age_s: float | None
-    #: Events set aside because JetStream refuses them for good (`refuse_head`).
+    #: Events set aside because JetStream refuses them for good (`refuse`).
     refused: int = 0
 
 
@@ -173,12 +176,9 @@ class Outbox:
             with self._transaction():
                 events, size = self._read_totals()
                 row = len(payload) + len(blob)
-                if events + 1 > self.max_events or size + row > self.max_bytes:
-                    raise OutboxFull(
-                        f"{what} to {subject} not stored: the outbox at {self.path} is full "
-                        f"({events} events, {size} bytes; outbox_max_events={self.max_events}, "
-                        f"outbox_max_bytes={self.max_bytes})"
-                    )
+                full = self._full(events, size, row)
+                if full:
+                    raise OutboxFull(f"{what} to {subject} not stored: {full}")
                 self._db.execute(
                     "INSERT INTO events (subject, payload, headers, size, queued_at)"
                     " VALUES (?, ?, ?, ?, ?)",
@@ -215,25 +215,21 @@ class Outbox:
 
         await self._call(delete)
 
-    async def refuse_head(self, reason: str) -> int | None:
-        """Set the oldest event aside, in the file's `refused` table with `reason`: JetStream
-        refuses it for good, and the events behind it must not wait for it. Its id; None if
-        the outbox is empty."""
+    async def refuse(self, event_id: int, reason: str) -> bool:
+        """Set event `event_id` aside, in the file's `refused` table with `reason`: JetStream
+        refuses it for good, and the events behind it must not wait for it. False when it is
+        no longer queued (another process sharing the file drained it or set it aside)."""
 
-        def refuse() -> int | None:
+        def move() -> bool:
             with self._transaction():
-                row = self._db.execute("SELECT id FROM events ORDER BY id LIMIT 1").fetchone()
-                if row is None:
-                    return None
                 self._db.execute(
                     "INSERT INTO refused SELECT id, subject, payload, headers, queued_at, ?, ? "
                     "FROM events WHERE id = ?",
-                    (time.time(), reason, row[0]),
+                    (time.time(), reason, event_id),
                 )
-                self._db.execute("DELETE FROM events WHERE id = ?", (row[0],))
-            return int(row[0])
+                return self._db.execute("DELETE FROM events WHERE id = ?", (event_id,)).rowcount > 0
 
-        return await self._call(refuse)
+        return await self._call(move)
 
     async def close(self) -> None:
         """Finish what was submitted, then close the file. Idempotent."""
@@ -290,24 +286,40 @@ class Outbox:
             self._conn.close()
 
     def _open(self) -> None:
+        if os.path.isdir(self.path):  # SQLite would only say "unable to open database file"
+            raise ConfigError(
+                f"outbox_path: cannot use {self.path} as the outbox: it is a directory"
+            )
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         self._conn = conn
         conn.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
-        conn.execute("PRAGMA journal_mode = WAL")
-        conn.execute("PRAGMA synchronous = FULL")
         version = conn.execute("PRAGMA user_version").fetchone()[0]
-        if version < _SCHEMA_VERSION:  # new, or older (or another process creating it):
-            # the schema only adds what is missing
-            conn.executescript(
-                f"BEGIN IMMEDIATE; {_SCHEMA} PRAGMA user_version = {_SCHEMA_VERSION}; COMMIT;"
+        marked = conn.execute("PRAGMA application_id").fetchone()[0]
+        tables = conn.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchone() is not None
+        # Not ours: marked by another application, or unmarked tables that are not an outbox
+        # (outboxes of schema 1 and 2 were not marked yet).
+        if marked not in (0, _APPLICATION_ID) or (marked == 0 and version == 0 and tables):
+            raise ConfigError(
+                f"outbox_path: {self.path} is a SQLite database of something else, not an "
+                "outbox: give the outbox a file of its own"
             )
-        elif version != _SCHEMA_VERSION:
+        if version > _SCHEMA_VERSION:
             raise ConfigError(
                 f"outbox_path: {self.path} is an outbox of schema {version}, which this version "
                 "of gdc-worker cannot read"
             )
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute("PRAGMA synchronous = FULL")
+        if version < _SCHEMA_VERSION or not marked:  # new, or older (or another process
+            # creating it): the schema only adds what is missing
+            conn.executescript(
+                f"BEGIN IMMEDIATE; {_SCHEMA} PRAGMA application_id = {_APPLICATION_ID}; "
+                f"PRAGMA user_version = {_SCHEMA_VERSION}; COMMIT;"
+            )
         with self._transaction():  # the totals, for stats()
-            pass
+            # A write now, so that a file it cannot write is refused here, not at the first
+            # publish while NATS is down, when the outbox is what the service relies on.
+            self._db.execute("UPDATE totals SET events = events")
 
     @property
     def _db(self) -> sqlite3.Connection:
@@ -328,6 +340,29 @@ class Outbox:
             self._db.execute("ROLLBACK")
             raise
         self._totals = (events, size, oldest[0] if oldest else None, refused)
+
+    def _full(self, events: int, size: int, row: int) -> str | None:
+        """Why an event of `row` bytes cannot be queued behind `events` of `size` bytes, naming
+        the bound and the way out; None if it can."""
+        if row > self.max_bytes:  # waiting for NATS would not help
+            return (
+                f"it is {row} bytes, over outbox_max_bytes={self.max_bytes} "
+                f"(GDC_NATS_OUTBOX_MAX_BYTES) of the outbox at {self.path}: raise it to queue "
+                "events this large"
+            )
+        if events + 1 > self.max_events:
+            reached = (
+                f"{events} events, outbox_max_events={self.max_events} (GDC_NATS_OUTBOX_MAX_EVENTS)"
+            )
+        elif size + row > self.max_bytes:
+            reached = f"{size} bytes, outbox_max_bytes={self.max_bytes} (GDC_NATS_OUTBOX_MAX_BYTES)"
+        else:
+            return None
+        return (
+            f"the outbox at {self.path} is full: {reached}. It drains once NATS takes events "
+            f"again (`gdc-worker outbox flush --path {self.path}` drains it now), or raise the "
+            "bound"
+        )
 
     def _read_totals(self) -> tuple[int, int]:
         row = self._db.execute("SELECT events, bytes FROM totals").fetchone()

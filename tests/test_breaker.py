@@ -220,6 +220,23 @@ def test_a_trial_ending_in_retry_lets_another_one_try() -> None:
     assert breaker.admit(delivery())
 
 
+def test_a_trial_handed_back_before_its_call_lets_another_one_try() -> None:
+    """Given a half-open breaker whose trial delivery is handed back before the handler was
+    called (a forced stop while the consumer was resumed for it), then the next delivery is
+    the trial: the breaker does not wait for a verdict that will never come."""
+    clock = Clock()
+    breaker = bound(Breaker(failures=1, cooldown=1, clock=clock))
+    fail(breaker)
+    clock.now += 1
+    trial = delivery()
+    assert breaker.admit(trial)
+
+    breaker.delivery_settled(SPEC, trial, Nak(0.0))
+
+    assert breaker.state == "half_open"
+    assert breaker.admit(delivery())
+
+
 def test_a_failure_ratio_within_the_window_opens_it() -> None:
     """Given Breaker(failures=100, ratio=0.5, window=10, min_calls=10), when 4 of 8
     deliveries fail, it stays closed (too few calls); when the 10th is the 5th failure, it
@@ -494,3 +511,18 @@ async def test_the_bus_pauses_and_resumes_a_consumer_where_the_server_can(
 
     info = await jetstream.consumer_info(nats_config.stream_name, "svc-handle")
     assert not info.paused
+
+
+async def test_a_pause_longer_than_the_calendar_pauses_for_as_long_as_it_can(
+    nats_config: NATSConfig, event_bus: NATSEventBus, jetstream: JetStreamContext
+) -> None:
+    """Given a durable consumer and a breaker cooldown past the year 9999 (1e12 s, say),
+    when the bus pauses the consumer for it, then it is paused (as long as a date can say),
+    not failed with an OverflowError that would end the worker."""
+    await event_bus.ensure_consumer("svc-handle", nats_config.subject_for("node.up"))
+
+    with anyio.fail_after(5):
+        supported = await event_bus.pause_consumer("svc-handle", 1e12)
+
+    paused = (await jetstream.consumer_info(nats_config.stream_name, "svc-handle")).paused
+    assert bool(paused) == supported

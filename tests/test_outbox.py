@@ -7,8 +7,10 @@ store so that it can be started and stopped under the bus.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator
@@ -19,6 +21,7 @@ import anyio
 import anyio.to_thread
 import pytest
 from click.testing import CliRunner
+from nats.js import JetStreamContext
 
 from gdc_worker import (
     App,
@@ -155,6 +158,50 @@ async def test_an_event_jetstream_refuses_for_good_is_set_aside_and_the_rest_go_
 
 
 @pytest.mark.anyio
+async def test_events_queued_for_a_server_that_lost_the_stream_are_stored_not_set_aside(
+    down: Down, tmp_path: Path
+) -> None:
+    """Given a bus with an outbox, connected, whose server then stops, and events queued;
+    when a server with an empty store (the stream is gone) comes up in its place,
+    then the relay sets the stream up again, as connecting does, and stores every event in
+    order: a missing stream says nothing about the events, so none is set aside."""
+    events = [node_up(f"node-{n}") for n in range(5)]
+    fresh = NATSServer(port=down.server.requested_port, store_dir=tmp_path / "fresh")
+    await down.start()
+    try:
+        async with await NATSEventBus.connect(down.config) as bus:
+            await anyio.to_thread.run_sync(down.server.stop)
+            assert [await bus.publish_event(e) for e in events] == [None] * 5
+            await anyio.to_thread.run_sync(fresh.start)
+            with anyio.fail_after(DRAIN_TIMEOUT):
+                await bus.wait_outbox_empty()
+
+            assert await stored_ids(bus) == [e.id for e in events]
+            assert bus.outbox is not None
+            assert bus.outbox.stats().refused == 0
+    finally:
+        fresh.stop()
+
+
+@pytest.mark.anyio
+async def test_a_publish_finding_the_stream_deleted_is_queued_until_it_is_set_up_again(
+    nats_config: NATSConfig, jetstream: JetStreamContext, tmp_path: Path
+) -> None:
+    """Given a bus with an outbox, connected, and its stream deleted behind its back,
+    when an event is published, then it is queued (None) rather than refused, and the relay
+    sets the stream up again and stores it there."""
+    config = nats_config.replace(outbox_path=str(tmp_path / "outbox.db"))
+    event = node_up()
+    async with await NATSEventBus.connect(config) as bus:
+        await jetstream.delete_stream(config.stream_name)
+
+        assert await bus.publish_event(event) is None
+        with anyio.fail_after(DRAIN_TIMEOUT):
+            await bus.wait_outbox_empty()
+        assert await stored_ids(bus) == [event.id]
+
+
+@pytest.mark.anyio
 async def test_events_published_while_the_outbox_drains_queue_behind_it(
     down: Down, bus_while_down: NATSEventBus
 ) -> None:
@@ -225,24 +272,40 @@ async def test_publishes_that_get_no_ack_go_to_the_outbox_and_are_stored_once(
 
 @pytest.mark.anyio
 async def test_a_full_outbox_raises_outbox_full(down: Down) -> None:
-    """Given an outbox bounded to 3 events, or to fewer bytes than an event, NATS down,
+    """Given an outbox bounded to 3 events, NATS down,
     when one more event is published (one at a time or async),
-    then OutboxFull (a PublishError) names the outbox and its bounds; the queued ones stay."""
+    then OutboxFull (a PublishError) names the outbox, the bound it reached and the ways out
+    (NATS back or `gdc-worker outbox flush`, or a higher bound); the queued ones stay."""
     config = down.config.replace(outbox_max_events=3)
     async with await NATSEventBus.connect(config) as bus:
         for n in range(3):
             await bus.publish_event(node_up(f"node-{n}"))
-        with pytest.raises(OutboxFull, match=r"is full .*outbox_max_events=3"):
+        with pytest.raises(OutboxFull) as full:
             await bus.publish_event(node_up("one too many"))
         with pytest.raises(PublishError, match="is full"):
             await bus.publish_event_async(node_up("one too many"))
         assert depth(bus) == 3
 
-    tiny = down.config.replace(outbox_path=down.outbox_path + "-tiny", outbox_max_bytes=100)
+    message = str(full.value)
+    assert f"the outbox at {down.outbox_path} is full: 3 events" in message
+    assert "outbox_max_events=3 (GDC_NATS_OUTBOX_MAX_EVENTS)" in message
+    assert f"gdc-worker outbox flush --path {down.outbox_path}" in message
+
+
+@pytest.mark.anyio
+async def test_an_event_larger_than_the_outbox_bound_is_refused_as_such(down: Down) -> None:
+    """Given an empty outbox bounded to fewer bytes than one event, NATS down,
+    when the event is published, then OutboxFull says the event alone is over
+    outbox_max_bytes (waiting would not help), not that the outbox is full."""
+    tiny = down.config.replace(outbox_max_bytes=100)
     async with await NATSEventBus.connect(tiny) as bus:
-        with pytest.raises(OutboxFull, match="outbox_max_bytes=100"):
+        with pytest.raises(OutboxFull) as refused:
             await bus.publish_event(node_up())
         assert depth(bus) == 0
+
+    message = str(refused.value)
+    assert "is full" not in message
+    assert "bytes, over outbox_max_bytes=100 (GDC_NATS_OUTBOX_MAX_BYTES)" in message
 
 
 def test_a_publisher_killed_half_way_loses_and_duplicates_nothing(
@@ -452,7 +515,7 @@ def test_outbox_status_and_flush_report_and_drain_it(down: Down) -> None:
 
 
 def test_outbox_commands_refuse_a_missing_outbox_in_one_line(tmp_path: Path) -> None:
-    """Given no outbox configured, or a path with no outbox file,
+    """Given no outbox configured, a path with no outbox file, or a directory,
     when `gdc-worker outbox status` runs, it exits 2 with one line naming the problem, and
     creates no file."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("GDC_NATS_")}
@@ -461,12 +524,17 @@ def test_outbox_commands_refuse_a_missing_outbox_in_one_line(tmp_path: Path) -> 
 
     unset = runner.invoke(main, ["outbox", "status"], env=env)
     absent = runner.invoke(main, ["outbox", "flush", "--path", str(missing)], env=env)
+    directory = runner.invoke(main, ["outbox", "status", "--path", str(tmp_path)], env=env)
 
     assert (unset.exit_code, unset.output) == (
         2,
         "Error: no outbox: give --path or set GDC_NATS_OUTBOX_PATH\n",
     )
     assert (absent.exit_code, absent.output) == (2, f"Error: no outbox at {missing}\n")
+    assert (directory.exit_code, directory.output) == (
+        2,
+        f"Error: {tmp_path} is a directory: give the outbox file in it\n",
+    )
     assert not missing.exists()
 
 
@@ -505,17 +573,63 @@ def test_outbox_settings_come_from_the_environment() -> None:
 
 @pytest.mark.anyio
 async def test_an_unusable_outbox_path_fails_connect_naming_it(tmp_path: Path) -> None:
-    """Given outbox_path in a missing directory, or a file that is not an outbox,
-    when the bus connects, ConfigError names outbox_path and the file, before any connect."""
+    """Given outbox_path in a missing directory, a file that is not an outbox, or a
+    directory, when the bus connects, ConfigError names outbox_path and the path, and why,
+    before any connect."""
     garbage = tmp_path / "notes.txt"
     garbage.write_text("not a database" * 100)
     for path, cause in [
         (tmp_path / "missing" / "outbox.db", "unable to open database file"),
         (garbage, "file is not a database"),
+        (tmp_path, "it is a directory"),
     ]:
         config = NATSConfig(url=f"nats://127.0.0.1:{free_port()}", outbox_path=str(path))
         with pytest.raises(ConfigError, match=f"outbox_path: cannot use {path} .*{cause}"):
             await NATSEventBus.connect(config)
+
+
+@pytest.mark.anyio
+async def test_a_sqlite_database_of_something_else_is_refused_and_left_as_it_was(
+    tmp_path: Path,
+) -> None:
+    """Given outbox_path naming an application's own SQLite database (by mistake),
+    when an outbox opens it, ConfigError says it is not an outbox, and the database is as it
+    was: no table of the outbox's added, its journal mode kept."""
+    path = tmp_path / "app.db"
+    with contextlib.closing(sqlite3.connect(path)) as db, db:
+        db.execute("CREATE TABLE users (id INTEGER PRIMARY KEY, name TEXT)")
+    with pytest.raises(ConfigError, match=f"{path} is a SQLite database of something else"):
+        await Outbox.open(path)
+
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        assert db.execute("SELECT name FROM sqlite_master").fetchall() == [("users",)]
+        assert db.execute("PRAGMA journal_mode").fetchone() == ("delete",)
+
+
+@contextlib.contextmanager
+def read_only(path: Path) -> Iterator[None]:
+    """`path` made read-only, for root too (which file modes do not stop): immutable."""
+    if os.geteuid() != 0:
+        path.chmod(0o444)
+        yield
+        return
+    if subprocess.run(["chattr", "+i", str(path)], capture_output=True).returncode != 0:
+        pytest.skip("cannot make a file read-only for root here (chattr +i)")
+    try:
+        yield
+    finally:
+        subprocess.run(["chattr", "-i", str(path)], check=True)
+
+
+@pytest.mark.anyio
+async def test_an_outbox_file_it_cannot_write_is_refused_at_open(tmp_path: Path) -> None:
+    """Given an outbox file that is read-only to the service,
+    when an outbox opens it, ConfigError names the file at once, rather than every publish
+    failing later, while NATS is down and the outbox is what the service relies on."""
+    path = tmp_path / "outbox.db"
+    await (await Outbox.open(path)).close()
+    with read_only(path), pytest.raises(ConfigError, match=f"cannot use {path} .*readonly"):
+        await Outbox.open(path)
 
 
 @pytest.mark.anyio

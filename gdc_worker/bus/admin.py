@@ -23,7 +23,7 @@ from nats.js.api import (
     StreamConfig,
 )
 
-from ..config import STREAM_SETUPS
+from ..config import STREAM_SETUPS, NATSConfig
 from ..errors import ConfigError, ConnectionFailed, EventBusError, SubscriptionError, describe
 
 __all__ = ["Admin", "BoundConsumer", "LimitChange", "StoredMessage", "StreamSpec"]
@@ -38,6 +38,8 @@ _API_TIMEOUT_S = 5.0
 _PAUSE_SINCE = (2, 11)
 #: A pause until this instant resumes the consumer.
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+#: The last time a pause can last until (RFC 3339 ends with the year 9999).
+_LAST = datetime(9999, 12, 31, tzinfo=UTC)
 #: The description of every consumer gdc-worker creates: it may update those, and no other.
 CONSUMER_DESCRIPTION = "gdc-worker"
 
@@ -88,6 +90,19 @@ class StreamSpec:
     max_msgs: int = -1
     duplicate_window: float = 120.0
     replicas: int = 1
+
+    @classmethod
+    def of(cls, config: NATSConfig) -> StreamSpec:
+        """The event stream as `config` describes it."""
+        return cls(
+            config.stream_name,
+            config.stream_subjects,
+            max_age=config.max_age,
+            max_bytes=config.max_bytes,
+            max_msgs=config.max_msgs,
+            duplicate_window=config.duplicate_window,
+            replicas=config.replicas,
+        )
 
     def config(self) -> StreamConfig:
         """The JetStream configuration (0 for a limit means none, as in `NATSConfig`)."""
@@ -346,7 +361,13 @@ class Admin:
         version = self._nc.connected_server_version
         if (version.major, version.minor) < _PAUSE_SINCE:
             return False
-        until = datetime.now(UTC) + timedelta(seconds=seconds) if seconds > 0 else _EPOCH
+        now = datetime.now(UTC)
+        # A longer pause than a date can say (a breaker's cooldown of 1e12 s) is the longest.
+        until = (
+            now + timedelta(seconds=min(seconds, (_LAST - now).total_seconds()))
+            if seconds > 0
+            else _EPOCH
+        )
         try:
             await self._js.pause_consumer(stream, durable, until.isoformat().replace("+00:00", "Z"))
         except (nats.errors.Error, TimeoutError) as exc:

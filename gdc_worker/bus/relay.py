@@ -20,9 +20,10 @@ import anyio
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 
-from ..config import NATSConfig
+from ..config import NATSConfig, redact_url
 from ..errors import ConfigError, GDCWorkerError, PublishError, PublishRefused, describe
 from ..outbox import Outbox, QueuedEvent, drain
+from .admin import Admin, StreamSpec
 from .publish import Stored, check_size, publish, publish_once
 
 __all__ = ["Relay"]
@@ -43,6 +44,9 @@ class Relay:
         self._nc = nc
         self._js = js
         self._timeout = config.connect_timeout
+        self._admin = Admin(nc, js, redact_url(config.url))
+        self._stream = StreamSpec.of(config)
+        self._stream_setup = config.stream_setup
         self._pause = max(config.reconnect_wait, _CONNECTED_POLL_S)
         # Until the relay found the outbox empty: what is left from the last run goes first.
         self._queueing = outbox.stats().events > 0
@@ -94,9 +98,14 @@ class Relay:
         captures the subject, a message over the server's max_payload).
         """
         if self.direct:
-            stored = await publish_once(
-                self._nc, self._js, subject, payload, headers, timeout=self._timeout, what=what
-            )
+            try:
+                stored = await publish_once(
+                    self._nc, self._js, subject, payload, headers, timeout=self._timeout, what=what
+                )
+            except PublishRefused:
+                if not await self._stream_gone():
+                    raise
+                stored = None
             if stored is not None:
                 return stored
         else:
@@ -180,14 +189,7 @@ class Relay:
             self._wake.clear()
             try:
                 sent = await drain(self.outbox, self._send)
-            except PublishRefused as exc:  # never stored, however often sent: set it aside
-                await self.outbox.refuse_head(str(exc))
-                log.error(
-                    "outbox: %s; set aside in the refused table of %s, for an operator (the "
-                    "events behind it go on)",
-                    exc,
-                    self.outbox.path,
-                )
+            except _SetAside:
                 continue
             except PublishError as exc:
                 left = self.outbox.stats().events
@@ -205,12 +207,45 @@ class Relay:
             await self._wake.wait()
 
     async def _send(self, row: QueuedEvent) -> None:
-        await publish(
-            self._nc,
-            self._js,
-            row.subject,
-            row.payload,
-            row.headers,
-            timeout=self._timeout,
-            what=row.what,
-        )
+        """Publish a queued event. One that JetStream refuses for good is set aside (`_SetAside`
+        stops `drain` there), so that the events behind it go on, unless the refusal is the
+        stream's absence: then they all wait for it (`PublishError`)."""
+        try:
+            await publish(
+                self._nc,
+                self._js,
+                row.subject,
+                row.payload,
+                row.headers,
+                timeout=self._timeout,
+                what=row.what,
+            )
+        except PublishRefused as exc:
+            if await self._stream_gone():
+                raise PublishError(f"{exc}: the stream {self._stream.name} was missing") from None
+            if await self.outbox.refuse(row.id, str(exc)):
+                log.error(
+                    "outbox: %s; set aside in the refused table of %s, for an operator (the "
+                    "events behind it go on)",
+                    exc,
+                    self.outbox.path,
+                )
+            raise _SetAside from None
+
+    async def _stream_gone(self) -> bool:
+        """Whether the event stream is missing (a server that came back with an empty store,
+        say), and then set it up again as connecting does; True too while that cannot be told
+        or done: a refusal then says nothing about the event."""
+        try:
+            if await self._admin.stream_changes(self._stream) is not None:
+                return False
+            await self._admin.ensure_stream(self._stream, self._stream_setup)
+        except GDCWorkerError as exc:
+            log.warning("outbox: the stream %s is not usable: %s", self._stream.name, exc)
+            return True
+        log.warning("outbox: the stream %s was missing, and is set up again", self._stream.name)
+        return True
+
+
+class _SetAside(Exception):
+    """A queued event was set aside: `drain` starts again behind it."""

@@ -126,6 +126,10 @@ def _config(path: str | None, **overrides: str) -> NATSConfig:
     config = NATSConfig.from_env(None, outbox_path=path, **overrides)
     if not config.outbox_path:
         raise ReportedError("no outbox: give --path or set GDC_NATS_OUTBOX_PATH", EXIT_USAGE)
+    if os.path.isdir(config.outbox_path):
+        raise ReportedError(
+            f"{config.outbox_path} is a directory: give the outbox file in it", EXIT_USAGE
+        )
     if not os.path.isfile(config.outbox_path):
         raise ReportedError(f"no outbox at {config.outbox_path}", EXIT_USAGE)
     return config
