@@ -271,16 +271,7 @@ class NATSEventBus:
     @property
     def event_stream(self) -> StreamSpec:
         """The event stream as the configuration describes it."""
-        config = self.config
-        return StreamSpec(
-            config.stream_name,
-            config.stream_subjects,
-            max_age=config.max_age,
-            max_bytes=config.max_bytes,
-            max_msgs=config.max_msgs,
-            duplicate_window=config.duplicate_window,
-            replicas=config.replicas,
-        )
+        return StreamSpec.of(self.config)
 
     async def ensure_stream(self, spec: StreamSpec, setup: str = "update") -> None:
         """Set up a stream: `setup` is what may be done to it (`update`, `create` or `none`,
