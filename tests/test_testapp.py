@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import math
 from collections.abc import Sequence
 
@@ -355,3 +356,26 @@ async def test_advance_refuses_what_is_not_a_finite_number_of_seconds(seconds: o
             await t.advance(seconds)  # type: ignore[arg-type]
 
     assert t.now == 0.0
+
+
+@pytest.mark.parametrize("raised", [KeyboardInterrupt, SystemExit, asyncio.CancelledError])
+async def test_fail_fast_raises_a_handlers_base_exception_as_a_worker_error(
+    raised: type[BaseException],
+) -> None:
+    """Given a handler that raises KeyboardInterrupt, SystemExit or a CancelledError of its own,
+    when its event is dead-lettered and the test app joined with fail_fast,
+    then WorkerError names it, with the handler's exception as its cause: raised as it is it
+    would stop the whole pytest run, or pass for the test's own cancellation."""
+    app = App("svc")
+
+    @app.on("node.up", retry=None, max_deliver=1)
+    async def interrupted(event: Event) -> None:
+        raise raised
+
+    async with TestApp(app) as t:
+        await t.publish(node_up())
+        with pytest.raises(WorkerError, match=f"raised {raised.__name__}") as caught:
+            await t.join(fail_fast=True)
+
+    assert isinstance(caught.value.__cause__, raised)
+    assert [r.error_type for r in t.dead_letters] == [raised.__name__]

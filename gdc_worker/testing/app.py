@@ -7,7 +7,9 @@ worker's own `SettlePath`: decode, in-process retries, timeout, hooks, `decide()
 letter. Deliveries count as JetStream counts them (1, then one more per redelivery). What
 JetStream and the framework wait for (nak delays, `Retry(delay)`, the waits between in-process
 attempts) waits on a virtual clock that `advance()` and `join()` move, so a test of a long
-backoff takes milliseconds. A handler's own sleeps stay real, and so does its `timeout`.
+backoff takes milliseconds. A handler's own sleeps stay real, and so does its `timeout`:
+`publish`, `advance` and `join` wait for running handlers in real time, so one that never
+returns holds them (bound it with a `timeout`, or the test's wait with `anyio.fail_after`).
 """
 
 from __future__ import annotations
@@ -258,7 +260,10 @@ class TestApp:
         """Run until nothing is left to do, moving the virtual clock through every delay.
 
         With `fail_fast`, then re-raise the error of the last event dead-lettered on one (a
-        handler's error, or the decode error of a message that is not an event), once.
+        handler's error, or the decode error of a message that is not an event), once. One
+        that is not an `Exception` (`KeyboardInterrupt`, `SystemExit`, a handler's own
+        `CancelledError`) is raised as the cause of a `WorkerError` naming it: as it is, it
+        would stop the test run, or read as the test's own cancellation.
         """
         await self._run_due()
         while self._timers:
@@ -267,6 +272,8 @@ class TestApp:
         if fail_fast and self._failures:
             error = self._failures[-1]
             self._failures.clear()
+            if not isinstance(error, Exception):
+                raise WorkerError(f"a handler raised {type(error).__name__}") from error
             raise error
 
     def _store(self, subject: str, data: bytes, headers: dict[str, str]) -> tuple[int, bool]:
