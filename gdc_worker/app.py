@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import inspect
 import logging
 import math
@@ -21,7 +22,7 @@ from .config import NATSConfig
 from .errors import HandlerDefinitionError, PublishError, SubscriptionError, describe
 from .events import Event, parse_event_data
 from .hooks import Hook, Hooks
-from .payloads import check_payload_type
+from .payloads import check_payload_type, claim_payload_type
 from .retry import DEFAULT_BACKOFF, DEFAULT_RETRY, RetryPolicy
 from .subjects import check_pattern, safe_name
 
@@ -303,7 +304,7 @@ def handler_spec(
         raise HandlerDefinitionError(
             f"durable {durable!r} may hold only letters, digits, '-' and '_'"
         )
-    return HandlerSpec(
+    spec = HandlerSpec(
         **{f.name: getattr(options, f.name) for f in fields(HandlerOptions)},
         name=getattr(func, "__name__", type(func).__name__),
         pattern=str(pattern),
@@ -313,6 +314,9 @@ def handler_spec(
         call=as_async(func),
         payload_type=payload_type,
     )
+    if payload_type is not None:
+        claim_payload_type(spec)
+    return spec
 
 
 def _check_pattern(pattern: str) -> None:
@@ -369,27 +373,42 @@ def _payload_type(func: HandlerFunc, first: inspect.Parameter) -> type[msgspec.S
     """
     annotation = first.annotation
     if isinstance(annotation, str):
-        target = inspect.unwrap(func)
-        namespace = getattr(target, "__globals__", None)
-        if namespace is None:  # an object with an async __call__
-            namespace = getattr(type(target).__call__, "__globals__", {})
         try:
             holder = types.SimpleNamespace(__annotations__={first.name: annotation})
-            annotation = typing.get_type_hints(holder, globalns=namespace)[first.name]
+            annotation = typing.get_type_hints(holder, globalns=_module_globals(func))[first.name]
         except Exception as exc:
             raise HandlerDefinitionError(
                 f"handler {_qualname(func)!r}: cannot resolve the annotation {annotation!r} of "
-                f"{first.name!r} ({describe(exc)}); import what it names at run time, not only "
-                "for type checking"
+                f"{first.name!r} ({describe(exc)}); define or import what it names at module "
+                "level, before the handler (not only for type checking)"
             ) from None
     if annotation in (first.empty, Event, Any, object):
         return None
+    if isinstance(annotation, type) and issubclass(annotation, Event):
+        raise HandlerDefinitionError(
+            f"handler {_qualname(func)!r}: {first.name!r} is annotated {annotation.__name__}, a "
+            "subclass of Event; a handler gets the envelope as an Event (annotate it Event), or "
+            "the data as a payload struct"
+        )
     if isinstance(annotation, type) and issubclass(annotation, msgspec.Struct):
         return annotation
     raise HandlerDefinitionError(
         f"handler {_qualname(func)!r}: {first.name!r} is annotated {annotation!r}; annotate it "
         "with Event for the envelope, or with a msgspec.Struct for the data (PinRequestedEvent)"
     )
+
+
+def _module_globals(func: HandlerFunc) -> dict[str, Any]:
+    """The globals of the module defining `func`, where its string annotations are resolved:
+    through decorators (`functools.wraps`) and `functools.partial`, and for an object with an
+    async `__call__`, its class's."""
+    target: Any = inspect.unwrap(func)
+    while isinstance(target, functools.partial):
+        target = inspect.unwrap(target.func)
+    namespace = getattr(target, "__globals__", None)  # a function, or a bound method's
+    if namespace is None:
+        namespace = getattr(type(target).__call__, "__globals__", {})
+    return namespace
 
 
 def _qualname(func: HandlerFunc) -> str:

@@ -6,12 +6,16 @@ its own types with `register_payload_type`, before declaring the handlers that t
 
 from __future__ import annotations
 
+import weakref
+from typing import Protocol
+
 import msgspec
 
 from .errors import HandlerDefinitionError
 from .events import (
     AlertResolvedEvent,
     AlertTriggeredEvent,
+    Event,
     EventType,
     ExecCompletedEvent,
     ExecFailedEvent,
@@ -31,7 +35,13 @@ from .events import (
 )
 from .subjects import is_event_type, subjects_overlap
 
-__all__ = ["check_payload_type", "payload_types", "register_payload_type"]
+__all__ = [
+    "TypedHandler",
+    "check_payload_type",
+    "claim_payload_type",
+    "payload_types",
+    "register_payload_type",
+]
 
 _registry: dict[str, type[msgspec.Struct]] = {
     EventType.PIN_REQUESTED: PinRequestedEvent,
@@ -71,12 +81,52 @@ def register_payload_type(event_type: str, struct_type: type[msgspec.Struct]) ->
             f"cannot register {struct_type!r} for {event_type}: a payload type is a "
             "msgspec.Struct subclass"
         )
-    registered = _registry.setdefault(str(event_type), struct_type)
+    if issubclass(struct_type, Event):
+        raise HandlerDefinitionError(
+            f"cannot register {struct_type.__name__} for {event_type}: an Event is the envelope, "
+            "not the data it carries"
+        )
+    registered = _registry.get(event_type, struct_type)
     if registered is not struct_type:
         raise HandlerDefinitionError(
             f"cannot register {struct_type.__name__} for {event_type}: its events already carry "
             f"{registered.__name__}"
         )
+    for handler in _typed_handlers():
+        taken = handler.payload_type
+        if taken not in (None, struct_type) and subjects_overlap(handler.pattern, event_type):
+            raise HandlerDefinitionError(
+                f"cannot register {struct_type.__name__} for {event_type}: handler "
+                f"{handler.name!r} of {handler.pattern!r} takes {taken.__name__}; register "
+                "payload types before declaring the handlers that take them"
+            )
+    _registry[str(event_type)] = struct_type
+
+
+class TypedHandler(Protocol):
+    """A declared handler, as the registry sees it (a `HandlerSpec`)."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def pattern(self) -> str: ...
+    @property
+    def payload_type(self) -> type[msgspec.Struct] | None: ...
+
+
+#: The typed handlers declared so far, while they live: a registration must fit them too.
+_handlers: list[weakref.ref[TypedHandler]] = []
+
+
+def claim_payload_type(handler: TypedHandler) -> None:
+    """Keep `handler` (its payload type checked) so that registering a type it would be given
+    data of another struct is refused; the handler is held weakly, only while it lives."""
+    _handlers[:] = [ref for ref in _handlers if ref() is not None]
+    _handlers.append(weakref.ref(handler))
+
+
+def _typed_handlers() -> list[TypedHandler]:
+    return [handler for ref in _handlers if (handler := ref()) is not None]
 
 
 def payload_types() -> dict[str, type[msgspec.Struct]]:

@@ -26,6 +26,15 @@ async def test_publishes(event_bus: NATSEventBus, anyio_backend: str) -> None:
 """
 
 
+UNMARKED_TEST = """
+from gdc_worker import NATSEventBus, new_node_up_event
+
+
+async def test_publishes_unmarked(event_bus: NATSEventBus) -> None:
+    assert await event_bus.publish_event(new_node_up_event("me", "node-1")) == 1
+"""
+
+
 def run_pytest(project: Path, **env: str) -> subprocess.CompletedProcess[str]:
     """pytest on `project`, which has no conftest and no `pytest_plugins`."""
     (project / "test_user.py").write_text(USER_TEST)
@@ -48,6 +57,18 @@ def test_a_project_gets_the_fixtures_without_registering_them(tmp_path: Path) ->
 
     assert result.returncode == 0, result.stdout + result.stderr
     assert "1 passed" in result.stdout
+
+
+def test_an_async_test_on_the_bus_needs_no_anyio_mark(tmp_path: Path) -> None:
+    """Given a project with an async test using `event_bus` and no anyio mark, collected before
+    a marked one, when pytest runs them, then both pass: the fixture brings anyio's runner
+    (without it pytest refused the fixture, and the marked test then failed inside pytest)."""
+    (tmp_path / "test_a_unmarked.py").write_text(UNMARKED_TEST)
+
+    result = run_pytest(tmp_path)
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "2 passed" in result.stdout
 
 
 def test_a_gdc_nats_server_that_names_nothing_fails_the_tests(tmp_path: Path) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import math
 from collections.abc import Sequence
 
 import pytest
@@ -14,6 +16,8 @@ from gdc_worker import (
     Event,
     HandlerSpec,
     Hook,
+    NATSConfig,
+    PublishRefused,
     Reject,
     Retry,
     RetryPolicy,
@@ -309,3 +313,69 @@ async def test_an_error_raised_inside_the_block_leaves_it_as_it_is() -> None:
         async with TestApp(app) as t:
             await t.publish(node_up())
             await t.join(fail_fast=True)
+
+
+async def test_a_publish_no_stream_captures_fails_as_publish_refused_as_on_a_server() -> None:
+    """Given a test app on the default stream (gdc.events.>),
+    when bytes are published to a subject outside it, then PublishRefused says no stream
+    captures it, as the bus's publish does on a server."""
+    async with TestApp(App("svc")) as t:
+        with pytest.raises(PublishRefused, match=r"no stream captures elsewhere\.node\.up"):
+            await t.publish_raw("elsewhere.node.up", b"{}")
+
+
+def test_apps_on_another_stream_are_refused_not_left_without_events() -> None:
+    """Given an app on the default stream and one configured for another stream,
+    when both are put in one test app, then WorkerError names the apps and their streams:
+    the second one's handlers would never be delivered the first one's events, nor could they
+    publish to its stream."""
+    billing = App("billing", NATSConfig(stream_name="BILLING", stream_subjects=("billing.>",)))
+
+    with pytest.raises(WorkerError, match=r"app 'billing' is on stream BILLING \(billing\.>\)"):
+        TestApp(App("svc"), billing)
+
+
+async def test_an_event_over_the_servers_max_payload_is_refused() -> None:
+    """Given a test app, when an event whose data takes over 1 MiB (nats-server's default
+    max_payload) is published, then PublishRefused says so, as the bus's publish does: it would
+    never be stored on a server."""
+    app = App("svc")
+
+    async with TestApp(app) as t:
+        with pytest.raises(PublishRefused, match="max_payload of 1048576"):
+            await t.publish(Event.new("node.up", "svc", "n", {"blob": "x" * (1 << 20)}))
+        assert await t.publish(node_up()) == 1  # the refused one took no sequence
+
+
+@pytest.mark.parametrize("seconds", [-1, math.nan, math.inf, "5", None])
+async def test_advance_refuses_what_is_not_a_finite_number_of_seconds(seconds: object) -> None:
+    """Given a test app, when advance() is given a negative, NaN, infinite or non-number value,
+    then WorkerError says what it takes, and the clock has not moved."""
+    async with TestApp(App("svc")) as t:
+        with pytest.raises(WorkerError, match="a finite number of seconds >= 0"):
+            await t.advance(seconds)  # type: ignore[arg-type]
+
+    assert t.now == 0.0
+
+
+@pytest.mark.parametrize("raised", [KeyboardInterrupt, SystemExit, asyncio.CancelledError])
+async def test_fail_fast_raises_a_handlers_base_exception_as_a_worker_error(
+    raised: type[BaseException],
+) -> None:
+    """Given a handler that raises KeyboardInterrupt, SystemExit or a CancelledError of its own,
+    when its event is dead-lettered and the test app joined with fail_fast,
+    then WorkerError names it, with the handler's exception as its cause: raised as it is it
+    would stop the whole pytest run, or pass for the test's own cancellation."""
+    app = App("svc")
+
+    @app.on("node.up", retry=None, max_deliver=1)
+    async def interrupted(event: Event) -> None:
+        raise raised
+
+    async with TestApp(app) as t:
+        await t.publish(node_up())
+        with pytest.raises(WorkerError, match=f"raised {raised.__name__}") as caught:
+            await t.join(fail_fast=True)
+
+    assert isinstance(caught.value.__cause__, raised)
+    assert [r.error_type for r in t.dead_letters] == [raised.__name__]

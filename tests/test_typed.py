@@ -3,6 +3,7 @@ decoded into it, checked against the registry of payload types when it is declar
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -223,6 +224,34 @@ def test_an_unresolvable_annotation_is_refused_naming_it() -> None:
         App("svc").on("pin.requested")(plan)
 
 
+class NodeUpEnvelope(Event):
+    """An Event subclass: the envelope with a narrower name, not a payload."""
+
+
+async def partial_typed(tag: str, pin: PinRequestedEvent, ctx: Context) -> None:
+    pass
+
+
+def test_a_partial_with_string_annotations_resolves_them_in_its_functions_module() -> None:
+    """Given a functools.partial of a handler function whose annotations are strings,
+    when it is declared, then its payload type is the struct its function's module names."""
+    spec = _spec_of("pin.requested", functools.partial(partial_typed, "audit"))
+
+    assert (spec.payload_type, spec.takes_context) == (PinRequestedEvent, True)
+
+
+def test_an_event_subclass_annotation_is_refused_not_decoded_from_the_data() -> None:
+    """Given a handler annotated with a subclass of Event,
+    when it is declared, then HandlerDefinitionError says to annotate it Event (its data
+    would never decode into an envelope, and each delivery would be dead-lettered)."""
+
+    async def up(event: NodeUpEnvelope) -> None:
+        pass
+
+    with pytest.raises(HandlerDefinitionError, match=r"NodeUpEnvelope.*subclass of Event"):
+        App("svc").on("node.up")(up)
+
+
 def test_an_annotation_that_is_not_a_struct_is_refused() -> None:
     """Given a handler whose first parameter is annotated as a dict,
     when declared, then HandlerDefinitionError says to use Event or a msgspec Struct."""
@@ -349,6 +378,8 @@ def test_registering_the_same_pair_again_does_nothing() -> None:
         pytest.param(3, Refund, "dot-separated", id="not-a-string"),
         pytest.param("pin.requested", Refund, "already carry PinRequestedEvent", id="builtin"),
         pytest.param("typedtest.invoiced", Refund, "already carry Invoice", id="custom"),
+        pytest.param("typedtest.envelope", Event, "the envelope", id="the-envelope"),
+        pytest.param("typedtest.envelope", NodeUpEnvelope, "the envelope", id="an-envelope"),
     ],
 )
 def test_register_payload_type_refuses_what_cannot_hold(
@@ -358,3 +389,35 @@ def test_register_payload_type_refuses_what_cannot_hold(
     struct, when registered, then HandlerDefinitionError says which."""
     with pytest.raises(HandlerDefinitionError, match=message):
         register_payload_type(event_type, struct_type)
+
+
+def test_registering_a_type_a_declared_handler_contradicts_is_refused_naming_it() -> None:
+    """Given a handler of `typedlate.*` taking Refund, declared before any type it matches is
+    registered,
+    when typedlate.invoiced is registered with Invoice, then HandlerDefinitionError names the
+    handler and its struct, and the registry is left as it was: the handler would otherwise
+    be given each invoice decoded as a Refund."""
+    app = App("svc")
+
+    @app.on("typedlate.*")
+    async def refund(item: Refund) -> None:
+        pass
+
+    with pytest.raises(
+        HandlerDefinitionError, match=r"handler 'refund' of 'typedlate\.\*' takes Refund"
+    ):
+        register_payload_type("typedlate.invoiced", Invoice)
+    register_payload_type("typedlate.refunded", Refund)  # one it agrees with is fine
+
+
+def test_a_handler_that_is_gone_does_not_hold_back_a_registration() -> None:
+    """Given an app with a handler of typedgone.invoiced taking Refund, no longer referenced,
+    when typedgone.invoiced is registered with Invoice, then it is."""
+    app = App("svc")
+
+    @app.on("typedgone.invoiced")
+    async def refund(item: Refund) -> None:
+        pass
+
+    del app, refund
+    register_payload_type("typedgone.invoiced", Invoice)

@@ -7,7 +7,8 @@ its fixtures need no `pytest_plugins`:
   `nats-server` binary is found (a `GDC_NATS_SERVER` that names none is an error instead).
 - `nats_config`: a `NATSConfig` for that server with a stream and subjects of the test's own,
   so tests never see each other's events (`isolated_config` makes one for any server).
-- `event_bus`: a connected `NATSEventBus` on that config (async tests, anyio plugin).
+- `event_bus`: a connected `NATSEventBus` on that config; an async test using it runs on
+  anyio's plugin, marked `pytest.mark.anyio` or not.
 - `nats_cluster`: a `NATSCluster` of three routed `nats-server -js` nodes of the test's own,
   for failover tests (kill a node, find a stream's leader); stopped after the test.
 - `anyio_backend`: "asyncio", since nats-py runs on asyncio only.
@@ -116,8 +117,12 @@ def nats_config(nats_server: NATSServer) -> NATSConfig:
 
 
 @pytest.fixture
-async def event_bus(nats_config: NATSConfig) -> AsyncIterator[NATSEventBus]:
-    """A bus connected to this test's stream, closed after the test."""
+async def event_bus(nats_config: NATSConfig, anyio_backend: str) -> AsyncIterator[NATSEventBus]:
+    """A bus connected to this test's stream, closed after the test.
+
+    It asks for `anyio_backend`, so anyio's plugin runs it, and the async test using it, even
+    without `pytest.mark.anyio`.
+    """
     async with await NATSEventBus.connect(nats_config) as bus:
         yield bus
 

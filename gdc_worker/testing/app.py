@@ -1,12 +1,15 @@
 """`TestApp`: apps' handlers run in memory, with JetStream's semantics and a virtual clock.
 
-No server: what is published to a `TestApp` is stored in one in-memory stream and delivered to
-one consumer per handler (its durable, as in production), and each delivery is settled by the
+No server: what is published to a `TestApp` is stored in one in-memory stream (the apps' own,
+which they must share) and delivered to one consumer per handler (its durable, as in
+production), and each delivery is settled by the
 worker's own `SettlePath`: decode, in-process retries, timeout, hooks, `decide()`, the dead
 letter. Deliveries count as JetStream counts them (1, then one more per redelivery). What
 JetStream and the framework wait for (nak delays, `Retry(delay)`, the waits between in-process
 attempts) waits on a virtual clock that `advance()` and `join()` move, so a test of a long
-backoff takes milliseconds. A handler's own sleeps stay real, and so does its `timeout`.
+backoff takes milliseconds. A handler's own sleeps stay real, and so does its `timeout`:
+`publish`, `advance` and `join` wait for running handlers in real time, so one that never
+returns holds them (bound it with a `timeout`, or the test's wait with `anyio.fail_after`).
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import heapq
 import itertools
+import math
 from collections.abc import Callable, Mapping
 from types import TracebackType
 
@@ -21,15 +25,19 @@ import anyio
 import anyio.abc
 
 from ..app import App, PendingPublish
+from ..bus.publish import message_size
 from ..config import NATSConfig
 from ..dlq import DeadLetterRecord, FailedMessage
-from ..errors import PublishError, WorkerError
+from ..errors import PublishError, PublishRefused, WorkerError
 from ..events import MSG_ID_HEADER, Event, event_headers
 from ..hooks import Hooks
 from ..runner import SettlePath
 from ..subjects import check_event_type, subjects_overlap
 
 __all__ = ["TestApp"]
+
+#: nats-server's default max_payload: the bus refuses a bigger message, and so does the test app.
+MAX_PAYLOAD = 1024 * 1024
 
 
 @dataclasses.dataclass(eq=False)
@@ -126,7 +134,8 @@ class TestApp:
     """Runs the handlers of `app` (and `more_apps`) in memory: `async with TestApp(app) as t:`.
 
     - `await t.publish(event)` delivers `event` to the matching handlers and returns once all
-      that is due now has run (`publish_raw` stores bytes that need not be an event);
+      that is due now has run (`publish_raw` stores bytes that need not be an event); what a
+      server would refuse (a subject outside the stream, over 1 MiB) raises `PublishRefused`;
     - `t.published` collects what handlers published with `ctx.publish`, which is delivered to
       the matching handlers of every app under test too;
     - `t.dead_letters` holds the `DeadLetterRecord`s the real dead-letter stream would;
@@ -165,6 +174,17 @@ class TestApp:
 
     def _add(self, app: App) -> None:
         config = app.config
+        first = self._config
+        if (config.stream_name, config.stream_subjects) != (
+            first.stream_name,
+            first.stream_subjects,
+        ):
+            raise WorkerError(
+                f"app {app.name!r} is on stream {config.stream_name} "
+                f"({', '.join(config.stream_subjects)}), app {self.apps[0].name!r} on "
+                f"{first.stream_name} ({', '.join(first.stream_subjects)}): a test app holds one "
+                "stream, so test each stream's apps in a TestApp of their own"
+            )
         publisher = _Publisher(self, config, app.hooks)
         dead_letters = _DeadLetters(self, config.dlq_stream_name)
         for spec in app.handlers.values():
@@ -225,8 +245,10 @@ class TestApp:
 
     async def advance(self, seconds: float) -> None:
         """Move the virtual clock by `seconds`, running what falls due on the way."""
-        if not seconds >= 0:
-            raise WorkerError(f"advance: seconds must be a number >= 0, got {seconds}")
+        if not (isinstance(seconds, int | float) and math.isfinite(seconds) and seconds >= 0):
+            raise WorkerError(
+                f"advance: seconds must be a finite number of seconds >= 0, got {seconds!r}"
+            )
         until = self._now + seconds
         await self._run_due()
         while self._timers and self._timers[0][0] <= until:
@@ -238,7 +260,10 @@ class TestApp:
         """Run until nothing is left to do, moving the virtual clock through every delay.
 
         With `fail_fast`, then re-raise the error of the last event dead-lettered on one (a
-        handler's error, or the decode error of a message that is not an event), once.
+        handler's error, or the decode error of a message that is not an event), once. One
+        that is not an `Exception` (`KeyboardInterrupt`, `SystemExit`, a handler's own
+        `CancelledError`) is raised as the cause of a `WorkerError` naming it: as it is, it
+        would stop the test run, or read as the test's own cancellation.
         """
         await self._run_due()
         while self._timers:
@@ -247,6 +272,8 @@ class TestApp:
         if fail_fast and self._failures:
             error = self._failures[-1]
             self._failures.clear()
+            if not isinstance(error, Exception):
+                raise WorkerError(f"a handler raised {type(error).__name__}") from error
             raise error
 
     def _store(self, subject: str, data: bytes, headers: dict[str, str]) -> tuple[int, bool]:
@@ -254,9 +281,15 @@ class TestApp:
         duplicate window); returns its sequence and whether it was one."""
         config = self._config
         if not any(subjects_overlap(subject, s) for s in config.stream_subjects):
-            raise PublishError(
+            raise PublishRefused(
                 f"no stream captures {subject}: {config.stream_name} is on "
                 f"{', '.join(config.stream_subjects)}"
+            )
+        size = message_size(headers, data)
+        if size > MAX_PAYLOAD:
+            raise PublishRefused(
+                f"publish to {subject} refused: {size} bytes with headers, over the server's "
+                f"max_payload of {MAX_PAYLOAD}"
             )
         msg_id = headers.get(MSG_ID_HEADER)
         if msg_id is not None:
