@@ -42,7 +42,21 @@ DEFAULT_BACKOFF: tuple[float, ...] = (1.0, 5.0, 30.0, 60.0)
 class Retry(Exception):
     """Raise in a handler to have the event redelivered after `delay` seconds, no retries here."""
 
+    #: The longest delay JetStream takes (its nanoseconds are an int64): about 292 years.
+    MAX_DELAY_S = (2**63 - 1) / 1e9
+
     def __init__(self, delay: float = 0.0, reason: str = "") -> None:
+        # A delay no nak can carry fails where it is raised, naming itself: the handler's
+        # failure, retried and dead-lettered as any other, not an internal error at the nak.
+        if (
+            isinstance(delay, bool)
+            or not isinstance(delay, int | float)
+            or not delay <= self.MAX_DELAY_S
+        ):
+            raise ValueError(
+                f"Retry(delay=...) takes a number of seconds up to {self.MAX_DELAY_S:.3g}, "
+                f"got {delay!r}"
+            )
         super().__init__(reason or f"retry requested in {delay:g}s")
         self.delay = max(0.0, delay)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -118,6 +119,17 @@ def test_retry_with_a_negative_delay_means_at_once() -> None:
     when the delivery is settled,
     then it is nak'd with no delay (JetStream refuses a negative one)."""
     assert decide(Retry(delay=-3.0), 1, 5, BACKOFF) == Nak(0.0)
+
+
+@pytest.mark.parametrize("delay", [math.inf, math.nan, 1e300, "5", None, True])
+def test_a_retry_delay_no_nak_can_carry_fails_where_it_is_raised(delay: Any) -> None:
+    """Given a handler about to raise Retry with a delay that is not a finite number of
+    seconds JetStream can take (infinite, NaN, past its int64 nanoseconds, not a number),
+    when the Retry is made,
+    then ValueError names the delay: the handler's own failure, retried and dead-lettered
+    with that reason, not an internal error at the nak."""
+    with pytest.raises(ValueError, match=r"Retry\(delay=\.\.\.\) takes a number of seconds"):
+        Retry(delay=delay)
 
 
 def test_retry_and_reject_messages_explain_themselves() -> None:
