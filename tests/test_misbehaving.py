@@ -210,7 +210,9 @@ async def test_an_async_handler_that_blocks_the_loop_is_named_in_one_warning(
     assert blocked[0].startswith("handler sleepy blocked the event loop for over ")
 
 
-@pytest.mark.parametrize("event_type", ["pin.*", "pin.>", ">", "pin requested", "pin..x", ""])
+@pytest.mark.parametrize(
+    "event_type", ["pin.*", "pin.>", ">", "pin requested", "pin..x", "", "pin.requested\n"]
+)
 async def test_publishing_an_event_type_that_is_no_subject_is_refused_and_stores_nothing(
     event_bus: NATSEventBus, jetstream: JetStreamContext, nats_config: NATSConfig, event_type: str
 ) -> None:
