@@ -9,7 +9,7 @@ from .errors import PublishError, SubscriptionError
 __all__ = ["check_event_type", "check_pattern", "is_event_type", "safe_name", "subjects_overlap"]
 
 _PATTERN_TOKEN = re.compile(r"^(?:[A-Za-z0-9_-]+|\*|>)$")
-_LITERAL_TOKEN = re.compile(r"^[A-Za-z0-9_-]+$")
+_EVENT_TYPE = re.compile(r"[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*")
 
 
 def safe_name(text: str) -> str:
@@ -35,7 +35,7 @@ def check_pattern(pattern: str) -> str:
 
 def is_event_type(event_type: str) -> bool:
     """Whether `event_type` is a literal subject suffix (`pin.requested`): no wildcard."""
-    return bool(event_type) and all(_LITERAL_TOKEN.match(t) for t in event_type.split("."))
+    return _EVENT_TYPE.fullmatch(event_type) is not None
 
 
 def check_event_type(event_type: str) -> str:

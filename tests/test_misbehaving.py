@@ -19,9 +19,11 @@ from gdc_worker import (
     NATSEventBus,
     PinRequestedEvent,
     PublishError,
+    PublishRefused,
     new_node_up_event,
     parse_event_data,
 )
+from gdc_worker.events import MSG_ID_HEADER
 from tests.support import Calls, consumer_info, dead_letters, node_up, running, worker_for
 
 pytestmark = pytest.mark.anyio
@@ -208,7 +210,9 @@ async def test_an_async_handler_that_blocks_the_loop_is_named_in_one_warning(
     assert blocked[0].startswith("handler sleepy blocked the event loop for over ")
 
 
-@pytest.mark.parametrize("event_type", ["pin.*", "pin.>", ">", "pin requested", "pin..x", ""])
+@pytest.mark.parametrize(
+    "event_type", ["pin.*", "pin.>", ">", "pin requested", "pin..x", "", "pin.requested\n"]
+)
 async def test_publishing_an_event_type_that_is_no_subject_is_refused_and_stores_nothing(
     event_bus: NATSEventBus, jetstream: JetStreamContext, nats_config: NATSConfig, event_type: str
 ) -> None:
@@ -247,3 +251,39 @@ async def test_an_event_over_max_payload_is_refused_and_the_connection_survives(
 
     info = await jetstream.stream_info(nats_config.stream_name)
     assert (seq, info.state.messages) == (1, 1)
+
+
+async def test_an_event_exactly_at_max_payload_with_its_headers_is_stored_one_byte_more_is_not(
+    event_bus: NATSEventBus, jetstream: JetStreamContext, nats_config: NATSConfig
+) -> None:
+    """Given an event whose JSON and header block together are exactly max_payload bytes,
+    when it is sent, then it is stored; the same event one byte larger is refused at once
+    with PublishError naming its size, and nothing more is stored."""
+    event = new_node_up_event("health-monitor", "node-1")
+    event.data = {"node_id": "node-1", "pad": ""}
+    block = f"NATS/1.0\r\n{MSG_ID_HEADER}: {event.id}\r\n\r\n".encode()
+    room = event_bus.max_payload - len(block) - len(event.to_json())
+    event.data = {"node_id": "node-1", "pad": "x" * room}
+
+    assert await (await event_bus.send_event(event)) == 1
+    event.data = {"node_id": "node-1", "pad": "x" * (room + 1)}
+    with pytest.raises(PublishError, match=f"{event_bus.max_payload + 1} bytes with headers"):
+        await event_bus.send_event(event)
+
+    info = await jetstream.stream_info(nats_config.stream_name)
+    assert info.state.messages == 1
+
+
+async def test_a_header_name_nats_refuses_is_refused_at_once_and_stores_nothing(
+    event_bus: NATSEventBus, jetstream: JetStreamContext, nats_config: NATSConfig
+) -> None:
+    """Given headers with a name NATS does not allow (a space in it),
+    when a message is published with them, then PublishRefused names the header at once and
+    nothing is stored."""
+    subject = nats_config.subject_for("node.up")
+
+    with pytest.raises(PublishRefused, match=r"refused: BadHeaderError.*'Bad Name'"):
+        await event_bus.publish_raw(subject, b"{}", {"Bad Name": "x"})
+
+    info = await jetstream.stream_info(nats_config.stream_name)
+    assert info.state.messages == 0

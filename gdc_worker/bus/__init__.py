@@ -60,6 +60,8 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 EventHandler = HandlerFunc
+#: How many event types' subjects a bus keeps (GDC has 17; a bound for types made up at run time).
+_MAX_EVENT_TYPES = 1024
 
 
 class NATSEventBus:
@@ -87,6 +89,7 @@ class NATSEventBus:
         js = nc.jetstream(timeout=config.connect_timeout)
         self._js = js
         self._subject_prefix = config.subject_prefix
+        self._subjects: dict[str, str] = {}  # event type -> subject, see `_subject_of`
         self._admin = Admin(nc, js, redact_url(config.url))
         self._state = StateReader(nc, timeout=config.connect_timeout)
         self._relay = Relay(outbox, nc, js, config) if outbox is not None else None
@@ -456,8 +459,14 @@ class NATSEventBus:
 
     def _subject_of(self, event: Event) -> str:
         """The subject `event` is published on (`config.subject_for`, with the prefix read once);
-        `PublishError` for a type that is not a literal subject."""
-        return self._subject_prefix + check_event_type(event.type)
+        `PublishError` for a type that is not a literal subject. The subjects of the first
+        `_MAX_EVENT_TYPES` types seen are kept: a publish of one costs a dict lookup."""
+        subject = self._subjects.get(event.type)
+        if subject is None:
+            subject = self._subject_prefix + check_event_type(event.type)
+            if len(self._subjects) < _MAX_EVENT_TYPES:
+                self._subjects[event.type] = subject
+        return subject
 
     async def _store(
         self, subject: str, payload: bytes, headers: Mapping[str, str], what: str

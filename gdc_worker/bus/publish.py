@@ -96,10 +96,14 @@ def check_size(
             return  # under the limit even if every character took 4 bytes: no need to count
         size = message_size(headers, payload)
     if size > nc.max_payload:
-        raise PublishRefused(
-            f"publish of {what} to {subject} refused: {size} bytes with headers, over the "
-            f"server's max_payload of {nc.max_payload}"
-        )
+        raise _oversized(nc, subject, size, what)
+
+
+def _oversized(nc: NATS, subject: str, size: int, what: str) -> PublishRefused:
+    return PublishRefused(
+        f"publish of {what} to {subject} refused: {size} bytes with headers, over the "
+        f"server's max_payload of {nc.max_payload}"
+    )
 
 
 async def publish(
@@ -296,10 +300,10 @@ class AsyncPublishWindow:
         self._next_token = 0
         self._pending: dict[int, _Pending] = {}
         self._failed: list[str] = []
-        self._drained = asyncio.Event()
-        self._drained.set()
-        self._room = asyncio.Event()
-        self._room.set()
+        # Made when a task waits for the acks (`wait_drained`) or for room, set when the wait
+        # is over: a publish and an ack touch no event when nobody waits.
+        self._drained: asyncio.Event | None = None
+        self._room: asyncio.Event | None = None
         self._expiry: asyncio.TimerHandle | None = None
 
     async def publish(
@@ -316,31 +320,40 @@ class AsyncPublishWindow:
         `report`: `done` owns it), and to `done` when given, once the ack (or the failure) is
         known.
 
-        A message over the server's max_payload raises `PublishError` at once.
+        A message over the server's max_payload, or with a header name NATS refuses, raises
+        `PublishRefused` at once.
         """
-        check_size(self._nc, subject, payload, headers, what)
+        nc = self._nc
+        try:
+            block = nc.header_block(headers)
+        except nats.errors.BadHeaderError as exc:
+            raise PublishRefused(
+                f"publish of {what} to {subject} refused: {describe(exc)}"
+            ) from None
+        if len(block) + len(payload) > nc.max_payload:
+            raise _oversized(nc, subject, len(block) + len(payload), what)
         while len(self._pending) >= self._limit:
-            self._room.clear()
+            if self._room is None:
+                self._room = asyncio.Event()
+            room = self._room
             with anyio.move_on_after(self._timeout):
-                await self._room.wait()
-            if not self._room.is_set():  # acks lost (a reconnect): count those as failed
+                await room.wait()
+            if not room.is_set():  # acks lost (a reconnect): count those as failed
                 for token in list(self._pending):
                     self._settle(
                         token, "no acknowledgement while the window was full", passing=True
                     )
         if not self._prefix:
-            self._prefix = self._nc.new_inbox() + "."
-            self._inbox = await self._nc.subscribe_direct(self._prefix + "*", self._on_ack)
+            self._prefix = nc.new_inbox() + "."
+            self._inbox = await nc.subscribe_direct(self._prefix + "*", self._on_ack)
         self._next_token += 1
         token = self._next_token
         now = time.monotonic()
         self._pending[token] = _Pending(what, subject, done, payload, headers, now, report)
-        self._drained.clear()
         if self._expiry is None:
             self._expiry = asyncio.get_running_loop().call_later(self._timeout, self._expire)
         try:
-            block = self._nc.header_block(headers)
-            await self._nc.publish_block(subject, self._prefix + str(token), payload, block)
+            await nc.publish_block(subject, self._prefix + str(token), payload, block)
         except nats.errors.Error as exc:
             self._settle(token, describe(exc), passing=isinstance(exc, _PASSING))
 
@@ -365,6 +378,10 @@ class AsyncPublishWindow:
 
     async def wait_drained(self, timeout: float) -> None:
         """Wait up to `timeout` seconds for the outstanding acks."""
+        if not self._pending:
+            return
+        if self._drained is None:
+            self._drained = asyncio.Event()
         with anyio.move_on_after(timeout):
             await self._drained.wait()
 
@@ -437,9 +454,12 @@ class AsyncPublishWindow:
                 pending.done("failed", error, None)
         elif pending.done is not None:
             pending.done("duplicate" if duplicate else "stored", None, seq)
-        if not self._pending:
+        if self._room is not None:
+            self._room.set()
+            self._room = None
+        if self._drained is not None and not self._pending:
             self._drained.set()
-        self._room.set()
+            self._drained = None
 
     def _queue(self, pending: _Pending) -> None:
         """Hand a publish that failed for a passing reason to the outbox; `flush()` waits."""
