@@ -8,7 +8,7 @@ from .errors import PublishError, SubscriptionError
 
 __all__ = ["check_event_type", "check_pattern", "is_event_type", "safe_name", "subjects_overlap"]
 
-_PATTERN_TOKEN = re.compile(r"^(?:[A-Za-z0-9_-]+|\*|>)$")
+_PATTERN_TOKEN = re.compile(r"[A-Za-z0-9_-]+|\*|>")
 _EVENT_TYPE = re.compile(r"[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*")
 
 
@@ -24,7 +24,7 @@ def check_pattern(pattern: str) -> str:
     Raises `SubscriptionError` naming the pattern.
     """
     tokens = pattern.split(".") if pattern else [""]
-    valid = all(_PATTERN_TOKEN.match(t) for t in tokens) and ">" not in tokens[:-1]
+    valid = all(_PATTERN_TOKEN.fullmatch(t) for t in tokens) and ">" not in tokens[:-1]
     if not valid:
         raise SubscriptionError(
             f"{pattern!r} is not an event type or pattern: use dot-separated names, '*' for one "

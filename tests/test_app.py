@@ -290,7 +290,9 @@ def test_the_same_function_name_with_another_durable_is_refused() -> None:
         app.on("pin.completed", durable="other")(async_event)
 
 
-@pytest.mark.parametrize("pattern", ["pin..x", "a.>.b", "", "pin.", "pin requested", "pin.*x"])
+@pytest.mark.parametrize(
+    "pattern", ["pin..x", "a.>.b", "", "pin.", "pin requested", "pin.*x", "pin.requested\n"]
+)
 def test_a_malformed_pattern_is_refused_naming_it(pattern: str) -> None:
     """Given a malformed event type or pattern,
     when `@app.on` is called with it,
