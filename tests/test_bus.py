@@ -728,8 +728,12 @@ class SentCommands(FastClient):
         self.sent: list[bytes] = []
 
     async def _send_command(self, cmd: bytes, priority: bool = False) -> None:
-        self.sent.append(cmd)
+        self.sent.append(cmd)  # nats-py's publish()
         await super()._send_command(cmd, priority)
+
+    def _queue(self, command: bytes, size: int) -> None:
+        self.sent.append(command)  # ours
+        super()._queue(command, size)
 
 
 @pytest.fixture
@@ -764,6 +768,23 @@ async def test_publish_block_sends_what_nats_py_publish_sends(
     for bad in ("", "a subject", "a\r\nPING"):
         with pytest.raises(nats.errors.BadSubjectError):
             await nc.publish_block(bad, "_INBOX.x.1", b"data", nc.header_block(headers))
+
+
+@pytest.mark.parametrize("reply", ["", "_INBOX.x.1"])
+async def test_publish_now_sends_what_nats_py_publish_sends(
+    sent_commands: SentCommands, reply: str
+) -> None:
+    """Given the bus's client connected to a real server,
+    when a message without headers (an ack, a pull request) is published with `publish_now()`
+    and with nats-py's `publish()`, with and without a reply subject,
+    then both send the same bytes, and the server gets it (a flush round trip succeeds)."""
+    nc = sent_commands
+    nc.publish_now("$JS.ACK.x", b"+ACK", reply)
+    await nc.publish("$JS.ACK.x", b"+ACK", reply)
+
+    assert nc.sent[-1] == nc.sent[-2]
+    await nc.flush(timeout=5)
+    assert nc.stats["out_msgs"] == 2
 
 
 @pytest.mark.parametrize("name", ["Bad Name", "Bad\r\nName", "Caf\u00e9", "a:b"])

@@ -125,21 +125,13 @@ class Client(NATS):
 
     async def publish_block(self, subject: str, reply: str, payload: bytes, block: bytes) -> None:
         """`publish()` with headers already in a `header_block()`, and its checks: the subject
-        (the reply is our own inbox), closed, draining, the buffer while reconnecting, and
-        max_payload, each raising the error `publish()` raises."""
+        (the reply is our own inbox), then those of `_check_sendable`, each raising the error
+        `publish()` raises. Past the pending buffer's limit it waits for the socket, as
+        `publish()` does."""
         if not self._skip_subject_validation and (not subject or _NOT_IN_SUBJECT.search(subject)):
             raise nats.errors.BadSubjectError
-        if self.is_closed:
-            raise nats.errors.ConnectionClosedError
-        if self.is_draining_pubs:
-            raise nats.errors.ConnectionDrainingError
         size = len(payload)
-        if not self.is_connected and (
-            self._max_pending_size <= 0 or size + self._pending_data_size > self._max_pending_size
-        ):
-            raise nats.errors.OutboundBufferLimitError
-        if size > self._max_payload:
-            raise nats.errors.MaxPayloadError
+        self._check_sendable(size)
         head = len(block)
         command = b"HPUB %b %b %d %d\r\n%b%b\r\n" % (
             subject.encode(),
@@ -149,31 +141,37 @@ class Client(NATS):
             block,
             payload,
         )
-        self.stats["out_msgs"] += 1
-        self.stats["out_bytes"] += size
-        await self._send_command(command)
-        if self._flush_queue is not None and self._flush_queue.empty():
-            await self._flush_pending()
+        self._queue(command, size)
+        if 0 < self._max_pending_size < self._pending_data_size:
+            await self._flush_pending(force_flush=True)
 
     def publish_now(self, subject: str, payload: bytes, reply: str = "") -> None:
-        """`publish()` of a message without headers, queued without a coroutine: for the acks
-        and pull requests, one or more per delivery. The same checks and errors; the flusher
-        sends it as it sends `publish()`'s (a full buffer does not make this one wait)."""
+        """`publish()` of a message without headers, with its checks (`_check_sendable`), queued
+        without a coroutine and never waiting: for the acks and pull requests, one or more per
+        delivery, a few bytes each."""
+        size = len(payload)
+        self._check_sendable(size)
+        # Byte for byte nats-py's command, two spaces and all when there is no reply.
+        command = b"PUB %b %b %d\r\n%b\r\n" % (subject.encode(), reply.encode(), size, payload)
+        self._queue(command, size)
+
+    def _check_sendable(self, size: int) -> None:
+        """What `publish()` checks before it queues a payload of `size` bytes: closed,
+        draining, the buffer while reconnecting, and max_payload."""
         if self.is_closed:
             raise nats.errors.ConnectionClosedError
         if self.is_draining_pubs:
             raise nats.errors.ConnectionDrainingError
-        size = len(payload)
         if not self.is_connected and (
             self._max_pending_size <= 0 or size + self._pending_data_size > self._max_pending_size
         ):
             raise nats.errors.OutboundBufferLimitError
         if size > self._max_payload:
             raise nats.errors.MaxPayloadError
-        if reply:
-            command = b"PUB %b %b %d\r\n%b\r\n" % (subject.encode(), reply.encode(), size, payload)
-        else:
-            command = b"PUB %b %d\r\n%b\r\n" % (subject.encode(), size, payload)
+
+    def _queue(self, command: bytes, size: int) -> None:
+        """Queue `command` (carrying `size` bytes of payload) as nats-py queues a publish, and
+        have the flusher send it as `_flush_pending()` does, without a coroutine."""
         self.stats["out_msgs"] += 1
         self.stats["out_bytes"] += size
         self._pending.append(command)
