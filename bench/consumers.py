@@ -56,6 +56,24 @@ FILTERS = {
 OUTPUT_TYPE = "plan.ready"
 
 
+#: The bench's streams' duplicate window (`bench.run.Bench.fresh_stream`); no other limits.
+DUPLICATE_WINDOW_S = 120
+
+
+def bench_config(url: str, stream: str, prefix: str) -> NATSConfig:
+    """gdc-worker's configuration for a bench stream: its limits as the stream has them, so
+    that the bus finds nothing to warn about."""
+    return NATSConfig(
+        url=url,
+        stream_name=stream,
+        stream_subjects=(f"{prefix}>",),
+        max_age=0,
+        max_bytes=0,
+        max_msgs=0,
+        duplicate_window=DUPLICATE_WINDOW_S,
+    )
+
+
 def output_for(event: Event) -> Event:
     """The event a pipeline publishes for `event`: its id derived from the input's, so a
     redelivery publishes the same one again and the stream drops the duplicate."""
@@ -151,9 +169,7 @@ async def run_gdc(
     pipeline: bool = False,
 ) -> None:
     """gdc-worker's runner with default settings and a no-op handler."""
-    config = NATSConfig(
-        url=args.url, stream_name=args.stream, stream_subjects=(f"{args.subject_prefix}>",)
-    )
+    config = bench_config(args.url, args.stream, args.subject_prefix)
     app = App("bench", config, hooks=hooks)
 
     if args.fail_ratio:
