@@ -10,9 +10,9 @@ import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar, cast, overload
+from typing import Any, TypeVar, overload
 
 import anyio
 import anyio.abc
@@ -152,19 +152,12 @@ async def dead_letters(
             await anyio.sleep(0.05)
 
 
-@dataclass
-class Message:
-    """The fields of a nats-py `Msg` that a Delivery reads."""
-
-    reply: str
-    subject: str = "gdc.events.node.up"
-    data: bytes = b"{}"
-    headers: dict[str, str] | None = field(default=None)
-
-
-def delivery(reply: str = "$JS.ACK.GDC_EVENTS.svc-h.1.1.1.1700000000000000000.0") -> Delivery:
-    """A delivery with this reply subject and no connection: for tests that never settle it."""
-    return Delivery(cast(Any, None), cast(Any, Message(reply)))
+def delivery(
+    reply: str = "$JS.ACK.GDC_EVENTS.svc-h.1.1.1.1700000000000000000.0", client: Any = None
+) -> Delivery:
+    """A delivery with this reply subject, settled through `client` (none: for tests that
+    never settle it)."""
+    return Delivery(client, "gdc.events.node.up", reply, b"{}", None)
 
 
 def node_up(node_id: str = "node-1", trace_id: str = "") -> Event:

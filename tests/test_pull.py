@@ -4,13 +4,12 @@ deliveries to workers."""
 from __future__ import annotations
 
 import asyncio
-from typing import Any, cast
 
 import anyio
 import pytest
 
 from gdc_worker.bus.pull import Delivery, _Handoff
-from tests.support import Message, delivery
+from tests.support import delivery
 
 pytestmark = pytest.mark.anyio
 
@@ -149,7 +148,7 @@ async def test_a_term_reason_is_cut_on_a_character_boundary(reason: str) -> None
     then the reason sent is at most 256 bytes and still valid UTF-8 (a prefix of the reason)."""
     client = Recorder()
     reply = "$JS.ACK.S.C.1.2.2.0.0"
-    target = Delivery(cast(Any, client), cast(Any, Message(reply)))
+    target = delivery(reply, client)
 
     await target.term(reason)
 

@@ -306,7 +306,10 @@ async def test_a_delivery_left_unsettled_is_ended_when_its_task_takes_the_next(
         pulled = await nc.jetstream().pull_subscribe(
             nats_config.subject_for("node.up"), "probe", stream=nats_config.stream_name
         )
-        lost, following = (Delivery(nc, msg) for msg in await pulled.fetch(2))
+        lost, following = (
+            Delivery(nc, msg.subject, msg.reply, msg.data, msg.headers)
+            for msg in await pulled.fetch(2)
+        )
         tracing.delivery_received(spec, lost)
         tracing.delivery_received(spec, following)
         tracing.delivery_settled(spec, following, Ack())

@@ -77,9 +77,9 @@ _NEWLINES = str.maketrans({"\r": " ", "\n": " "})
 #: The header names a client remembers as checked (events carry the same few).
 _MAX_HEADER_NAMES = 256
 
-#: Told of each message of a direct subscription: its subject, payload and headers (None:
-#: none), in the client's read loop.
-Deliver = Callable[[bytes, bytes, "dict[str, str] | None"], None]
+#: Told of each message of a direct subscription: its subject, reply subject, payload and
+#: headers (None: none), in the client's read loop.
+Deliver = Callable[[bytes, bytes, bytes, "dict[str, str] | None"], None]
 
 
 class Client(NATS):
@@ -90,7 +90,8 @@ class Client(NATS):
     `tests/test_bus.py` compares it with nats-py's own on tricky inputs.
 
     A direct subscription (`subscribe_direct`) hands each message to a plain function as it is
-    read: no `Msg`, no queue, no task of its own, for the publish acks, one per event sent.
+    read: no `Msg`, no queue, no task of its own, for the deliveries of pull consumers and the
+    publish acks, one or more per event.
     `header_block()` and `publish_block()` send a message with headers as `publish()` does,
     checking each header name once rather than once per message.
     """
@@ -212,7 +213,8 @@ class Client(NATS):
         self.stats["in_msgs"] += 1
         self.stats["in_bytes"] += len(data)
         try:
-            deliver(subject, data, await self._process_headers(headers) if headers else None)
+            hdrs = await self._process_headers(headers) if headers else None
+            deliver(subject, reply, data, hdrs)
         except Exception as exc:  # as nats-py treats a failing subscription callback
             await self._error_cb(exc)
 

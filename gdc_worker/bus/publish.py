@@ -412,7 +412,9 @@ class AsyncPublishWindow:
                 return
             self._settle(token, f"no acknowledgement within {self._timeout:g}s", passing=True)
 
-    def _on_ack(self, subject: bytes, data: bytes, headers: dict[str, str] | None) -> None:
+    def _on_ack(
+        self, subject: bytes, _reply: bytes, data: bytes, headers: dict[str, str] | None
+    ) -> None:
         try:
             token = int(subject[len(self._prefix) :])
         except ValueError:
@@ -425,11 +427,11 @@ class AsyncPublishWindow:
             error = "no stream listens on the subject"
         else:
             try:
-                reply = _ack_decoder.decode(data)
-                seq, duplicate = reply.seq, reply.duplicate
-                if reply.error is not None:
-                    error = reply.error.description
-                    passing = reply.error.code == _UNAVAILABLE
+                ack = _ack_decoder.decode(data)
+                seq, duplicate = ack.seq, ack.duplicate
+                if ack.error is not None:
+                    error = ack.error.description
+                    passing = ack.error.code == _UNAVAILABLE
             except msgspec.DecodeError:
                 error = f"unreadable acknowledgement {data[:80]!r}"
         self._settle(token, error, duplicate, passing, seq)

@@ -23,7 +23,6 @@ import nats.errors
 from ..errors import ConnectionFailed, SubscriptionError
 
 if TYPE_CHECKING:
-    from nats.aio.msg import Msg
     from nats.aio.subscription import Subscription
 
     from .connection import Client
@@ -37,7 +36,7 @@ _NAK = b"-NAK"
 _WPI = b"+WPI"
 _TERM = b"+TERM"
 _PENDING_MSGS = "Nats-Pending-Messages"
-_ACK_PREFIX = "$JS.ACK."
+_ACK_PREFIX = b"$JS.ACK."
 # 409 descriptions after which the consumer cannot deliver any more.
 _FATAL_409 = ("Consumer Deleted", "Consumer is push based")
 # No one took our pull request: the consumer has no leader (one is being elected), or is gone.
@@ -60,18 +59,20 @@ class Delivery:
         "subject",
     )
 
-    def __init__(self, nc: Client, msg: Msg) -> None:
+    def __init__(
+        self, nc: Client, subject: str, reply: str, data: bytes, headers: dict[str, str] | None
+    ) -> None:
         self._nc = nc
-        self.subject: str = msg.subject
-        self.reply: str = msg.reply
-        self.data: bytes = msg.data
-        self.headers: dict[str, str] = msg.headers or {}
+        self.subject = subject
+        self.reply = reply
+        self.data = data
+        self.headers: dict[str, str] = headers or {}
         # $JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>.<pending>, or with a
         # domain and account hash after "ACK" (12 tokens).
         # Raises ValueError for any other shape.
-        tokens = msg.reply.split(".")
+        tokens = reply.split(".")
         if len(tokens) not in (9, 12):
-            raise ValueError(f"not a JetStream ack subject: {msg.reply!r}")
+            raise ValueError(f"not a JetStream ack subject: {reply!r}")
         base = 2 if len(tokens) == 9 else 4
         self.stream: str = tokens[base]
         self.deliveries: int = int(tokens[base + 2])
@@ -167,7 +168,7 @@ class PullConsumer:
 
     async def start(self) -> None:
         """Subscribe to the inbox and send the first pull request."""
-        self._sub = await self._nc.subscribe(self._inbox, cb=self._on_msg)
+        self._sub = await self._nc.subscribe_direct(self._inbox, self._on_msg)
         self._top_up()
 
     async def watch(self) -> None:
@@ -244,10 +245,13 @@ class PullConsumer:
         A nak while our pull requests are open would come straight back to us, so until
         `stop()` has dropped them, the delivery is kept and nak'd there.
         """
+        self._give_back(delivery)
+
+    def _give_back(self, delivery: Delivery) -> None:
         if self._sub is not None:
             self._returned.append(delivery)
         else:
-            await delivery.nak()
+            delivery._send(_NAK)
 
     async def close(self) -> None:
         """Stop, and nak the deliveries that were never taken with `next()`."""
@@ -284,28 +288,31 @@ class PullConsumer:
         request = {"batch": free, "expires": self._expires_ns, "idle_heartbeat": self._heartbeat_ns}
         self._nc.publish_now(self._next_subject, msgspec.json.encode(request), self._inbox)
 
-    async def _on_msg(self, msg: Msg) -> None:
+    def _on_msg(
+        self, subject: bytes, reply: bytes, data: bytes, headers: dict[str, str] | None
+    ) -> None:
+        """A message on the inbox, in the client's read loop (a direct subscription)."""
         self._last_seen = time.monotonic()
         # A stored message always comes with its $JS.ACK reply subject; a status from the
         # server (heartbeat, end of a request) never does. Headers cannot tell them apart:
         # anyone may publish an event with a `Status` header.
-        if msg.reply.startswith(_ACK_PREFIX):
+        if reply.startswith(_ACK_PREFIX):
             if self._unanswered_since is not None:
                 self._answered()
             try:
-                delivery = Delivery(self._nc, msg)
+                delivery = Delivery(self._nc, subject.decode(), reply.decode(), data, headers)
             except ValueError:
-                log.warning("%s: ignoring a malformed reply subject %r", self.name, msg.reply)
+                log.warning("%s: ignoring a malformed reply subject %r", self.name, reply)
                 return
             if self._stopping.is_set():
-                await self.hand_back(delivery)
+                self._give_back(delivery)
                 return
             if self._requested:
                 self._requested -= 1
             self._held[id(delivery)] = (delivery, self._last_seen)
             self._handoff.put(delivery)
             return
-        headers = msg.headers or {}
+        headers = headers or {}
         status = headers.get("Status")
         if status == _NO_RESPONDERS:
             self._on_no_responders()
