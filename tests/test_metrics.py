@@ -38,10 +38,12 @@ HANDLER = {"app": "metered", "handler": "judge"}
 SCRAPE_TIMEOUT = 30.0
 
 
-def get(port: int, path: str) -> tuple[int, str]:
-    """The status and body of GET http://127.0.0.1:port/path (no exception for a 503)."""
+def get(port: int, path: str, method: str = "GET") -> tuple[int, str]:
+    """The status and body of GET (or `method`) http://127.0.0.1:port/path (no exception for
+    a 503)."""
+    request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", method=method)
     try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as response:
+        with urllib.request.urlopen(request, timeout=5) as response:
             return response.status, response.read().decode()
     except urllib.error.HTTPError as error:
         return error.code, error.read().decode()
@@ -217,6 +219,26 @@ async def test_healthz_fails_while_the_event_loop_is_blocked() -> None:
     assert status == 503
     assert "event loop did not answer" in body
     assert after == (200, "ok\n")
+
+
+def test_the_endpoint_answers_404_for_a_path_it_does_not_serve() -> None:
+    """Given an endpoint whose /readyz is not ready,
+    when a probe asks a mistyped path (`/ready`, `/readyz/`, `/`), POSTs to /readyz, or asks
+    HEAD /healthz and HEAD /metrics,
+    then the mistyped paths answer 404 naming the three it serves (not 200 with the metrics,
+    which would pass the probe), the POST 405, and the HEADs 200 with no body."""
+    port = free_port()
+    with HealthEndpoint(port, CollectorRegistry(), alive=lambda: None, ready=lambda: "stopping"):
+        mistyped = [get(port, path) for path in ("/ready", "/readyz/", "/")]
+        posted = get(port, "/readyz", "POST")
+        heads = [get(port, path, "HEAD") for path in ("/healthz", "/metrics")]
+        ready = get(port, "/readyz")
+
+    assert [status for status, _ in mistyped] == [404, 404, 404]
+    assert mistyped[0][1] == "no /ready: try /metrics, /healthz, /readyz\n"
+    assert posted[0] == 405
+    assert heads == [(200, ""), (200, "")]
+    assert ready == (503, "stopping\n")
 
 
 async def test_processes_2_serve_one_endpoint_summing_the_replicas(
