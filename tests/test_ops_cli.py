@@ -12,6 +12,7 @@ import functools
 import json
 import re
 import signal
+import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -30,8 +31,17 @@ from gdc_worker import App, Event, NATSConfig, NATSEventBus, Reject, new_node_do
 from gdc_worker.bus import ConsumerState, StreamLimits, StreamState
 from gdc_worker.cli import main
 from gdc_worker.cli.status import Snapshot
+from gdc_worker.server import NATSServer, find_nats_server
 from tests.processes import GDC_WORKER, Process, worker_env
-from tests.support import consumer_info, dead_letters, free_port, node_up, running, worker_for
+from tests.support import (
+    consumer_info,
+    dead_letters,
+    free_port,
+    node_up,
+    running,
+    wait_until,
+    worker_for,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -440,6 +450,56 @@ async def test_each_command_exits_4_when_nats_cannot_be_reached(
     assert result.returncode == 4, result.stderr
     [line] = result.stderr.splitlines()
     assert line.startswith(f"Error: cannot connect to NATS at {url}: ")
+
+
+@pytest.fixture(scope="module", params=["server", "account"])
+def no_jetstream(request: pytest.FixtureRequest) -> Iterator[str]:
+    """The URL of a real nats-server without JetStream: run without `-js`, or (the way a
+    shared server is) with JetStream for another account only."""
+    if request.param == "account":
+        users = "users: [{user: ops, password: ops}]"
+        config = f"accounts {{ OTHER: {{ jetstream: enabled }}, OPS: {{ {users} }} }}\n"
+        with NATSServer(config=config) as server:
+            yield f"nats://ops:ops@127.0.0.1:{server.port}"
+        return
+    port = free_port()
+    args = [find_nats_server(), "-a", "127.0.0.1", "-p", str(port)]
+    with subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) as server:
+        try:
+            wait_until(lambda: _listening(port), "nats-server without -js listening")
+            yield f"nats://127.0.0.1:{port}"
+        finally:
+            server.terminate()
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+@pytest.mark.parametrize(
+    "command",
+    [["status"], ["check"], ["tail", "--new"], ["tail", "--last", "3"], ["dlq", "list"]],
+    ids=" ".join,
+)
+async def test_each_command_exits_4_on_a_server_without_jetstream(
+    nats_config: NATSConfig, no_jetstream: str, command: list[str]
+) -> None:
+    """Given a server that answers, but has no JetStream for this connection,
+    when the command runs,
+    then it exits 4, as for a server out of reach, with one error line saying that JetStream
+    is missing (not a 503 from deep inside nats-py)."""
+    env = worker_env(nats_config, GDC_NATS_URL=no_jetstream)
+    run = functools.partial(
+        subprocess.run, [GDC_WORKER, *command], env=env, capture_output=True, text=True
+    )
+    result = await anyio.to_thread.run_sync(run)
+
+    assert result.returncode == 4, result.stderr
+    [line] = result.stderr.splitlines()
+    assert "JetStream" in line, line
+    assert "not enabled" in line, line
+    assert "ServiceUnavailableError" not in line
 
 
 def test_watch_shows_a_lag_that_grew_in_bold_red() -> None:
