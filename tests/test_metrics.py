@@ -8,7 +8,9 @@ state can be held still.
 
 from __future__ import annotations
 
+import io
 import json
+import logging
 import os
 import signal
 import threading
@@ -25,6 +27,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from gdc_worker import App, Breaker, Event, NATSConfig, NATSEventBus, Worker
 from gdc_worker.health import HealthEndpoint, LoopProbe
+from gdc_worker.logs import JSONFormatter
 from gdc_worker.metrics import ConsumerGauges, Metrics, watch_consumers, watch_outbox
 from gdc_worker.outbox import Outbox
 from tests.processes import Spawn, worker_env
@@ -324,6 +327,43 @@ async def test_json_logs_carry_the_delivery_keys(
         assert line["trace_id"] == "trace-42"
         assert (line["handler"], line["consumer"]) == ("judge", DURABLE)
     assert [line["deliveries"] for line in lines() if line.get("event_id") == event.id] == [1, 2]
+
+
+def test_json_logs_stay_one_object_per_line_whatever_is_logged() -> None:
+    """Given the JSON log format,
+    when a library logs a message whose arguments do not fit it, a message with newlines and
+    non-ASCII text, an exception whose message cannot be shown, and a line with its stack,
+    then each is one JSON object on one line (no `--- Logging error ---` block), keeping the
+    message, the arguments, the traceback and the stack."""
+    out = io.StringIO()
+    handler = logging.StreamHandler(out)
+    handler.setFormatter(JSONFormatter())
+    log = logging.getLogger("tests.json-lines")
+    log.addHandler(handler)
+    log.propagate = False
+
+    class Unshowable(Exception):
+        def __str__(self) -> str:
+            raise RuntimeError("no message")
+
+    try:
+        log.warning("%d events left", "many")
+        log.warning("two\nlines, caf\u00e9 \u2603")
+        try:
+            raise Unshowable
+        except Unshowable:
+            log.exception("failed")
+        log.warning("here", stack_info=True)
+    finally:
+        log.removeHandler(handler)
+
+    lines = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert len(lines) == 4
+    assert lines[0]["message"] == "%d events left ('many',)"
+    assert "TypeError" in lines[0]["log_error"]
+    assert lines[1]["message"] == "two\nlines, caf\u00e9 \u2603"
+    assert "Unshowable" in lines[2]["exc_info"]
+    assert "test_json_logs_stay_one_object_per_line" in lines[3]["stack_info"]
 
 
 def test_breaker_changes_are_a_state_gauge_and_a_transitions_counter() -> None:
