@@ -420,6 +420,31 @@ async def test_tail_last_starts_with_the_last_events_of_its_pattern(
     assert await tail.exit_code() == 0, tail.stderr
 
 
+async def test_tail_prints_each_event_on_one_line_escaping_control_characters(
+    event_bus: NATSEventBus, nats_config: NATSConfig, tails: Tails
+) -> None:
+    """Given an event (from another service) whose source holds a newline and whose subject
+    is a terminal escape sequence, then a plain event,
+    when `tail --last 2` prints them as text,
+    then each is one line, the control characters shown escaped, not sent to the terminal."""
+    envelope = node_up("n-1").to_json().decode()
+    odd = envelope.replace('"source":"', '"source":"a\\nb').replace(
+        '"subject":"n-1"', '"subject":"\\u001b[2J"'
+    )
+    await event_bus.publish_raw(nats_config.subject_for("node.up"), odd.encode(), {})
+    await event_bus.publish_event(node_up("n-2"))
+
+    tail = tails("--last", "2")
+    lines = await _lines(tail, 2)
+    tail.send(signal.SIGINT)
+
+    assert "source=a\\nb" in lines[0]
+    assert "subject=\\x1b[2J" in lines[0]
+    assert "\x1b" not in tail.stdout
+    assert lines[1].startswith("#2 ")
+    assert await tail.exit_code() == 0, tail.stderr
+
+
 async def _lines(process: Process, count: int) -> list[str]:
     """The first `count` lines the process printed, once there are that many."""
     with anyio.fail_after(SOON):
