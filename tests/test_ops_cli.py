@@ -367,6 +367,35 @@ async def test_publish_checks_a_typed_payload_and_stores_nothing_when_it_is_bad(
     )
 
 
+async def test_publish_takes_only_standard_json_and_a_utf8_file_with_a_bom(
+    event_bus: NATSEventBus, nats_config: NATSConfig, tmp_path: Path
+) -> None:
+    """Given --data holding NaN or Infinity (which JSON does not have, and which the stored
+    event would hold as null), and a UTF-8 file that starts with a BOM (as editors on Windows
+    write),
+    when `publish` runs with each,
+    then the first two exit 2 with one line naming the value, and store nothing; the file's
+    event is published with its data."""
+    data_file = tmp_path / "node.json"
+    data_file.write_bytes('\ufeff{"node_id": "n\u00e9"}'.encode())
+
+    refused = [
+        await cli(nats_config, "publish", "node.up", "--data", data)
+        for data in ('{"node_id": "n", "load": NaN}', '{"node_id": "n", "load": -Infinity}')
+    ]
+    published = await cli(nats_config, "publish", "node.up", "--data", f"@{data_file}")
+
+    for result, value in zip(refused, ("NaN", "-Infinity"), strict=True):
+        assert result.exit_code == 2
+        [line] = result.stderr.splitlines()
+        assert line == f"Error: --data: not JSON: {value} is not a JSON number"
+    assert published.exit_code == 0, published.output
+    stored = await event_bus.get_message(nats_config.stream_name, 1)
+    assert stored is not None
+    assert Event.from_json(stored.data).data == {"node_id": "n\u00e9"}
+    assert await event_bus.get_message(nats_config.stream_name, 2) is None
+
+
 async def test_tail_prints_live_events_without_touching_a_durable_and_ends_0_on_sigint(
     event_bus: NATSEventBus, nats_config: NATSConfig, tails: Tails
 ) -> None:
