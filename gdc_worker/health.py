@@ -54,6 +54,9 @@ STALE_S = 5.0
 #: How long `/healthz` waits for the event loop to run a no-op.
 LOOP_ANSWER_S = 2.0
 
+#: What the endpoint serves; any other path answers 404.
+_PATHS = ("/metrics", "/healthz", "/readyz")
+
 #: Returns None when all is well, else one line of what is not.
 Check = Callable[[], str | None]
 
@@ -96,17 +99,40 @@ class HealthEndpoint:
         self.stop()
 
     def _app(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
-        path = environ.get("PATH_INFO", "")
-        check = self._checks.get(path)
-        if check is None:
-            return self._metrics(environ, start_response)  # type: ignore[no-any-return]
-        try:
-            problem = check()
-        except Exception as exc:  # a probe that fails says so; the endpoint keeps serving
-            problem = f"{path} check failed: {exc!r}"
-        status = "200 OK" if problem is None else "503 Service Unavailable"
-        start_response(status, [("Content-Type", "text/plain; charset=utf-8")])
-        return [f"{problem or 'ok'}\n".encode()]
+        """Route by path: any other path is a 404, so that a probe with a mistyped path fails
+        instead of passing on the metrics page; HEAD answers as GET does, without the body."""
+        path, method = environ.get("PATH_INFO", ""), environ.get("REQUEST_METHOD", "GET")
+        if path not in _PATHS:
+            return _answer(start_response, "404 Not Found", f"no {path}: try {', '.join(_PATHS)}")
+        if method not in ("GET", "HEAD"):
+            allow = [("Allow", "GET, HEAD")]
+            return _answer(start_response, "405 Method Not Allowed", f"{method}: use GET", allow)
+        if path == "/metrics":
+            body = self._metrics({**environ, "REQUEST_METHOD": "GET"}, start_response)
+        else:
+            try:
+                problem = self._checks[path]()
+            except Exception as exc:  # a probe that fails says so; the endpoint keeps serving
+                problem = f"{path} check failed: {exc!r}"
+            status = "200 OK" if problem is None else "503 Service Unavailable"
+            body = _answer(start_response, status, problem or "ok")
+        return [] if method == "HEAD" else body
+
+
+def _answer(
+    start_response: Callable[..., Any],
+    status: str,
+    text: str,
+    headers: list[tuple[str, str]] | None = None,
+) -> list[bytes]:
+    """A one-line plain-text answer."""
+    body = f"{text}\n".encode()
+    start_response(
+        status,
+        [("Content-Type", "text/plain; charset=utf-8"), ("Content-Length", str(len(body)))]
+        + (headers or []),
+    )
+    return [body]
 
 
 class _ThreadingServer(ThreadingMixIn, WSGIServer):

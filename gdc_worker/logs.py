@@ -12,6 +12,8 @@ import logging
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
+from .errors import describe
+
 if TYPE_CHECKING:
     from .app import HandlerSpec
     from .dlq import FailedMessage
@@ -38,8 +40,13 @@ def delivery_fields(
 
 
 class JSONFormatter(logging.Formatter):
-    """`{"time", "level", "logger", "pid", "message", ...}`, plus the delivery keys a line has
-    and the traceback as `exc_info` when there is one."""
+    """`{"time", "level", "logger", "pid", "message", ...}`, plus the delivery keys a line has,
+    the traceback as `exc_info` and the stack as `stack_info` when there is one.
+
+    A record whose arguments do not fit its message (a library's mistake) is still one line:
+    the message and its arguments as they are, and why as `log_error`. Otherwise logging would
+    print a multi-line `--- Logging error ---` block among the JSON lines.
+    """
 
     def format(self, record: logging.LogRecord) -> str:
         line: dict[str, Any] = {
@@ -47,12 +54,18 @@ class JSONFormatter(logging.Formatter):
             "level": record.levelname,
             "logger": record.name,
             "pid": record.process,
-            "message": record.getMessage(),
         }
+        try:
+            line["message"] = record.getMessage()
+        except Exception as exc:
+            line["message"] = f"{record.msg} {record.args!r}"
+            line["log_error"] = describe(exc)
         for key in DELIVERY_KEYS:
             value = record.__dict__.get(key)
             if value is not None:
                 line[key] = value
         if record.exc_info:
             line["exc_info"] = self.formatException(record.exc_info)
+        if record.stack_info:
+            line["stack_info"] = self.formatStack(record.stack_info)
         return json.dumps(line, default=str)

@@ -1169,3 +1169,20 @@ def test_since_refuses_anything_else_saying_what_it_takes(given: str) -> None:
     then it raises a ValueError naming the value and what it takes."""
     with pytest.raises(ValueError, match=rf"--since {re.escape(repr(given))}: give a time ago"):
         since_time(given, now=NOW)
+
+
+@pytest.mark.parametrize(
+    ("given", "why"),
+    [
+        ("99999999999d", "before the earliest time there is"),
+        ("3000000d", "before the earliest time there is"),
+        ("2024-05-01T12:00:01Z", "in the future"),
+        ("2099-01-01", "in the future"),
+    ],
+)
+def test_since_refuses_a_time_before_year_1_or_in_the_future(given: str, why: str) -> None:
+    """Given a --since age too large for a date, or a time after now (a time zone mistaken,
+    say, which would quietly show nothing but new events),
+    then it raises a ValueError naming the value and why (not an OverflowError traceback)."""
+    with pytest.raises(ValueError, match=rf"--since {re.escape(repr(given))}: .*{why}"):
+        since_time(given, now=NOW)

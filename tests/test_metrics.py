@@ -8,7 +8,9 @@ state can be held still.
 
 from __future__ import annotations
 
+import io
 import json
+import logging
 import os
 import signal
 import threading
@@ -25,6 +27,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from gdc_worker import App, Breaker, Event, NATSConfig, NATSEventBus, Worker
 from gdc_worker.health import HealthEndpoint, LoopProbe
+from gdc_worker.logs import JSONFormatter
 from gdc_worker.metrics import ConsumerGauges, Metrics, watch_consumers, watch_outbox
 from gdc_worker.outbox import Outbox
 from tests.processes import Spawn, worker_env
@@ -38,10 +41,12 @@ HANDLER = {"app": "metered", "handler": "judge"}
 SCRAPE_TIMEOUT = 30.0
 
 
-def get(port: int, path: str) -> tuple[int, str]:
-    """The status and body of GET http://127.0.0.1:port/path (no exception for a 503)."""
+def get(port: int, path: str, method: str = "GET") -> tuple[int, str]:
+    """The status and body of GET (or `method`) http://127.0.0.1:port/path (no exception for
+    a 503)."""
+    request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", method=method)
     try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as response:
+        with urllib.request.urlopen(request, timeout=5) as response:
             return response.status, response.read().decode()
     except urllib.error.HTTPError as error:
         return error.code, error.read().decode()
@@ -219,6 +224,26 @@ async def test_healthz_fails_while_the_event_loop_is_blocked() -> None:
     assert after == (200, "ok\n")
 
 
+def test_the_endpoint_answers_404_for_a_path_it_does_not_serve() -> None:
+    """Given an endpoint whose /readyz is not ready,
+    when a probe asks a mistyped path (`/ready`, `/readyz/`, `/`), POSTs to /readyz, or asks
+    HEAD /healthz and HEAD /metrics,
+    then the mistyped paths answer 404 naming the three it serves (not 200 with the metrics,
+    which would pass the probe), the POST 405, and the HEADs 200 with no body."""
+    port = free_port()
+    with HealthEndpoint(port, CollectorRegistry(), alive=lambda: None, ready=lambda: "stopping"):
+        mistyped = [get(port, path) for path in ("/ready", "/readyz/", "/")]
+        posted = get(port, "/readyz", "POST")
+        heads = [get(port, path, "HEAD") for path in ("/healthz", "/metrics")]
+        ready = get(port, "/readyz")
+
+    assert [status for status, _ in mistyped] == [404, 404, 404]
+    assert mistyped[0][1] == "no /ready: try /metrics, /healthz, /readyz\n"
+    assert posted[0] == 405
+    assert heads == [(200, ""), (200, "")]
+    assert ready == (503, "stopping\n")
+
+
 async def test_processes_2_serve_one_endpoint_summing_the_replicas(
     spawn: Spawn, nats_config: NATSConfig, event_bus: NATSEventBus
 ) -> None:
@@ -302,6 +327,43 @@ async def test_json_logs_carry_the_delivery_keys(
         assert line["trace_id"] == "trace-42"
         assert (line["handler"], line["consumer"]) == ("judge", DURABLE)
     assert [line["deliveries"] for line in lines() if line.get("event_id") == event.id] == [1, 2]
+
+
+def test_json_logs_stay_one_object_per_line_whatever_is_logged() -> None:
+    """Given the JSON log format,
+    when a library logs a message whose arguments do not fit it, a message with newlines and
+    non-ASCII text, an exception whose message cannot be shown, and a line with its stack,
+    then each is one JSON object on one line (no `--- Logging error ---` block), keeping the
+    message, the arguments, the traceback and the stack."""
+    out = io.StringIO()
+    handler = logging.StreamHandler(out)
+    handler.setFormatter(JSONFormatter())
+    log = logging.getLogger("tests.json-lines")
+    log.addHandler(handler)
+    log.propagate = False
+
+    class Unshowable(Exception):
+        def __str__(self) -> str:
+            raise RuntimeError("no message")
+
+    try:
+        log.warning("%d events left", "many")
+        log.warning("two\nlines, caf\u00e9 \u2603")
+        try:
+            raise Unshowable
+        except Unshowable:
+            log.exception("failed")
+        log.warning("here", stack_info=True)
+    finally:
+        log.removeHandler(handler)
+
+    lines = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert len(lines) == 4
+    assert lines[0]["message"] == "%d events left ('many',)"
+    assert "TypeError" in lines[0]["log_error"]
+    assert lines[1]["message"] == "two\nlines, caf\u00e9 \u2603"
+    assert "Unshowable" in lines[2]["exc_info"]
+    assert "test_json_logs_stay_one_object_per_line" in lines[3]["stack_info"]
 
 
 def test_breaker_changes_are_a_state_gauge_and_a_transitions_counter() -> None:

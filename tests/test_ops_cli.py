@@ -12,6 +12,7 @@ import functools
 import json
 import re
 import signal
+import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -30,8 +31,17 @@ from gdc_worker import App, Event, NATSConfig, NATSEventBus, Reject, new_node_do
 from gdc_worker.bus import ConsumerState, StreamLimits, StreamState
 from gdc_worker.cli import main
 from gdc_worker.cli.status import Snapshot
+from gdc_worker.server import NATSServer, find_nats_server
 from tests.processes import GDC_WORKER, Process, worker_env
-from tests.support import consumer_info, dead_letters, free_port, node_up, running, worker_for
+from tests.support import (
+    consumer_info,
+    dead_letters,
+    free_port,
+    node_up,
+    running,
+    wait_until,
+    worker_for,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -357,6 +367,35 @@ async def test_publish_checks_a_typed_payload_and_stores_nothing_when_it_is_bad(
     )
 
 
+async def test_publish_takes_only_standard_json_and_a_utf8_file_with_a_bom(
+    event_bus: NATSEventBus, nats_config: NATSConfig, tmp_path: Path
+) -> None:
+    """Given --data holding NaN or Infinity (which JSON does not have, and which the stored
+    event would hold as null), and a UTF-8 file that starts with a BOM (as editors on Windows
+    write),
+    when `publish` runs with each,
+    then the first two exit 2 with one line naming the value, and store nothing; the file's
+    event is published with its data."""
+    data_file = tmp_path / "node.json"
+    data_file.write_bytes('\ufeff{"node_id": "n\u00e9"}'.encode())
+
+    refused = [
+        await cli(nats_config, "publish", "node.up", "--data", data)
+        for data in ('{"node_id": "n", "load": NaN}', '{"node_id": "n", "load": -Infinity}')
+    ]
+    published = await cli(nats_config, "publish", "node.up", "--data", f"@{data_file}")
+
+    for result, value in zip(refused, ("NaN", "-Infinity"), strict=True):
+        assert result.exit_code == 2
+        [line] = result.stderr.splitlines()
+        assert line == f"Error: --data: not JSON: {value} is not a JSON number"
+    assert published.exit_code == 0, published.output
+    stored = await event_bus.get_message(nats_config.stream_name, 1)
+    assert stored is not None
+    assert Event.from_json(stored.data).data == {"node_id": "n\u00e9"}
+    assert await event_bus.get_message(nats_config.stream_name, 2) is None
+
+
 async def test_tail_prints_live_events_without_touching_a_durable_and_ends_0_on_sigint(
     event_bus: NATSEventBus, nats_config: NATSConfig, tails: Tails
 ) -> None:
@@ -410,6 +449,31 @@ async def test_tail_last_starts_with_the_last_events_of_its_pattern(
     assert await tail.exit_code() == 0, tail.stderr
 
 
+async def test_tail_prints_each_event_on_one_line_escaping_control_characters(
+    event_bus: NATSEventBus, nats_config: NATSConfig, tails: Tails
+) -> None:
+    """Given an event (from another service) whose source holds a newline and whose subject
+    is a terminal escape sequence, then a plain event,
+    when `tail --last 2` prints them as text,
+    then each is one line, the control characters shown escaped, not sent to the terminal."""
+    envelope = node_up("n-1").to_json().decode()
+    odd = envelope.replace('"source":"', '"source":"a\\nb').replace(
+        '"subject":"n-1"', '"subject":"\\u001b[2J"'
+    )
+    await event_bus.publish_raw(nats_config.subject_for("node.up"), odd.encode(), {})
+    await event_bus.publish_event(node_up("n-2"))
+
+    tail = tails("--last", "2")
+    lines = await _lines(tail, 2)
+    tail.send(signal.SIGINT)
+
+    assert "source=a\\nb" in lines[0]
+    assert "subject=\\x1b[2J" in lines[0]
+    assert "\x1b" not in tail.stdout
+    assert lines[1].startswith("#2 ")
+    assert await tail.exit_code() == 0, tail.stderr
+
+
 async def _lines(process: Process, count: int) -> list[str]:
     """The first `count` lines the process printed, once there are that many."""
     with anyio.fail_after(SOON):
@@ -440,6 +504,56 @@ async def test_each_command_exits_4_when_nats_cannot_be_reached(
     assert result.returncode == 4, result.stderr
     [line] = result.stderr.splitlines()
     assert line.startswith(f"Error: cannot connect to NATS at {url}: ")
+
+
+@pytest.fixture(scope="module", params=["server", "account"])
+def no_jetstream(request: pytest.FixtureRequest) -> Iterator[str]:
+    """The URL of a real nats-server without JetStream: run without `-js`, or (the way a
+    shared server is) with JetStream for another account only."""
+    if request.param == "account":
+        users = "users: [{user: ops, password: ops}]"
+        config = f"accounts {{ OTHER: {{ jetstream: enabled }}, OPS: {{ {users} }} }}\n"
+        with NATSServer(config=config) as server:
+            yield f"nats://ops:ops@127.0.0.1:{server.port}"
+        return
+    port = free_port()
+    args = [find_nats_server(), "-a", "127.0.0.1", "-p", str(port)]
+    with subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) as server:
+        try:
+            wait_until(lambda: _listening(port), "nats-server without -js listening")
+            yield f"nats://127.0.0.1:{port}"
+        finally:
+            server.terminate()
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+@pytest.mark.parametrize(
+    "command",
+    [["status"], ["check"], ["tail", "--new"], ["tail", "--last", "3"], ["dlq", "list"]],
+    ids=" ".join,
+)
+async def test_each_command_exits_4_on_a_server_without_jetstream(
+    nats_config: NATSConfig, no_jetstream: str, command: list[str]
+) -> None:
+    """Given a server that answers, but has no JetStream for this connection,
+    when the command runs,
+    then it exits 4, as for a server out of reach, with one error line saying that JetStream
+    is missing (not a 503 from deep inside nats-py)."""
+    env = worker_env(nats_config, GDC_NATS_URL=no_jetstream)
+    run = functools.partial(
+        subprocess.run, [GDC_WORKER, *command], env=env, capture_output=True, text=True
+    )
+    result = await anyio.to_thread.run_sync(run)
+
+    assert result.returncode == 4, result.stderr
+    [line] = result.stderr.splitlines()
+    assert "JetStream" in line, line
+    assert "not enabled" in line, line
+    assert "ServiceUnavailableError" not in line
 
 
 def test_watch_shows_a_lag_that_grew_in_bold_red() -> None:

@@ -22,8 +22,9 @@ from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
-from ..errors import EventBusError, describe
+from ..errors import EventBusError
 from .admin import StoredMessage
+from .state import api_error
 
 __all__ = ["SCAN_BATCH", "SCAN_BYTES", "count_messages", "scan_messages"]
 
@@ -55,7 +56,7 @@ async def scan_messages(
     except nats.js.errors.NotFoundError:
         return
     except (nats.errors.Error, TimeoutError) as exc:
-        raise EventBusError(f"cannot read stream {stream}: {describe(exc)}") from None
+        raise api_error(f"cannot read stream {stream}", exc) from None
     try:
         if consumer.pending == 0:
             return
@@ -98,7 +99,7 @@ async def count_messages(js: JetStreamContext, stream: str, subject: str | None)
     except nats.js.errors.NotFoundError:
         return 0
     except (nats.errors.Error, TimeoutError) as exc:
-        raise EventBusError(f"cannot read stream {stream}: {describe(exc)}") from None
+        raise api_error(f"cannot read stream {stream}", exc) from None
     await _delete_quietly(js, stream, consumer.name)
     return consumer.pending
 

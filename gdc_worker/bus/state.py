@@ -15,16 +15,20 @@ from typing import Any, TypeVar
 
 import msgspec
 import nats.errors
+import nats.js.errors
 from nats.aio.client import Client as NATS
 
-from ..errors import EventBusError, describe
+from ..errors import ConnectionFailed, EventBusError, describe
 
-__all__ = ["ConsumerState", "StateReader", "StreamLimits", "StreamState"]
+__all__ = ["ConsumerState", "StateReader", "StreamLimits", "StreamState", "api_error"]
 
 _API = "$JS.API"
 _STREAM_NOT_FOUND = 10059
 _CONSUMER_NOT_FOUND = 10014
 _NO_MESSAGE_FOUND = 10037
+#: The JetStream API's status when JetStream is not there for this connection: disabled for
+#: the account, or a cluster without a meta leader.
+_UNAVAILABLE = 503
 
 T = TypeVar("T")
 
@@ -98,6 +102,7 @@ class ConsumerState:
 
 
 class _Error(msgspec.Struct):
+    code: int = 0
     err_code: int = 0
     description: str = ""
 
@@ -307,10 +312,24 @@ class StateReader:
             if error is not None and error.err_code in (not_found, not_found_too):
                 return None
             if error is not None:
-                raise EventBusError(f"cannot read {api}: {error.description} ({error.err_code})")
+                kind = ConnectionFailed if error.code == _UNAVAILABLE else EventBusError
+                raise kind(f"cannot read {api}: {error.description} ({error.err_code})")
             return msgspec.json.decode(reply.data, type=answer)
         except (nats.errors.Error, TimeoutError, msgspec.DecodeError) as exc:
-            raise EventBusError(f"cannot read {api}: {describe(exc)}") from None
+            raise api_error(f"cannot read {api}", exc) from None
+
+
+def api_error(what: str, exc: BaseException) -> EventBusError:
+    """The error for a JetStream API request about `what` that failed with `exc`:
+    `ConnectionFailed` when JetStream is not there (a server run without it answers nobody,
+    an account without it 503), so that commands exit 4 as for a server out of reach."""
+    if isinstance(exc, nats.errors.NoRespondersError) or (
+        isinstance(exc, nats.js.errors.ServiceUnavailableError) and not exc.description
+    ):
+        return ConnectionFailed(f"{what}: JetStream is not enabled on this NATS server")
+    if isinstance(exc, nats.js.errors.ServiceUnavailableError):
+        return ConnectionFailed(f"{what}: {exc.description} ({exc.err_code})")
+    return EventBusError(f"{what}: {describe(exc)}")
 
 
 def _time(value: datetime | None) -> datetime | None:

@@ -19,7 +19,8 @@ from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
-from ..errors import ConnectionFailed, EventBusError, describe
+from ..errors import ConnectionFailed, EventBusError
+from .state import api_error
 
 __all__ = ["Tail", "TailedMessage", "start_of_last"]
 
@@ -74,7 +75,7 @@ class Tail:
         except nats.js.errors.NotFoundError:
             raise EventBusError(f"cannot follow {what}: there is no such stream") from None
         except (nats.errors.Error, TimeoutError) as exc:
-            raise EventBusError(f"cannot follow {what}: {describe(exc)}") from None
+            raise api_error(f"cannot follow {what}", exc) from None
         return self
 
     async def _start(self) -> ConsumerConfig:
@@ -166,5 +167,5 @@ async def _matching_from(js: JetStreamContext, stream: str, subject: str, seq: i
         with anyio.CancelScope(shield=True), contextlib.suppress(nats.js.errors.NotFoundError):
             await js.delete_consumer(stream, info.name)
     except (nats.errors.Error, TimeoutError) as exc:
-        raise EventBusError(f"cannot count {subject} on stream {stream}: {describe(exc)}") from None
+        raise api_error(f"cannot count {subject} on stream {stream}", exc) from None
     return info.num_pending or 0

@@ -202,19 +202,25 @@ _AGO = re.compile(r"(\d+(?:\.\d+)?)([smhd])")
 
 
 def since_time(text: str, now: datetime | None = None) -> datetime:
-    """`10m`, `2h`, `30s`, `1d` ago, or an ISO 8601 time (local time when it has no offset);
-    raises `ValueError` saying what it takes."""
+    """`10m`, `2h`, `30s`, `1d` ago, or an ISO 8601 time (local time when it has no offset),
+    not after `now`; raises `ValueError` saying what it takes."""
+    now = now or datetime.now(UTC)
     ago = _AGO.fullmatch(text.strip())
-    if ago:
-        seconds = float(ago[1]) * _UNITS_S[ago[2]]
-        return (now or datetime.now(UTC)) - timedelta(seconds=seconds)
     try:
-        return datetime.fromisoformat(text.strip()).astimezone(UTC)
+        if ago:
+            when = now - timedelta(seconds=float(ago[1]) * _UNITS_S[ago[2]])
+        else:
+            when = datetime.fromisoformat(text.strip()).astimezone(UTC)
+    except OverflowError:
+        raise ValueError(f"--since {text!r}: that is before the earliest time there is") from None
     except ValueError:
         raise ValueError(
             f"--since {text!r}: give a time ago such as 10m, 2h, 30s or 1d, or an ISO time "
             "such as 2024-05-01T10:00:00+00:00"
         ) from None
+    if when > now:
+        raise ValueError(f"--since {text!r}: {when.isoformat()} is in the future")
+    return when
 
 
 def since_option(ctx: click.Context, param: click.Parameter, value: str | None) -> datetime | None:

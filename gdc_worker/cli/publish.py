@@ -49,14 +49,20 @@ _SUBJECT_FROM: dict[str, Callable[[str, Any], Event]] = {
 }
 
 
+def _not_a_number(constant: str) -> float:
+    """Python's json reads NaN and Infinity, which JSON has not: the event would store null."""
+    raise ValueError(f"{constant} is not a JSON number")
+
+
 def _data(value: str | None) -> dict[str, Any]:
-    """`--data`: a JSON object, or `@FILE` holding one; bad usage (exit 2) otherwise."""
+    """`--data`: a JSON object, or `@FILE` holding one (UTF-8, a BOM allowed); bad usage
+    (exit 2) otherwise."""
     if value is None:
         return {}
     text = value
     if value.startswith("@"):
         try:
-            text = Path(value[1:]).read_text()
+            text = Path(value[1:]).read_text(encoding="utf-8-sig")
         except UnicodeDecodeError:
             raise ReportedError(f"--data: {value[1:]} is not UTF-8 text", EXIT_USAGE) from None
         except OSError as exc:
@@ -64,8 +70,8 @@ def _data(value: str | None) -> dict[str, Any]:
                 f"--data: cannot read {value[1:]}: {exc.strerror}", EXIT_USAGE
             ) from None
     try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
+        data = json.loads(text, parse_constant=_not_a_number)
+    except ValueError as exc:  # json.JSONDecodeError too
         raise ReportedError(f"--data: not JSON: {exc}", EXIT_USAGE) from None
     if not isinstance(data, dict):
         raise ReportedError(f"--data: must be a JSON object, got {type(data).__name__}", EXIT_USAGE)
