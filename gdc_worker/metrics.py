@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import bisect
 import logging
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -93,7 +93,6 @@ class _Handler:
         "consumer",
         "deliveries",
         "duration",
-        "in_flight",
         "redeliveries",
         "retries",
     )
@@ -103,18 +102,17 @@ class _Handler:
         self.deliveries = dict.fromkeys(_OUTCOMES, 0)
         self.retries = 0
         self.redeliveries = 0
-        self.in_flight = 0
         self.duration = _Histogram(DURATION_BUCKETS)
         self.breaker_state: int | None = None  # no breaker
         self.breaker_transitions = dict.fromkeys(_BREAKER_STATES, 0)
 
-    def snapshot(self) -> dict[str, Any]:
+    def snapshot(self, in_flight: int) -> dict[str, Any]:
         return {
             "consumer": self.consumer,
             "deliveries": dict(self.deliveries),
             "retries": self.retries,
             "redeliveries": self.redeliveries,
-            "in_flight": self.in_flight,
+            "in_flight": in_flight,
             "duration": self.duration.snapshot(),
             "breaker_state": self.breaker_state,
             "breaker_transitions": dict(self.breaker_transitions),
@@ -126,7 +124,9 @@ class Metrics(Hook, Collector):
 
     Register it as a hook (`gdc-worker run --metrics-port` does) and serve `registry`, where it
     is registered. Every metric of a handler starts at 0 once the worker is ready, so rates and
-    alerts need no first event.
+    alerts need no first event. The calls in flight are read when scraped from what
+    `read_in_flight()` is given (the worker's `in_flight`; 0 without it): counting them at
+    each call would take a hook call more per delivery.
     """
 
     def __init__(self, app: str, registry: CollectorRegistry | None = None) -> None:
@@ -140,6 +140,7 @@ class Metrics(Hook, Collector):
         self._outbox: OutboxStats | None = None
         #: Deliveries between a failed attempt and their settlement: the next call is a retry.
         self._failed: set[Delivery] = set()
+        self._in_flight: Callable[[], Mapping[str, int]] = dict
         self.registry = registry or CollectorRegistry()
         self.registry.register(self)
 
@@ -151,18 +152,17 @@ class Metrics(Hook, Collector):
                 counts.breaker_state = 0
         return counts
 
+    def read_in_flight(self, source: Callable[[], Mapping[str, int]]) -> None:
+        """Read the handler calls running now from `source()` (by handler name) when scraped;
+        it is called from the endpoint's thread."""
+        self._in_flight = source
+
     def worker_ready(self, app: str, handlers: Sequence[HandlerSpec]) -> None:
         for spec in handlers:
             self._of(spec)
         self._connected = 1
 
-    # The three methods below run at every delivery: `_of` only for a handler not seen yet.
-
-    def call_started(self, handler: HandlerSpec, delivery: Delivery, event: Event) -> None:
-        counts = self._handlers.get(handler.name) or self._of(handler)
-        counts.in_flight += 1
-        if self._failed and delivery in self._failed:
-            counts.retries += 1
+    # The two methods below run at every delivery: `_of` only for a handler not seen yet.
 
     def call_finished(
         self,
@@ -173,9 +173,10 @@ class Metrics(Hook, Collector):
         duration_s: float,
     ) -> None:
         counts = self._handlers.get(handler.name) or self._of(handler)
-        counts.in_flight -= 1
         counts.duration.observe(duration_s)
-        if error is not None:
+        if self._failed and delivery in self._failed:  # an attempt after a failed one
+            counts.retries += 1
+        elif error is not None:
             self._failed.add(delivery)
 
     def delivery_settled(
@@ -217,9 +218,13 @@ class Metrics(Hook, Collector):
     def snapshot(self) -> Snapshot:
         """Everything counted so far, for the supervisor of a group to add up."""
         outbox = self._outbox
+        in_flight = self._in_flight()
         return {
             "app": self.app,
-            "handlers": {name: counts.snapshot() for name, counts in self._handlers.items()},
+            "handlers": {
+                name: counts.snapshot(in_flight.get(name, 0))
+                for name, counts in self._handlers.items()
+            },
             "publishes": dict(self._publishes),
             "publish_duration": self._publish_duration.snapshot(),
             "connected": self._connected,

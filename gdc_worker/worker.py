@@ -95,6 +95,15 @@ class Worker:
             return "binding consumers"
         return None
 
+    def in_flight(self) -> dict[str, int]:
+        """The handler calls running now, by handler name (safe to call from another thread);
+        `Metrics.read_in_flight` reads it."""
+        return {
+            runner.spec.name: runner.running
+            for runner in self._runners
+            if isinstance(runner, HandlerRunner)
+        }
+
     def outbox_stats(self) -> OutboxStats | None:
         """The depth of the bus's publish outbox; None without one (or before connecting)."""
         outbox = self._bus.outbox if self._bus is not None else None

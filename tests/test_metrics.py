@@ -75,6 +75,28 @@ async def scrape(port: int) -> dict[tuple[str, frozenset[tuple[str, str]]], floa
     return samples(body)
 
 
+async def test_a_call_in_flight_is_counted_until_it_returns(
+    spawn: Spawn, nats_config: NATSConfig, event_bus: NATSEventBus, tmp_path: Path
+) -> None:
+    """Given `gdc-worker run --metrics-port` on the metered app,
+    when a handler call runs until the test lets it return,
+    then /metrics shows 1 handler call in flight while it runs, and 0 once it returned."""
+    port = free_port()
+    worker = spawn(
+        "run", "tests.apps.metered:app", "--metrics-port", str(port), env=worker_env(nats_config)
+    )
+    await worker.ready()
+    gate = tmp_path / "return-now"
+    await event_bus.publish_event(Event.new("node.up", "test", "slow", {"until": str(gate)}))
+
+    async def in_flight(count: float) -> bool:
+        return value(await scrape(port), "gdc_worker_handlers_in_flight", **HANDLER) == count
+
+    await eventually(lambda: in_flight(1.0), "the slow call in flight", SCRAPE_TIMEOUT)
+    gate.touch()
+    await eventually(lambda: in_flight(0.0), "the slow call returned", SCRAPE_TIMEOUT)
+
+
 def outcomes_event_list() -> list[Event]:
     """3 ok, 1 flaky, 1 bad, 1 broken: see `tests.apps.metered`."""
     return [node_up(s) for s in ("ok", "ok", "ok", "flaky", "bad", "broken")]

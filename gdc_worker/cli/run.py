@@ -193,6 +193,8 @@ def run(
                 grace=grace,
                 hooks=[metrics] if metrics else [],
             )
+            if metrics is not None:
+                metrics.read_in_flight(worker.in_flight)
             if processes > 1:
                 replica_args = ["--log-level", log_level, "--log-format", log_format]
                 replica_args += ["--grace", str(grace)]

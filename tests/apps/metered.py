@@ -3,10 +3,13 @@
 - `ok`: handled, and publishes one `node.down` event through `ctx.publish`;
 - `flaky`: fails its first attempt, then succeeds in process;
 - `bad`: rejected (`Reject`), dead-lettered at once;
-- `broken`: always fails: 2 attempts per delivery, 2 deliveries, then dead-lettered.
+- `broken`: always fails: 2 attempts per delivery, 2 deliveries, then dead-lettered;
+- `slow`: runs until the file its data names (`until`) exists: a call in flight.
 """
 
 from __future__ import annotations
+
+import anyio
 
 from gdc_worker import App, Context, Event, Reject, RetryPolicy
 
@@ -22,6 +25,9 @@ _failed_once: set[str] = set()
 )
 async def judge(event: Event, ctx: Context) -> None:
     """Succeed, fail once, reject or fail for good, as the subject says."""
+    if event.subject == "slow":
+        while not await anyio.Path((event.data or {})["until"]).exists():
+            await anyio.sleep(0.01)
     if event.subject == "bad":
         raise Reject("bad node")
     if event.subject == "broken":
