@@ -399,8 +399,9 @@ async def watch_consumers(
     """Read the states of `durables` every `interval` seconds into `gauges`, until cancelled.
 
     On its own connection, through the JetStream API (the consumer leader answers; followers'
-    num_pending is stale). A reading that fails is logged once until one succeeds again; the
-    gauges then keep their last values.
+    num_pending is stale). A reading that fails is logged once until one succeeds again, and
+    the gauges are not reported meanwhile: a lag that cannot be read is absent (an alert on
+    `absent()` or on `gdc_worker_connected` fires), not frozen at its last value.
     """
     wanted = set(durables)
     failing = False
@@ -415,8 +416,9 @@ async def watch_consumers(
                 states = await bus.consumer_states()
             except GDCWorkerError as exc:
                 if not failing:
-                    log.warning("consumer metrics not updated: %s (trying again)", exc)
+                    log.warning("consumer metrics not read: %s (not reported until read)", exc)
                 failing = True
+                gauges.update(())
                 if bus is not None and not bus.connected:  # maybe closed for good: a new one
                     with anyio.CancelScope(shield=True):
                         await bus.close()

@@ -25,11 +25,12 @@ import pytest
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
-from gdc_worker import App, Breaker, Event, NATSConfig, NATSEventBus, Worker
+from gdc_worker import App, Breaker, Event, NATSConfig, NATSEventBus, NATSServer, Worker
 from gdc_worker.health import HealthEndpoint, LoopProbe
 from gdc_worker.logs import JSONFormatter
 from gdc_worker.metrics import ConsumerGauges, Metrics, watch_consumers, watch_outbox
 from gdc_worker.outbox import Outbox
+from gdc_worker.testing import isolated_config
 from tests.processes import Spawn, worker_env
 from tests.support import GRACE, alive, eventually, free_port, node_up, running
 
@@ -188,6 +189,37 @@ async def test_consumer_gauges_show_a_backlog_and_its_age_then_0(
             )
         assert reading("oldest_unacked_age_seconds") == 0
         tg.cancel_scope.cancel()
+
+
+async def test_consumer_gauges_are_not_reported_while_they_cannot_be_read(
+    tmp_path: Path,
+) -> None:
+    """Given the gauges of a bound consumer read every 0.1 s,
+    when nats-server stops, then starts again on its port,
+    then the gauges disappear while no reading can be made (a frozen lag of 0 would hide an
+    outage from a lag alert), and come back once one can."""
+    server = NATSServer(port=free_port(), store_dir=tmp_path / "jetstream").start()
+    nats_config = isolated_config(server.url)
+    async with await NATSEventBus.connect(nats_config) as bus:
+        await bus.ensure_consumer("svc-handle", nats_config.subject_for("node.up"))
+    gauges = ConsumerGauges()
+    registry = CollectorRegistry()
+    registry.register(gauges)
+
+    def pending() -> float | None:
+        return registry.get_sample_value("gdc_worker_consumer_pending", {"consumer": "svc-handle"})
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(watch_consumers, nats_config, ["svc-handle"], gauges, 0.1)
+        try:
+            await eventually(lambda: pending() == 0, "the consumer's gauges read")
+            server.stop()
+            await eventually(lambda: pending() is None, "the gauges gone with the server")
+            server.start()
+            await eventually(lambda: pending() == 0, "the gauges read again", SCRAPE_TIMEOUT)
+        finally:
+            tg.cancel_scope.cancel()
+            server.stop()
 
 
 async def test_readyz_waits_for_the_consumers_and_fails_while_stopping(

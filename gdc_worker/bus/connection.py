@@ -189,6 +189,16 @@ class Client(NATS):
         else:
             queue.put_nowait(asyncio.get_running_loop().create_future())
 
+    async def close(self) -> None:
+        """nats-py's `close()`, but what was queued while disconnected is dropped first: it
+        cannot be sent any more, and nats-py's close would try to, on the lost socket, and
+        raise `ConnectionResetError` half-way through (a closing bus or gauge reader crashed
+        on it during an outage). Acks among it come back as redeliveries."""
+        if not self.is_connected:
+            self._pending = []
+            self._pending_data_size = 0
+        await super().close()
+
     async def subscribe_direct(self, subject: str, deliver: Deliver) -> Subscription:
         """Subscribe `deliver` to `subject`, called in the read loop, so it must not block.
 
