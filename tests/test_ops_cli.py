@@ -93,6 +93,16 @@ async def cli(config: NATSConfig, *args: str) -> Result:
     return await anyio.to_thread.run_sync(invoke)
 
 
+async def gdc_worker_process(
+    command: list[str], env: dict[str, str]
+) -> subprocess.CompletedProcess[str]:
+    """`gdc-worker COMMAND...` run to its end in a process of its own, with `env`."""
+    run = functools.partial(
+        subprocess.run, [GDC_WORKER, *command], env=env, capture_output=True, text=True
+    )
+    return await anyio.to_thread.run_sync(run)
+
+
 def auditing(config: NATSConfig) -> App:
     """An app whose `audit` handler (durable `ops-audit`) rejects the node.up of `bad-*`."""
     app = App("ops", config)
@@ -496,10 +506,7 @@ async def test_each_command_exits_4_when_nats_cannot_be_reached(
     url = f"nats://127.0.0.1:{free_port()}"
 
     env = worker_env(nats_config, GDC_NATS_URL=url)
-    run = functools.partial(
-        subprocess.run, [GDC_WORKER, *command], env=env, capture_output=True, text=True
-    )
-    result = await anyio.to_thread.run_sync(run)
+    result = await gdc_worker_process(command, env)
 
     assert result.returncode == 4, result.stderr
     [line] = result.stderr.splitlines()
@@ -544,10 +551,7 @@ async def test_each_command_exits_4_on_a_server_without_jetstream(
     then it exits 4, as for a server out of reach, with one error line saying that JetStream
     is missing (not a 503 from deep inside nats-py)."""
     env = worker_env(nats_config, GDC_NATS_URL=no_jetstream)
-    run = functools.partial(
-        subprocess.run, [GDC_WORKER, *command], env=env, capture_output=True, text=True
-    )
-    result = await anyio.to_thread.run_sync(run)
+    result = await gdc_worker_process(command, env)
 
     assert result.returncode == 4, result.stderr
     [line] = result.stderr.splitlines()
