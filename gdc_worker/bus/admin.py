@@ -25,6 +25,7 @@ from nats.js.api import (
 
 from ..config import STREAM_SETUPS, NATSConfig
 from ..errors import ConfigError, ConnectionFailed, EventBusError, SubscriptionError, describe
+from .state import api_error
 
 __all__ = ["Admin", "BoundConsumer", "LimitChange", "StoredMessage", "StreamSpec"]
 
@@ -205,9 +206,7 @@ class Admin:
                     _changes_text(changes, "ours"),
                 )
         except (nats.errors.Error, TimeoutError) as exc:
-            raise ConnectionFailed(
-                f"cannot set up stream {name} at {self._url}: {describe(exc)}"
-            ) from None
+            raise _unreachable(f"cannot set up stream {name} at {self._url}", exc) from None
 
     async def stream_changes(self, spec: StreamSpec) -> list[LimitChange] | None:
         """The limits `ensure_stream(..., setup="update")` would change; None: no such stream.
@@ -218,9 +217,7 @@ class Admin:
         try:
             current = await self._stream_config(name)
         except (nats.errors.Error, TimeoutError) as exc:
-            raise ConnectionFailed(
-                f"cannot read stream {name} at {self._url}: {describe(exc)}"
-            ) from None
+            raise _unreachable(f"cannot read stream {name} at {self._url}", exc) from None
         if current is None:
             return None
         _check_same_shape(current, wanted)
@@ -573,3 +570,12 @@ def _bound(current: ConsumerConfig, wanted: ConsumerConfig) -> BoundConsumer:
         max_deliver=max_deliver if max_deliver is not None and max_deliver > 0 else -1,
         ack_wait=current.ack_wait or wanted.ack_wait or 30.0,
     )
+
+
+def _unreachable(what: str, exc: BaseException) -> ConnectionFailed:
+    """`ConnectionFailed` for a stream request that got no answer: saying so in words when
+    JetStream is not there (`api_error`), rather than in nats-py's."""
+    failure = api_error(what, exc)
+    if isinstance(failure, ConnectionFailed):
+        return failure
+    return ConnectionFailed(f"{what}: {describe(exc)}")
