@@ -30,6 +30,7 @@ __all__ = [
     "Stored",
     "check_size",
     "message_size",
+    "oversized",
     "publish",
     "publish_once",
 ]
@@ -96,13 +97,14 @@ def check_size(
             return  # under the limit even if every character took 4 bytes: no need to count
         size = message_size(headers, payload)
     if size > nc.max_payload:
-        raise _oversized(nc, subject, size, what)
+        raise oversized(what, subject, size, nc.max_payload)
 
 
-def _oversized(nc: NATS, subject: str, size: int, what: str) -> PublishRefused:
+def oversized(what: str, subject: str, size: int, max_payload: int) -> PublishRefused:
+    """The refusal of a message of `size` bytes, headers included, over `max_payload`."""
     return PublishRefused(
         f"publish of {what} to {subject} refused: {size} bytes with headers, over the "
-        f"server's max_payload of {nc.max_payload}"
+        f"server's max_payload of {max_payload}"
     )
 
 
@@ -331,7 +333,7 @@ class AsyncPublishWindow:
                 f"publish of {what} to {subject} refused: {describe(exc)}"
             ) from None
         if len(block) + len(payload) > nc.max_payload:
-            raise _oversized(nc, subject, len(block) + len(payload), what)
+            raise oversized(what, subject, len(block) + len(payload), nc.max_payload)
         while len(self._pending) >= self._limit:
             if self._room is None:
                 self._room = asyncio.Event()

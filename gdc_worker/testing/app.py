@@ -25,7 +25,7 @@ import anyio
 import anyio.abc
 
 from ..app import App, PendingPublish
-from ..bus.publish import message_size
+from ..bus.publish import message_size, oversized
 from ..config import NATSConfig
 from ..dlq import DeadLetterRecord, FailedMessage
 from ..errors import PublishError, PublishRefused, WorkerError
@@ -285,13 +285,11 @@ class TestApp:
                 f"no stream captures {subject}: {config.stream_name} is on "
                 f"{', '.join(config.stream_subjects)}"
             )
+        msg_id = headers.get(MSG_ID_HEADER)
         size = message_size(headers, data)
         if size > MAX_PAYLOAD:
-            raise PublishRefused(
-                f"publish to {subject} refused: {size} bytes with headers, over the server's "
-                f"max_payload of {MAX_PAYLOAD}"
-            )
-        msg_id = headers.get(MSG_ID_HEADER)
+            what = "a message" if msg_id is None else f"event {msg_id}"
+            raise oversized(what, subject, size, MAX_PAYLOAD)
         if msg_id is not None:
             seen = self._ids.get(msg_id)
             if seen is not None and self._now - seen[1] < config.duplicate_window:
