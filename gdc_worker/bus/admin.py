@@ -206,7 +206,8 @@ class Admin:
                     _changes_text(changes, "ours"),
                 )
         except (nats.errors.Error, TimeoutError) as exc:
-            raise _unreachable(f"cannot set up stream {name} at {self._url}", exc) from None
+            what = f"cannot set up stream {name} at {self._url}"
+            raise api_error(what, exc, otherwise=ConnectionFailed) from None
 
     async def stream_changes(self, spec: StreamSpec) -> list[LimitChange] | None:
         """The limits `ensure_stream(..., setup="update")` would change; None: no such stream.
@@ -217,7 +218,8 @@ class Admin:
         try:
             current = await self._stream_config(name)
         except (nats.errors.Error, TimeoutError) as exc:
-            raise _unreachable(f"cannot read stream {name} at {self._url}", exc) from None
+            what = f"cannot read stream {name} at {self._url}"
+            raise api_error(what, exc, otherwise=ConnectionFailed) from None
         if current is None:
             return None
         _check_same_shape(current, wanted)
@@ -570,12 +572,3 @@ def _bound(current: ConsumerConfig, wanted: ConsumerConfig) -> BoundConsumer:
         max_deliver=max_deliver if max_deliver is not None and max_deliver > 0 else -1,
         ack_wait=current.ack_wait or wanted.ack_wait or 30.0,
     )
-
-
-def _unreachable(what: str, exc: BaseException) -> ConnectionFailed:
-    """`ConnectionFailed` for a stream request that got no answer: saying so in words when
-    JetStream is not there (`api_error`), rather than in nats-py's."""
-    failure = api_error(what, exc)
-    if isinstance(failure, ConnectionFailed):
-        return failure
-    return ConnectionFailed(f"{what}: {describe(exc)}")

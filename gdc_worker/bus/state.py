@@ -319,17 +319,20 @@ class StateReader:
             raise api_error(f"cannot read {api}", exc) from None
 
 
-def api_error(what: str, exc: BaseException) -> EventBusError:
+def api_error(
+    what: str, exc: BaseException, *, otherwise: type[EventBusError] = EventBusError
+) -> EventBusError:
     """The error for a JetStream API request about `what` that failed with `exc`:
     `ConnectionFailed` when JetStream is not there (a server run without it answers nobody,
-    an account without it 503), so that commands exit 4 as for a server out of reach."""
+    an account without it 503), so that commands exit 4 as for a server out of reach; else
+    `otherwise`, saying what nats-py said."""
     if isinstance(exc, nats.errors.NoRespondersError) or (
         isinstance(exc, nats.js.errors.ServiceUnavailableError) and not exc.description
     ):
         return ConnectionFailed(f"{what}: JetStream is not enabled on this NATS server")
     if isinstance(exc, nats.js.errors.ServiceUnavailableError):
         return ConnectionFailed(f"{what}: {exc.description} ({exc.err_code})")
-    return EventBusError(f"{what}: {describe(exc)}")
+    return otherwise(f"{what}: {describe(exc)}")
 
 
 def _time(value: datetime | None) -> datetime | None:
