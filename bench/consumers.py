@@ -208,14 +208,8 @@ async def run_gdc(
 
 async def run_raw(args: argparse.Namespace, progress: Progress) -> None:
     """A hand-written nats-py durable pull loop: fetch(batch=100), decode, ack."""
-    nc = await nats.connect(args.url)
-    js = nc.jetstream()
-    sub = await js.pull_subscribe_bind(args.durable, args.stream)
-    while not progress.done.is_set():
-        try:
-            msgs = await sub.fetch(batch=100, timeout=5)
-        except nats.errors.TimeoutError:
-            continue
+
+    async def batch(js: JetStreamContext, msgs: list[Msg]) -> None:
         for msg in msgs:
             event = Event.from_json(msg.data)
             if (
@@ -227,7 +221,8 @@ async def run_raw(args: argparse.Namespace, progress: Progress) -> None:
                 continue
             await msg.ack()
             progress.handled_one()
-    await nc.drain()
+
+    await _raw_loop(args, progress, batch)
 
 
 async def run_raw_pipeline_async(args: argparse.Namespace, progress: Progress) -> None:
@@ -245,7 +240,7 @@ async def run_raw_pipeline_async(args: argparse.Namespace, progress: Progress) -
             await msg.ack()
             progress.handled_one()
 
-    await _raw_pipeline(args, progress, batch)
+    await _raw_loop(args, progress, batch)
 
 
 async def run_raw_pipeline_sync(args: argparse.Namespace, progress: Progress) -> None:
@@ -260,18 +255,19 @@ async def run_raw_pipeline_sync(args: argparse.Namespace, progress: Progress) ->
             await msg.ack()
             progress.handled_one()
 
-    await _raw_pipeline(args, progress, batch)
+    await _raw_loop(args, progress, batch)
 
 
 def _publish_args(args: argparse.Namespace, event: Event) -> tuple[str, bytes, dict[str, str]]:
     return args.subject_prefix + event.type, event.to_json(), event_headers(event)
 
 
-async def _raw_pipeline(
+async def _raw_loop(
     args: argparse.Namespace,
     progress: Progress,
     batch: Callable[[JetStreamContext, list[Msg]], Awaitable[None]],
 ) -> None:
+    """The raw consumers' loop: fetch(batch=100) from the durable, `batch` each, until done."""
     nc = await nats.connect(args.url)
     js = nc.jetstream()
     sub = await js.pull_subscribe_bind(args.durable, args.stream)

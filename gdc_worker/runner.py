@@ -446,10 +446,9 @@ class SettlePath(Generic[D]):
                 except Exception:
                     self._hooks.failed("call_finished")
 
-    async def _invoke(self, args: tuple[Any, ...], outputs: _Outputs | None) -> None:
+    async def _invoke(self, args: tuple[Any, ...], outputs: _Outputs) -> None:
         await self.spec.call(*args)
-        if outputs is not None:
-            await outputs.stored()
+        await outputs.stored()
 
     async def hand_back(self, delivery: D) -> None:
         """Give `delivery` back to the stream at once; the hooks see it settled as `Nak(0)`."""
