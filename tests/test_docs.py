@@ -12,7 +12,6 @@ output samples are not run.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shlex
 import subprocess
@@ -22,9 +21,10 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from gdc_worker import NATSConfig, NATSServer
+from gdc_worker import NATSServer
 from gdc_worker.cli import main
-from gdc_worker.testing import isolated_config, isolated_env
+from gdc_worker.testing import isolated_config
+from tests.processes import worker_env
 
 ROOT = Path(__file__).resolve().parent.parent
 PAGES = [*sorted((ROOT / "docs").rglob("*.md")), ROOT / "README.md"]
@@ -74,9 +74,10 @@ def test_every_python_sample_runs(page: Path, nats_server: NATSServer) -> None:
     """Given a page's Python samples and a real nats-server,
     when they run in order, as a reader would paste them into `python -m asyncio`,
     then every one of them runs without an error."""
-    config = isolated_config(nats_server.url)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("GDC_")}
-    env |= _environment(config)
+    # Its streams, as a deployment would set them; no limit the test streams could hit.
+    env = worker_env(
+        isolated_config(nats_server.url), GDC_NATS_MAX_BYTES="0", GDC_NATS_CONNECT_TIMEOUT="5"
+    )
     run = subprocess.run(
         [sys.executable, "-c", _RUNNER, page_id(page)],
         input=json.dumps(blocks(page, "python")),
@@ -87,15 +88,6 @@ def test_every_python_sample_runs(page: Path, nats_server: NATSServer) -> None:
         timeout=100,
     )
     assert run.returncode == 0, run.stderr
-
-
-def _environment(config: NATSConfig) -> dict[str, str]:
-    """`GDC_NATS_*` for `config`'s server and streams, as a deployment would set them."""
-    return {
-        **isolated_env(config),
-        "GDC_NATS_MAX_BYTES": "0",
-        "GDC_NATS_CONNECT_TIMEOUT": "5",
-    }
 
 
 def commands(page: Path) -> list[tuple[int, list[str]]]:
