@@ -48,6 +48,7 @@ from gdc_worker import (
 from gdc_worker.cli import main
 from gdc_worker.events import event_headers
 from gdc_worker.testing import isolated_env
+from tests.processes import worker_env
 from tests.recording import Recording
 from tests.support import eventually
 
@@ -862,10 +863,9 @@ def on_a_terminal(config: NATSConfig, *args: str) -> tuple[str, str]:
     """`gdc-worker dlq replay --all ARGS...` as a subprocess with stderr on a pseudo-terminal:
     what the terminal showed, and stdout."""
     controller, terminal = pty.openpty()
-    env = {**os.environ, **isolated_env(config)}
     with subprocess.Popen(
         [sys.executable, "-m", "gdc_worker", "dlq", "replay", "--all", *args],
-        env=env,
+        env=worker_env(config),
         stdout=subprocess.PIPE,
         stderr=terminal,
         text=True,
