@@ -28,7 +28,15 @@ import pytest
 
 from gdc_worker import DeadLetterQueue, Event, NATSEventBus, NATSServer, PublishError
 from gdc_worker.testing import isolated_config
-from tests.processes import READY, SHORT_ACK_DURABLE, Process, node_ups, reports, worker_env
+from tests.processes import (
+    READY,
+    SHORT_ACK_DURABLE,
+    Process,
+    ids,
+    node_ups,
+    reports,
+    worker_env,
+)
 from tests.support import free_port, settled
 
 EVENTS = 5000
@@ -155,18 +163,13 @@ async def kill_until(replicas: Replicas, done: anyio.Event) -> None:
             replicas.kill_one()
 
 
-def handled(out: Path) -> list[str]:
-    """The ids of the events whose handler call got to its end, once per call."""
-    return [r.event_id for r in reports(out) if r.phase == "done"]
-
-
 async def unhandled(out: Path, wanted: set[str], timeout: float) -> set[str]:
     """The ids in `wanted` not handled yet: once there are none, or those left after `timeout`."""
-    missing = wanted - set(handled(out))
+    missing = wanted - set(ids(out, "done"))
     with anyio.move_on_after(timeout):
         while missing:
             await anyio.sleep(0.1)
-            missing -= set(handled(out))
+            missing -= set(ids(out, "done"))
     return missing
 
 
@@ -237,7 +240,7 @@ async def test_no_event_is_lost_while_replicas_are_killed_and_nats_restarts(
             info = await settled(config, SHORT_ACK_DURABLE, SETTLE_TIMEOUT)
             dead = await DeadLetterQueue(bus).count()
             took = time.monotonic() - began
-            calls = handled(out)
+            calls = ids(out, "done")  # once per call that got to its end
             cut_short = interrupted(out, replicas.killed)
             exits = replicas.exits()
         finally:
