@@ -173,7 +173,9 @@ class Metrics(Hook, Collector):
         duration_s: float,
     ) -> None:
         counts = self._handlers.get(handler.name) or self._of(handler)
-        counts.duration.observe(duration_s)
+        duration = counts.duration  # its observe(), inlined: a call less at every call
+        duration.counts[bisect.bisect_left(duration.bounds, duration_s)] += 1
+        duration.sum += duration_s
         if self._failed and delivery in self._failed:  # an attempt after a failed one
             counts.retries += 1
         elif error is not None:
