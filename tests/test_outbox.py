@@ -202,6 +202,67 @@ async def test_a_publish_finding_the_stream_deleted_is_queued_until_it_is_set_up
 
 
 @pytest.mark.anyio
+async def test_async_publishes_finding_the_stream_deleted_are_queued_until_it_is_set_up_again(
+    nats_config: NATSConfig, jetstream: JetStreamContext, tmp_path: Path
+) -> None:
+    """Given a bus with an outbox, connected, and its stream deleted behind its back,
+    when events are sent with publish_event_async and send_event (ctx.publish's way), all at
+    once, then flush() reports none failed and the pending publish is not a failure: they
+    are queued as publish_event's are, and the relay sets the stream up again and stores
+    each of them once."""
+    config = nats_config.replace(outbox_path=str(tmp_path / "outbox.db"))
+    events = [node_up(f"node-{n}") for n in range(50)]
+    async with await NATSEventBus.connect(config) as bus:
+        await jetstream.delete_stream(config.stream_name)
+
+        for event in events[:-1]:
+            await bus.publish_event_async(event)
+        pending = await bus.send_event(events[-1])
+        with anyio.fail_after(DRAIN_TIMEOUT):
+            await bus.flush()
+            await pending
+            await bus.wait_outbox_empty()
+        stored = await stored_ids(bus)
+
+    assert sorted(stored) == sorted(e.id for e in events)
+
+
+async def limit_message_size(jetstream: JetStreamContext, stream: str, max_msg_size: int) -> None:
+    """Set the stream's max_msg_size behind gdc-worker's back, as an operator would."""
+    config = (await jetstream.stream_info(stream)).config
+    config.max_msg_size = max_msg_size
+    await jetstream.update_stream(config)
+
+
+@pytest.mark.anyio
+async def test_an_async_publish_jetstream_refuses_for_good_fails_with_an_outbox_too(
+    nats_config: NATSConfig, jetstream: JetStreamContext, tmp_path: Path
+) -> None:
+    """Given a bus with an outbox, connected, and a stream whose max_msg_size is 1 KiB,
+    when an event larger than that is sent with publish_event_async, and one with send_event,
+    then flush() and the pending publish raise PublishError naming them, and neither is
+    queued: waiting would not get them stored."""
+    config = nats_config.replace(outbox_path=str(tmp_path / "outbox.db"))
+    big = [new_node_down_event("monitor", f"node-{n}", "x" * 2000) for n in range(2)]
+    async with await NATSEventBus.connect(config) as bus:
+        await limit_message_size(jetstream, config.stream_name, 1024)
+
+        await bus.publish_event_async(big[0])
+        pending = await bus.send_event(big[1])
+        with anyio.fail_after(DRAIN_TIMEOUT), pytest.raises(PublishError) as failed:
+            await bus.flush()
+        with anyio.fail_after(DRAIN_TIMEOUT), pytest.raises(PublishError) as refused:
+            await pending
+        assert bus.outbox is not None
+        stats = bus.outbox.stats()
+
+    assert (stats.events, stats.refused) == (0, 0)
+    assert f"event {big[0].id}" in str(failed.value)
+    assert "maximum" in str(failed.value)
+    assert f"event {big[1].id}" in str(refused.value)
+
+
+@pytest.mark.anyio
 async def test_events_published_while_the_outbox_drains_queue_behind_it(
     down: Down, bus_while_down: NATSEventBus
 ) -> None:

@@ -96,7 +96,7 @@ class NATSEventBus:
         self._window = AsyncPublishWindow(
             nc,
             timeout=config.connect_timeout,
-            requeue=self._relay.submit if self._relay is not None else None,
+            requeue=self._relay,
         )
         # The first try of each publish that waits for its ack: no timer of its own per message.
         self._first_tries = AsyncPublishWindow(nc, timeout=TRY_TIMEOUT_S)

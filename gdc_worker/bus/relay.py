@@ -4,7 +4,8 @@ and the relay task that drains the outbox once it can.
 While the outbox holds events, or the client is not connected, every event publish is queued
 there, behind the ones before it, so a publisher's events reach the stream in the order it
 published them. Otherwise a publish tries JetStream once, and a failure that passes (no ack
-in time, the connection going) queues the event instead of waiting to retry. The relay
+in time, the connection going) queues the event instead of waiting to retry; so does a refusal
+that may be the stream's absence (`keep_refused`), once the stream is set up again. The relay
 publishes the queued events in insertion order with their original `Nats-Msg-Id`
 (`outbox.drain`), and hands publishing back to JetStream once it found the outbox empty with
 no event on its way there.
@@ -14,6 +15,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
+import time
 from collections.abc import Awaitable, Callable, Mapping
 
 import anyio
@@ -57,6 +60,8 @@ class Relay:
             self._empty.set()
         self._ready = asyncio.Event()
         self._failure: GDCWorkerError | None = None
+        self._looking = asyncio.Lock()  # at the stream, after a refusal: `_stream_gone`
+        self._stream_back_at = -math.inf  # when `_stream_gone` last set the stream up again
         self._task: asyncio.Task[None] | None = None
 
     def start(
@@ -95,17 +100,19 @@ class Relay:
         """Where JetStream stored the message, or None once it is queued in the outbox.
 
         Raises `OutboxFull`, or `PublishError` for a failure that does not pass (no stream
-        captures the subject, a message over the server's max_payload).
+        captures the subject while the event stream is there, a message over the server's
+        max_payload or the stream's max_msg_size).
         """
         if self.direct:
+            sent_at = time.monotonic()
             try:
                 stored = await publish_once(
                     self._nc, self._js, subject, payload, headers, timeout=self._timeout, what=what
                 )
             except PublishRefused:
-                if not await self._stream_gone():
+                if not await self.keep_refused(subject, payload, headers, what, sent_at):
                     raise
-                stored = None
+                return None
             if stored is not None:
                 return stored
         else:
@@ -123,6 +130,17 @@ class Relay:
         self._adding += 1
         future.add_done_callback(self._added)
         return future
+
+    async def keep_refused(
+        self, subject: str, payload: bytes, headers: Mapping[str, str], what: str, sent_at: float
+    ) -> bool:
+        """Queue a message JetStream refused, sent at `sent_at` (`time.monotonic()`), when the
+        refusal may be the stream's absence (`_stream_gone`); False when it stands, and the
+        message is not queued. What both `publish()` and the bus's async publishes do."""
+        if not await self._stream_gone(sent_at):
+            return False
+        await self.submit(subject, payload, headers, what)
+        return True
 
     def _added(self, _: asyncio.Future[None]) -> None:
         self._adding -= 1
@@ -210,6 +228,7 @@ class Relay:
         """Publish a queued event. One that JetStream refuses for good is set aside (`_SetAside`
         stops `drain` there), so that the events behind it go on, unless the refusal is the
         stream's absence: then they all wait for it (`PublishError`)."""
+        sent_at = time.monotonic()
         try:
             await publish(
                 self._nc,
@@ -221,7 +240,7 @@ class Relay:
                 what=row.what,
             )
         except PublishRefused as exc:
-            if await self._stream_gone():
+            if await self._stream_gone(sent_at):
                 raise PublishError(f"{exc}: the stream {self._stream.name} was missing") from None
             if await self.outbox.refuse(row.id, str(exc)):
                 log.error(
@@ -232,17 +251,23 @@ class Relay:
                 )
             raise _SetAside from None
 
-    async def _stream_gone(self) -> bool:
-        """Whether the event stream is missing (a server that came back with an empty store,
-        say), and then set it up again as connecting does; True too while that cannot be told
-        or done: a refusal then says nothing about the event."""
-        try:
-            if await self._admin.stream_changes(self._stream) is not None:
-                return False
-            await self._admin.ensure_stream(self._stream, self._stream_setup)
-        except GDCWorkerError as exc:
-            log.warning("outbox: the stream %s is not usable: %s", self._stream.name, exc)
-            return True
+    async def _stream_gone(self, sent_at: float) -> bool:
+        """Whether the event stream may have been missing when a message sent at `sent_at`
+        (`time.monotonic()`) was refused: it was set up again since, or it is missing now (a
+        server that came back with an empty store, say), and then set up again as connecting
+        does; True too while that cannot be told or done: a refusal then says nothing about
+        the message. One look at a time, so a burst of refused publishes sets it up once."""
+        async with self._looking:
+            if sent_at < self._stream_back_at:
+                return True
+            try:
+                if await self._admin.stream_changes(self._stream) is not None:
+                    return False
+                await self._admin.ensure_stream(self._stream, self._stream_setup)
+            except GDCWorkerError as exc:
+                log.warning("outbox: the stream %s is not usable: %s", self._stream.name, exc)
+                return True
+            self._stream_back_at = time.monotonic()
         log.warning("outbox: the stream %s was missing, and is set up again", self._stream.name)
         return True
 
