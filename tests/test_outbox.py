@@ -575,6 +575,54 @@ def test_outbox_status_and_flush_report_and_drain_it(down: Down) -> None:
     assert anyio.run(stored) == [e.id for e in events]
 
 
+def queued(path: str, *events: tuple[str, bytes, str]) -> None:
+    """Queue events (subject, payload, Nats-Msg-Id) in the outbox file at `path`."""
+
+    async def add() -> None:
+        async with await Outbox.open(path) as outbox:
+            for subject, payload, msg_id in events:
+                await outbox.add(subject, payload, {MSG_ID_HEADER: msg_id}, f"event {msg_id}")
+
+    anyio.run(add)
+
+
+def stream_ids(config: NATSConfig) -> list[str]:
+    """The `Nats-Msg-Id` of every message in `config`'s event stream, in stream order."""
+
+    async def read() -> list[str]:
+        async with await NATSEventBus.connect(config, setup_stream=False) as bus:
+            return await stored_ids(bus)
+
+    return anyio.run(read)
+
+
+def test_outbox_flush_sets_aside_an_event_jetstream_refuses_and_publishes_the_rest(
+    nats_config: NATSConfig, tmp_path: Path
+) -> None:
+    """Given an outbox whose oldest event is for a subject no stream captures, then two events,
+    when `gdc-worker outbox flush` runs, then it sets the refused one aside in the refused
+    table, saying so in one line on stderr naming it and why, publishes the two in order, and
+    exits 1; `outbox status` then shows no event left and one refused."""
+    path = str(tmp_path / "outbox.db")
+    subject = nats_config.subject_for("node.up")
+    queued(path, ("nowhere.node.up", b"{}", "stray"), (subject, b"{}", "a"), (subject, b"{}", "b"))
+    env = worker_env(nats_config)
+    runner = CliRunner()
+
+    flush = runner.invoke(main, ["outbox", "flush", "--path", path], env=env)
+    status = runner.invoke(main, ["outbox", "status", "--json", "--path", path], env=env)
+
+    assert flush.exit_code == 1, flush.output
+    assert "2 event(s) published, 0 left, 1 set aside" in flush.stdout
+    refusal = [line for line in flush.stderr.splitlines() if "set aside" in line]
+    assert len(refusal) == 1
+    assert "queued event stray to nowhere.node.up" in refusal[0]
+    assert "no stream captures the subject" in refusal[0]
+    assert '"events": 0' in status.stdout
+    assert '"refused": 1' in status.stdout
+    assert stream_ids(nats_config) == ["a", "b"]
+
+
 def test_outbox_commands_refuse_a_missing_outbox_in_one_line(tmp_path: Path) -> None:
     """Given no outbox configured, a path with no outbox file, or a directory,
     when `gdc-worker outbox status` runs, it exits 2 with one line naming the problem, and

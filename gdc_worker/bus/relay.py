@@ -206,9 +206,7 @@ class Relay:
                 await anyio.sleep(_CONNECTED_POLL_S)
             self._wake.clear()
             try:
-                sent = await drain(self.outbox, self._send)
-            except _SetAside:
-                continue
+                sent = await self.drain()
             except PublishError as exc:
                 left = self.outbox.stats().events
                 log.warning(
@@ -223,6 +221,47 @@ class Relay:
             self._queueing = False
             self._empty.set()
             await self._wake.wait()
+
+    async def drain(
+        self,
+        progress: Callable[[int], None] | None = None,
+        refused: Callable[[str], None] | None = None,
+    ) -> int:
+        """Publish what the outbox holds, oldest first, until it is empty; returns how many
+        were published. `progress` is told how many left the queue as they do.
+
+        An event JetStream refuses for good is set aside in the file's refused table, the
+        refusal told to `refused` (logged as an ERROR without it), and the events behind it
+        go on. Raises `PublishError` when one cannot be published yet (no ack, the stream
+        missing): what is left stays queued, in order. The relay task drains with this, and
+        so does `gdc-worker outbox flush` (`NATSEventBus.drain_outbox`).
+        """
+        sent = 0
+
+        def published(n: int) -> None:
+            nonlocal sent
+            sent += n
+            if progress is not None:
+                progress(n)
+
+        while True:
+            try:
+                await drain(self.outbox, self._send, published)
+            except _SetAside as aside:
+                if aside.refusal is not None:
+                    (refused or self._log_refused)(aside.refusal)
+                    if progress is not None:
+                        progress(1)
+                continue
+            return sent
+
+    def _log_refused(self, refusal: str) -> None:
+        log.error(
+            "outbox: %s; set aside in the refused table of %s, for an operator (the events "
+            "behind it go on)",
+            refusal,
+            self.outbox.path,
+        )
 
     async def _send(self, row: QueuedEvent) -> None:
         """Publish a queued event. One that JetStream refuses for good is set aside (`_SetAside`
@@ -242,14 +281,10 @@ class Relay:
         except PublishRefused as exc:
             if await self._stream_gone(sent_at):
                 raise PublishError(f"{exc}: the stream {self._stream.name} was missing") from None
-            if await self.outbox.refuse(row.id, str(exc)):
-                log.error(
-                    "outbox: %s; set aside in the refused table of %s, for an operator (the "
-                    "events behind it go on)",
-                    exc,
-                    self.outbox.path,
-                )
-            raise _SetAside from None
+            refusal = str(exc)
+            if not await self.outbox.refuse(row.id, refusal):  # another process took it
+                raise _SetAside(None) from None
+            raise _SetAside(refusal) from None
 
     async def _stream_gone(self, sent_at: float) -> bool:
         """Whether the event stream may have been missing when a message sent at `sent_at`
@@ -273,4 +308,9 @@ class Relay:
 
 
 class _SetAside(Exception):
-    """A queued event was set aside: `drain` starts again behind it."""
+    """A queued event was set aside (with this refusal, None if another process did it):
+    `drain` starts again behind it."""
+
+    def __init__(self, refusal: str | None) -> None:
+        super().__init__(refusal)
+        self.refusal = refusal

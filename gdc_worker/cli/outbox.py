@@ -13,7 +13,7 @@ import click
 from ..bus import NATSEventBus
 from ..config import NATSConfig
 from ..errors import PublishError
-from ..outbox import Outbox, OutboxStats, QueuedEvent, drain
+from ..outbox import Outbox, OutboxStats
 from .common import (
     EXIT_FAILURE,
     EXIT_OK,
@@ -73,9 +73,11 @@ def outbox_status(path: str | None, as_json: bool) -> None:
 def outbox_flush(path: str | None, url: str | None, creds: str | None) -> None:
     """Publish every event in the outbox now, oldest first, with its original Nats-Msg-Id.
 
-    Each event is removed once JetStream acked it; exits 0 once the outbox is empty, 1 when
-    one cannot be published (what is left stays, in order). The stream is created if missing,
-    as a publisher would.
+    Each event is removed once JetStream acked it. One that JetStream refuses for good (no
+    stream captures its subject, over the stream's max_msg_size) is set aside in the file's
+    refused table, said on stderr, and the rest go on, as the service's relay does. Exits 0
+    once every event was published, 1 when one was set aside or one cannot be published yet
+    (what is left stays, in order). The stream is created if missing, as a publisher would.
     """
 
     async def main() -> int:
@@ -86,9 +88,11 @@ def outbox_flush(path: str | None, url: str | None, creds: str | None) -> None:
                 return EXIT_OK
             # The outbox is drained here, not by the bus in the background.
             async with await NATSEventBus.connect(config.replace(outbox_path="")) as bus:
-                sent = await _drain(box, bus, total)
-            click.echo(f"outbox {box.path}: {sent} event(s) published, {box.stats().events} left")
-            return EXIT_OK
+                sent, set_aside = await _drain(box, bus, total)
+            left = box.stats().events
+            aside = f", {set_aside} set aside" if set_aside else ""
+            click.echo(f"outbox {box.path}: {sent} event(s) published, {left} left{aside}")
+            return EXIT_FAILURE if set_aside else EXIT_OK
 
     with reported_errors():
         config = _config(path, **connection(url, creds))
@@ -96,28 +100,32 @@ def outbox_flush(path: str | None, url: str | None, creds: str | None) -> None:
     sys.exit(code)
 
 
-async def _drain(box: Outbox, bus: NATSEventBus, total: int) -> int:
-    """`drain` with a progress bar (on a terminal), its rate and ETA; raises `PublishError`
-    naming what is left."""
+async def _drain(box: Outbox, bus: NATSEventBus, total: int) -> tuple[int, int]:
+    """`NATSEventBus.drain_outbox` with a progress bar (on a terminal), its rate and ETA, and
+    a line on stderr for each event set aside; returns how many were published and set aside.
+    Raises `PublishError` naming what is left."""
     started = time.monotonic()
+    refusals: list[str] = []
 
     def rate(_: object) -> str:
         elapsed = time.monotonic() - started
         return f"{bar.pos / elapsed:.0f}/s" if elapsed > 0 else ""
 
-    async def publish(row: QueuedEvent) -> None:
-        await bus.publish_raw(row.subject, row.payload, row.headers, what=row.what)
+    def refused(refusal: str) -> None:
+        refusals.append(refusal)
+        click.echo(f"{refusal}; set aside in the refused table", err=True)
 
     with click.progressbar(
         length=total, label="publishing", show_pos=True, item_show_func=rate, file=sys.stderr
     ) as bar:
         try:
-            return await drain(box, publish, bar.update)
+            sent = await bus.drain_outbox(box, bar.update, refused)
         except PublishError as exc:
             raise ReportedError(
                 f"{exc}; {box.stats().events} event(s) left in the outbox {box.path}",
                 EXIT_FAILURE,
             ) from None
+    return sent, len(refusals)
 
 
 def _config(path: str | None, **overrides: str) -> NATSConfig:
