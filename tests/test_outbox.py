@@ -8,6 +8,7 @@ store so that it can be started and stopped under the bus.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import sqlite3
@@ -19,8 +20,9 @@ from pathlib import Path
 
 import anyio
 import anyio.to_thread
+import nats
 import pytest
-from click.testing import CliRunner
+from click.testing import CliRunner, Result
 from nats.js import JetStreamContext
 
 from gdc_worker import (
@@ -621,6 +623,88 @@ def test_outbox_flush_sets_aside_an_event_jetstream_refuses_and_publishes_the_re
     assert '"events": 0' in status.stdout
     assert '"refused": 1' in status.stdout
     assert stream_ids(nats_config) == ["a", "b"]
+
+
+def stream_with_max_msg_size(config: NATSConfig, max_msg_size: int) -> None:
+    """Set `config`'s event stream up, or keep it, with this max_msg_size, as an operator
+    would change it: behind gdc-worker's back."""
+
+    async def limit() -> None:
+        await (await NATSEventBus.connect(config)).close()
+        nc = await nats.connect(config.url)
+        try:
+            await limit_message_size(nc.jetstream(), config.stream_name, max_msg_size)
+        finally:
+            await nc.close()
+
+    anyio.run(limit)
+
+
+def test_an_operator_lists_refused_events_and_requeues_them_once_the_cause_is_fixed(
+    nats_config: NATSConfig, tmp_path: Path
+) -> None:
+    """Given a stream whose max_msg_size is 1 KiB, and an outbox holding an event of 2 KB
+    then a small one, which `outbox flush` published but for the large one, set aside;
+    when `gdc-worker outbox refused` runs, it lists the large one: its id, Nats-Msg-Id,
+    subject, when it was queued and refused, and why (`--json`: one object per line);
+    when `outbox requeue` names an id that is not refused, it exits 1 in one line, and moves
+    nothing, not even the ids that are;
+    when the operator raises the limit and runs `outbox requeue --all`, then `outbox flush`,
+    the event is stored with its original Nats-Msg-Id, and nothing is left refused."""
+    path = str(tmp_path / "outbox.db")
+    subject = nats_config.subject_for("node.up")
+    stream_with_max_msg_size(nats_config, 1024)
+    queued(path, (subject, b"x" * 2000, "big"), (subject, b"{}", "small"))
+    env = worker_env(nats_config)
+    runner = CliRunner()
+
+    def outbox(*args: str) -> Result:
+        return runner.invoke(main, ["outbox", *args, "--path", path], env=env)
+
+    assert outbox("flush").exit_code == 1
+    table = outbox("refused")
+    listed = outbox("refused", "--json")
+    unknown = outbox("requeue", "1", "7")
+    still = outbox("refused", "--json")
+    stream_with_max_msg_size(nats_config, 4096)
+    requeued = outbox("requeue", "--all")
+    flush = outbox("flush")
+
+    assert table.exit_code == 0, table.output
+    header, row = table.stdout.splitlines()
+    assert header.split() == ["id", "event", "subject", "queued", "refused", "reason"]
+    assert row.split()[:3] == ["1", "big", subject]
+    assert "message size exceeds maximum allowed" in row
+    [refused] = [json.loads(line) for line in listed.stdout.splitlines()]
+    assert refused["id"] == 1
+    assert (refused["event"], refused["subject"]) == ("big", subject)
+    assert refused["queued_at"] <= refused["refused_at"]
+    assert "exceeds maximum" in refused["reason"]
+    assert (unknown.exit_code, unknown.output) == (
+        1,
+        f"Error: no refused event 7 in the outbox {path}: `gdc-worker outbox refused` lists them\n",
+    )
+    assert still.stdout == listed.stdout
+    assert requeued.exit_code == 0, requeued.output
+    assert f"outbox {path}: 1 event(s) requeued" in requeued.stdout
+    assert flush.exit_code == 0, flush.output
+    assert outbox("refused", "--json").stdout == ""
+    assert stream_ids(nats_config) == ["small", "big"]
+
+
+def test_outbox_requeue_takes_ids_or_all(tmp_path: Path) -> None:
+    """Given an outbox, when `outbox requeue` is given neither IDs nor --all, or both, it
+    exits 2 saying what it takes."""
+    path = str(tmp_path / "outbox.db")
+    queued(path)
+    runner = CliRunner()
+
+    neither = runner.invoke(main, ["outbox", "requeue", "--path", path])
+    both = runner.invoke(main, ["outbox", "requeue", "--all", "1", "--path", path])
+
+    for result in (neither, both):
+        assert result.exit_code == 2
+        assert "give refused event IDs or --all, not both and not neither" in result.output
 
 
 def test_outbox_commands_refuse_a_missing_outbox_in_one_line(tmp_path: Path) -> None:

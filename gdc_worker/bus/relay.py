@@ -257,8 +257,8 @@ class Relay:
 
     def _log_refused(self, refusal: str) -> None:
         log.error(
-            "outbox: %s; set aside in the refused table of %s, for an operator (the events "
-            "behind it go on)",
+            "outbox: %s; set aside for an operator (the events behind it go on): "
+            "`gdc-worker outbox refused --path %s` lists it",
             refusal,
             self.outbox.path,
         )

@@ -1,4 +1,5 @@
-"""`gdc-worker outbox`: what waits in a publish outbox, and publishing it now."""
+"""`gdc-worker outbox`: what waits in a publish outbox, publishing it now, and the events
+JetStream refused."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import json
 import os
 import sys
 import time
+from datetime import UTC, datetime
 
 import anyio
 import click
@@ -13,12 +15,14 @@ import click
 from ..bus import NATSEventBus
 from ..config import NATSConfig
 from ..errors import PublishError
-from ..outbox import Outbox, OutboxStats
+from ..events import MSG_ID_HEADER
+from ..outbox import Outbox, OutboxStats, RefusedEvent
 from .common import (
     EXIT_FAILURE,
     EXIT_OK,
     EXIT_USAGE,
     ReportedError,
+    aligned,
     connection,
     creds_option,
     reported_errors,
@@ -34,7 +38,8 @@ _path_option = click.option(
 
 @click.group()
 def outbox() -> None:
-    """Inspect and drain the publish outbox, where events wait while NATS is away."""
+    """Inspect and drain the publish outbox, where events wait while NATS is away, and
+    requeue the events JetStream refused."""
 
 
 @outbox.command("status")
@@ -59,7 +64,7 @@ def outbox_status(path: str | None, as_json: bool) -> None:
         ("events", str(stats.events)),
         ("bytes", f"{stats.bytes} ({_size(stats.bytes)})"),
         ("oldest", age),
-        ("refused", f"{stats.refused} (JetStream refuses them for good: see the refused table)"),
+        ("refused", f"{stats.refused} (JetStream refuses them: `gdc-worker outbox refused`)"),
     ]
     width = max(len(name) for name, _ in rows)
     for name, value in rows:
@@ -113,7 +118,7 @@ async def _drain(box: Outbox, bus: NATSEventBus, total: int) -> tuple[int, int]:
 
     def refused(refusal: str) -> None:
         refusals.append(refusal)
-        click.echo(f"{refusal}; set aside in the refused table", err=True)
+        click.echo(f"{refusal}; set aside (`gdc-worker outbox refused` lists it)", err=True)
 
     with click.progressbar(
         length=total, label="publishing", show_pos=True, item_show_func=rate, file=sys.stderr
@@ -126,6 +131,75 @@ async def _drain(box: Outbox, bus: NATSEventBus, total: int) -> tuple[int, int]:
                 EXIT_FAILURE,
             ) from None
     return sent, len(refusals)
+
+
+@outbox.command("refused")
+@_path_option
+@click.option("--json", "as_json", is_flag=True, help="JSON lines instead of a table.")
+def outbox_refused(path: str | None, as_json: bool) -> None:
+    """List the events set aside because JetStream refuses them for good, and why.
+
+    Once the cause is fixed (the stream's max_msg_size raised, its subjects widened),
+    `gdc-worker outbox requeue` puts them back in the queue.
+    """
+
+    async def main() -> list[RefusedEvent]:
+        async with await _open(config) as box:
+            return await box.refused()
+
+    with reported_errors():
+        config = _config(path)
+        rows = [_refused_row(event) for event in anyio.run(main)]
+    if as_json:
+        for row in rows:
+            click.echo(json.dumps(row))
+        return
+    if not rows:
+        click.echo(f"outbox {config.outbox_path}: no refused events")
+        return
+    columns = ["id", "event", "subject", "queued_at", "refused_at", "reason"]
+    header = ["id", "event", "subject", "queued", "refused", "reason"]
+    for line in aligned([header] + [[str(row[c]) for c in columns] for row in rows]):
+        click.echo(line)
+
+
+@outbox.command("requeue")
+@_path_option
+@click.option("--all", "select_all", is_flag=True, help="Every refused event.")
+@click.argument("ids", metavar="[ID]...", type=click.IntRange(min=1), nargs=-1)
+def outbox_requeue(path: str | None, select_all: bool, ids: tuple[int, ...]) -> None:
+    """Move refused events (IDs as `outbox refused` lists them) back to the end of the queue.
+
+    For once their cause is fixed: they keep their payload, headers and Nats-Msg-Id, and
+    the service's relay (or `gdc-worker outbox flush`) publishes them. An ID that is not
+    refused is an error, and then none is moved.
+    """
+    if bool(ids) == select_all:
+        raise click.UsageError("give refused event IDs or --all, not both and not neither")
+
+    async def main() -> int:
+        async with await _open(config) as box:
+            return await box.requeue(None if select_all else ids)
+
+    with reported_errors():
+        config = _config(path)
+        moved = anyio.run(main)
+    click.echo(f"outbox {config.outbox_path}: {moved} event(s) requeued")
+
+
+def _refused_row(event: RefusedEvent) -> dict[str, object]:
+    return {
+        "id": event.id,
+        "event": event.headers.get(MSG_ID_HEADER, ""),
+        "subject": event.subject,
+        "queued_at": _when(event.queued_at),
+        "refused_at": _when(event.refused_at),
+        "reason": event.reason,
+    }
+
+
+def _when(timestamp: float) -> str:
+    return datetime.fromtimestamp(timestamp, UTC).isoformat(timespec="seconds")
 
 
 def _config(path: str | None, **overrides: str) -> NATSConfig:
