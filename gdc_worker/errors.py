@@ -23,6 +23,7 @@ __all__ = [
     "OutboxFull",
     "PublishError",
     "PublishRefused",
+    "RefusedEventNotFound",
     "SubscriptionError",
     "TargetError",
     "WorkerError",
@@ -92,6 +93,10 @@ class PublishRefused(PublishError):
 class OutboxFull(PublishError):
     """Raised by the bus's publish methods when an event would go to the outbox and it already
     holds `outbox_max_events` events or `outbox_max_bytes` bytes: the event is not stored."""
+
+
+class RefusedEventNotFound(GDCWorkerError, LookupError):
+    """Raised by `Outbox.requeue` for an id that is not in the outbox's refused table."""
 
 
 class SubscriptionError(EventBusError):

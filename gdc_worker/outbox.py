@@ -9,6 +9,10 @@ runs on one thread of its own, so the event loop never waits on the disk.
 them: after a crash in between, they are sent again with the same `Nats-Msg-Id`, which the
 stream drops as duplicates within its duplicate window. The bus drains its outbox in the
 background (`bus.relay`); `gdc-worker outbox flush` drains one on demand.
+
+An event JetStream refuses for good is set aside in the file's refused table (`refuse`), so
+that the events behind it go on; `refused()` lists those, and `requeue()` puts them back at
+the end of the queue once the cause is fixed (`gdc-worker outbox refused` and `requeue`).
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ import anyio
 import anyio.to_thread
 import msgspec
 
-from .errors import ConfigError, OutboxFull, PublishError
+from .errors import ConfigError, OutboxFull, PublishError, RefusedEventNotFound
 from .events import MSG_ID_HEADER
 
 __all__ = [
@@ -38,6 +42,7 @@ __all__ = [
     "Outbox",
     "OutboxStats",
     "QueuedEvent",
+    "RefusedEvent",
     "drain",
 ]
 
@@ -111,6 +116,20 @@ class QueuedEvent(NamedTuple):
     def what(self) -> str:
         """How messages name it: `queued event <Nats-Msg-Id>`."""
         return f"queued event {self.headers.get(MSG_ID_HEADER, f'#{self.id}')}"
+
+
+class RefusedEvent(NamedTuple):
+    """An event set aside in the refused table (`Outbox.refuse`), for an operator."""
+
+    #: Its place in insertion order, kept from when it was queued.
+    id: int
+    subject: str
+    headers: dict[str, str]
+    #: When it was queued, and when it was set aside (`time.time()`).
+    queued_at: float
+    refused_at: float
+    #: JetStream's refusal.
+    reason: str
 
 
 class Outbox:
@@ -228,6 +247,59 @@ class Outbox:
                     (time.time(), reason, event_id),
                 )
                 return self._db.execute("DELETE FROM events WHERE id = ?", (event_id,)).rowcount > 0
+
+        return await self._call(move)
+
+    async def refused(self) -> list[RefusedEvent]:
+        """The events set aside (`refuse`), in the order they were queued."""
+
+        def read() -> list[RefusedEvent]:
+            rows = self._db.execute(
+                "SELECT id, subject, headers, queued_at, refused_at, reason FROM refused "
+                "ORDER BY id"
+            ).fetchall()
+            return [
+                RefusedEvent(i, subject, _headers_decoder.decode(h), queued, refused, reason)
+                for i, subject, h, queued, refused, reason in rows
+            ]
+
+        return await self._call(read)
+
+    async def requeue(self, ids: Sequence[int] | None = None) -> int:
+        """Move refused events (those of `ids`, else all) back to the end of the queue, in
+        the order they were queued, with their payload and headers (so their Nats-Msg-Id),
+        for an operator who fixed why JetStream refused them; returns how many.
+
+        Moves none and raises `RefusedEventNotFound` for an id that is not refused, or
+        `OutboxFull` when they would pass the outbox's bounds.
+        """
+
+        def move() -> int:
+            with self._transaction():
+                sizes = dict(
+                    self._db.execute("SELECT id, length(payload) + length(headers) FROM refused")
+                )
+                missing = [i for i in ids or () if i not in sizes]
+                if missing:
+                    raise RefusedEventNotFound(
+                        f"no refused event {', '.join(map(str, missing))} in the outbox "
+                        f"{self.path}: `gdc-worker outbox refused` lists them"
+                    )
+                chosen = sorted(sizes if ids is None else set(ids))
+                events, size = self._read_totals()
+                for n, event_id in enumerate(chosen):
+                    full = self._full(events + n, size, sizes[event_id])
+                    if full:
+                        raise OutboxFull(f"refused event {event_id} not requeued: {full}")
+                    size += sizes[event_id]
+                for event_id in chosen:
+                    self._db.execute(
+                        "INSERT INTO events (subject, payload, headers, size, queued_at) "
+                        "SELECT subject, payload, headers, ?, queued_at FROM refused WHERE id = ?",
+                        (sizes[event_id], event_id),
+                    )
+                    self._db.execute("DELETE FROM refused WHERE id = ?", (event_id,))
+                return len(chosen)
 
         return await self._call(move)
 

@@ -8,6 +8,7 @@ store so that it can be started and stopped under the bus.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import sqlite3
@@ -19,8 +20,9 @@ from pathlib import Path
 
 import anyio
 import anyio.to_thread
+import nats
 import pytest
-from click.testing import CliRunner
+from click.testing import CliRunner, Result
 from nats.js import JetStreamContext
 
 from gdc_worker import (
@@ -199,6 +201,67 @@ async def test_a_publish_finding_the_stream_deleted_is_queued_until_it_is_set_up
         with anyio.fail_after(DRAIN_TIMEOUT):
             await bus.wait_outbox_empty()
         assert await stored_ids(bus) == [event.id]
+
+
+@pytest.mark.anyio
+async def test_async_publishes_finding_the_stream_deleted_are_queued_until_it_is_set_up_again(
+    nats_config: NATSConfig, jetstream: JetStreamContext, tmp_path: Path
+) -> None:
+    """Given a bus with an outbox, connected, and its stream deleted behind its back,
+    when events are sent with publish_event_async and send_event (ctx.publish's way), all at
+    once, then flush() reports none failed and the pending publish is not a failure: they
+    are queued as publish_event's are, and the relay sets the stream up again and stores
+    each of them once."""
+    config = nats_config.replace(outbox_path=str(tmp_path / "outbox.db"))
+    events = [node_up(f"node-{n}") for n in range(50)]
+    async with await NATSEventBus.connect(config) as bus:
+        await jetstream.delete_stream(config.stream_name)
+
+        for event in events[:-1]:
+            await bus.publish_event_async(event)
+        pending = await bus.send_event(events[-1])
+        with anyio.fail_after(DRAIN_TIMEOUT):
+            await bus.flush()
+            await pending
+            await bus.wait_outbox_empty()
+        stored = await stored_ids(bus)
+
+    assert sorted(stored) == sorted(e.id for e in events)
+
+
+async def limit_message_size(jetstream: JetStreamContext, stream: str, max_msg_size: int) -> None:
+    """Set the stream's max_msg_size behind gdc-worker's back, as an operator would."""
+    config = (await jetstream.stream_info(stream)).config
+    config.max_msg_size = max_msg_size
+    await jetstream.update_stream(config)
+
+
+@pytest.mark.anyio
+async def test_an_async_publish_jetstream_refuses_for_good_fails_with_an_outbox_too(
+    nats_config: NATSConfig, jetstream: JetStreamContext, tmp_path: Path
+) -> None:
+    """Given a bus with an outbox, connected, and a stream whose max_msg_size is 1 KiB,
+    when an event larger than that is sent with publish_event_async, and one with send_event,
+    then flush() and the pending publish raise PublishError naming them, and neither is
+    queued: waiting would not get them stored."""
+    config = nats_config.replace(outbox_path=str(tmp_path / "outbox.db"))
+    big = [new_node_down_event("monitor", f"node-{n}", "x" * 2000) for n in range(2)]
+    async with await NATSEventBus.connect(config) as bus:
+        await limit_message_size(jetstream, config.stream_name, 1024)
+
+        await bus.publish_event_async(big[0])
+        pending = await bus.send_event(big[1])
+        with anyio.fail_after(DRAIN_TIMEOUT), pytest.raises(PublishError) as failed:
+            await bus.flush()
+        with anyio.fail_after(DRAIN_TIMEOUT), pytest.raises(PublishError) as refused:
+            await pending
+        assert bus.outbox is not None
+        stats = bus.outbox.stats()
+
+    assert (stats.events, stats.refused) == (0, 0)
+    assert f"event {big[0].id}" in str(failed.value)
+    assert "maximum" in str(failed.value)
+    assert f"event {big[1].id}" in str(refused.value)
 
 
 @pytest.mark.anyio
@@ -512,6 +575,136 @@ def test_outbox_status_and_flush_report_and_drain_it(down: Down) -> None:
             return await stored_ids(bus)
 
     assert anyio.run(stored) == [e.id for e in events]
+
+
+def queued(path: str, *events: tuple[str, bytes, str]) -> None:
+    """Queue events (subject, payload, Nats-Msg-Id) in the outbox file at `path`."""
+
+    async def add() -> None:
+        async with await Outbox.open(path) as outbox:
+            for subject, payload, msg_id in events:
+                await outbox.add(subject, payload, {MSG_ID_HEADER: msg_id}, f"event {msg_id}")
+
+    anyio.run(add)
+
+
+def stream_ids(config: NATSConfig) -> list[str]:
+    """The `Nats-Msg-Id` of every message in `config`'s event stream, in stream order."""
+
+    async def read() -> list[str]:
+        async with await NATSEventBus.connect(config, setup_stream=False) as bus:
+            return await stored_ids(bus)
+
+    return anyio.run(read)
+
+
+def test_outbox_flush_sets_aside_an_event_jetstream_refuses_and_publishes_the_rest(
+    nats_config: NATSConfig, tmp_path: Path
+) -> None:
+    """Given an outbox whose oldest event is for a subject no stream captures, then two events,
+    when `gdc-worker outbox flush` runs, then it sets the refused one aside in the refused
+    table, saying so in one line on stderr naming it and why, publishes the two in order, and
+    exits 1; `outbox status` then shows no event left and one refused."""
+    path = str(tmp_path / "outbox.db")
+    subject = nats_config.subject_for("node.up")
+    queued(path, ("nowhere.node.up", b"{}", "stray"), (subject, b"{}", "a"), (subject, b"{}", "b"))
+    env = worker_env(nats_config)
+    runner = CliRunner()
+
+    flush = runner.invoke(main, ["outbox", "flush", "--path", path], env=env)
+    status = runner.invoke(main, ["outbox", "status", "--json", "--path", path], env=env)
+
+    assert flush.exit_code == 1, flush.output
+    assert "2 event(s) published, 0 left, 1 set aside" in flush.stdout
+    refusal = [line for line in flush.stderr.splitlines() if "set aside" in line]
+    assert len(refusal) == 1
+    assert "queued event stray to nowhere.node.up" in refusal[0]
+    assert "no stream captures the subject" in refusal[0]
+    assert '"events": 0' in status.stdout
+    assert '"refused": 1' in status.stdout
+    assert stream_ids(nats_config) == ["a", "b"]
+
+
+def stream_with_max_msg_size(config: NATSConfig, max_msg_size: int) -> None:
+    """Set `config`'s event stream up, or keep it, with this max_msg_size, as an operator
+    would change it: behind gdc-worker's back."""
+
+    async def limit() -> None:
+        await (await NATSEventBus.connect(config)).close()
+        nc = await nats.connect(config.url)
+        try:
+            await limit_message_size(nc.jetstream(), config.stream_name, max_msg_size)
+        finally:
+            await nc.close()
+
+    anyio.run(limit)
+
+
+def test_an_operator_lists_refused_events_and_requeues_them_once_the_cause_is_fixed(
+    nats_config: NATSConfig, tmp_path: Path
+) -> None:
+    """Given a stream whose max_msg_size is 1 KiB, and an outbox holding an event of 2 KB
+    then a small one, which `outbox flush` published but for the large one, set aside;
+    when `gdc-worker outbox refused` runs, it lists the large one: its id, Nats-Msg-Id,
+    subject, when it was queued and refused, and why (`--json`: one object per line);
+    when `outbox requeue` names an id that is not refused, it exits 1 in one line, and moves
+    nothing, not even the ids that are;
+    when the operator raises the limit and runs `outbox requeue --all`, then `outbox flush`,
+    the event is stored with its original Nats-Msg-Id, and nothing is left refused."""
+    path = str(tmp_path / "outbox.db")
+    subject = nats_config.subject_for("node.up")
+    stream_with_max_msg_size(nats_config, 1024)
+    queued(path, (subject, b"x" * 2000, "big"), (subject, b"{}", "small"))
+    env = worker_env(nats_config)
+    runner = CliRunner()
+
+    def outbox(*args: str) -> Result:
+        return runner.invoke(main, ["outbox", *args, "--path", path], env=env)
+
+    assert outbox("flush").exit_code == 1
+    table = outbox("refused")
+    listed = outbox("refused", "--json")
+    unknown = outbox("requeue", "1", "7")
+    still = outbox("refused", "--json")
+    stream_with_max_msg_size(nats_config, 4096)
+    requeued = outbox("requeue", "--all")
+    flush = outbox("flush")
+
+    assert table.exit_code == 0, table.output
+    header, row = table.stdout.splitlines()
+    assert header.split() == ["id", "event", "subject", "queued", "refused", "reason"]
+    assert row.split()[:3] == ["1", "big", subject]
+    assert "message size exceeds maximum allowed" in row
+    [refused] = [json.loads(line) for line in listed.stdout.splitlines()]
+    assert refused["id"] == 1
+    assert (refused["event"], refused["subject"]) == ("big", subject)
+    assert refused["queued_at"] <= refused["refused_at"]
+    assert "exceeds maximum" in refused["reason"]
+    assert (unknown.exit_code, unknown.output) == (
+        1,
+        f"Error: no refused event 7 in the outbox {path}: `gdc-worker outbox refused` lists them\n",
+    )
+    assert still.stdout == listed.stdout
+    assert requeued.exit_code == 0, requeued.output
+    assert f"outbox {path}: 1 event(s) requeued" in requeued.stdout
+    assert flush.exit_code == 0, flush.output
+    assert outbox("refused", "--json").stdout == ""
+    assert stream_ids(nats_config) == ["small", "big"]
+
+
+def test_outbox_requeue_takes_ids_or_all(tmp_path: Path) -> None:
+    """Given an outbox, when `outbox requeue` is given neither IDs nor --all, or both, it
+    exits 2 saying what it takes."""
+    path = str(tmp_path / "outbox.db")
+    queued(path)
+    runner = CliRunner()
+
+    neither = runner.invoke(main, ["outbox", "requeue", "--path", path])
+    both = runner.invoke(main, ["outbox", "requeue", "--all", "1", "--path", path])
+
+    for result in (neither, both):
+        assert result.exit_code == 2
+        assert "give refused event IDs or --all, not both and not neither" in result.output
 
 
 def test_outbox_commands_refuse_a_missing_outbox_in_one_line(tmp_path: Path) -> None:

@@ -16,7 +16,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping, Sequence
 from datetime import datetime
 from types import TracebackType
 
@@ -96,7 +96,7 @@ class NATSEventBus:
         self._window = AsyncPublishWindow(
             nc,
             timeout=config.connect_timeout,
-            requeue=self._relay.submit if self._relay is not None else None,
+            requeue=self._relay,
         )
         # The first try of each publish that waits for its ack: no timer of its own per message.
         self._first_tries = AsyncPublishWindow(nc, timeout=TRY_TIMEOUT_S)
@@ -175,6 +175,16 @@ class NATSEventBus:
     def outbox(self) -> Outbox | None:
         """The outbox (`config.outbox_path`), for its `stats()`; None without one."""
         return self._relay.outbox if self._relay is not None else None
+
+    async def drain_outbox(
+        self,
+        outbox: Outbox,
+        progress: Callable[[int], None] | None = None,
+        refused: Callable[[str], None] | None = None,
+    ) -> int:
+        """Publish what `outbox` holds now as the relay of a bus with that outbox does, from a
+        bus without one (`gdc-worker outbox flush`); returns how many. See `Relay.drain`."""
+        return await Relay(outbox, self._nc, self._js, self.config).drain(progress, refused)
 
     async def wait_outbox_empty(self) -> None:
         """Wait until every event queued in the outbox is stored in JetStream (at once

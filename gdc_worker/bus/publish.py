@@ -8,7 +8,7 @@ import logging
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 import anyio
 import msgspec
@@ -27,6 +27,7 @@ __all__ = [
     "RETRY_WAIT_S",
     "TRY_TIMEOUT_S",
     "AsyncPublishWindow",
+    "Requeue",
     "Stored",
     "check_size",
     "message_size",
@@ -70,8 +71,23 @@ class Stored(NamedTuple):
 #: Told how an async publish ended: its outcome (`stored`, `duplicate`, `queued` in the outbox
 #: or `failed`), the error of a failed one, and the stream sequence of a stored one.
 AckCallback = Callable[[str, str | None, int | None], None]
-#: Queues a message in the outbox (subject, payload, headers, what); done once it is on disk.
-Requeue = Callable[[str, bytes, Mapping[str, str], str], asyncio.Future[None]]
+
+
+class Requeue(Protocol):
+    """Where a window hands the publishes JetStream did not take: the outbox (`relay.Relay`)."""
+
+    def submit(
+        self, subject: str, payload: bytes, headers: Mapping[str, str], what: str
+    ) -> asyncio.Future[None]:
+        """Queue a message that failed for a passing reason; done once it is on disk."""
+        ...
+
+    async def keep_refused(
+        self, subject: str, payload: bytes, headers: Mapping[str, str], what: str, sent_at: float
+    ) -> bool:
+        """Queue a message JetStream refused, sent at `sent_at`, if the refusal may be the
+        stream's absence; False when the refusal stands."""
+        ...
 
 
 def message_size(headers: Mapping[str, str], payload: bytes) -> int:
@@ -281,7 +297,9 @@ class AsyncPublishWindow:
     `done` (within twice that at most), so every publish ends. `flush()` reports every failure
     once, but those whose `done` owns them.
     With `requeue` (the outbox), a publish that failed for a passing reason (no ack in time,
-    the connection between two servers, JetStream unavailable) is queued there instead.
+    the connection between two servers, JetStream unavailable) is queued there instead, and
+    so is one JetStream refused when the refusal may be the stream's absence, as a publish
+    that waits for its ack is (`Relay.publish`).
     """
 
     def __init__(
@@ -296,7 +314,7 @@ class AsyncPublishWindow:
         self._timeout = timeout
         self._limit = limit
         self._requeue = requeue
-        self._requeued: set[asyncio.Future[None]] = set()
+        self._requeued: set[asyncio.Future[Any]] = set()
         self._prefix = ""
         self._inbox: Subscription | None = None
         self._next_token = 0
@@ -449,13 +467,10 @@ class AsyncPublishWindow:
         pending = self._pending.pop(token, None)
         if pending is None:
             return
-        if error is not None and passing and self._requeue is not None:
-            self._queue(pending)
+        if error is not None and self._requeue is not None:
+            self._queue(pending, error, passing)
         elif error is not None:
-            if pending.report:
-                self._failed.append(f"{pending.what} to {pending.subject}: {error}")
-            if pending.done is not None:
-                pending.done("failed", error, None)
+            self._fail(pending, f"{pending.what} to {pending.subject}: {error}", error)
         elif pending.done is not None:
             pending.done("duplicate" if duplicate else "stored", None, seq)
         if self._room is not None:
@@ -465,19 +480,34 @@ class AsyncPublishWindow:
             self._drained.set()
             self._drained = None
 
-    def _queue(self, pending: _Pending) -> None:
-        """Hand a publish that failed for a passing reason to the outbox; `flush()` waits."""
-        assert self._requeue is not None
-        future = self._requeue(pending.subject, pending.payload, pending.headers, pending.what)
+    def _fail(self, pending: _Pending, reported: str, error: str) -> None:
+        """A publish that was not stored: `reported` to `flush()`, `error` to its `done`."""
+        if pending.report:
+            self._failed.append(reported)
+        if pending.done is not None:
+            pending.done("failed", error, None)
+
+    def _queue(self, pending: _Pending, error: str, passing: bool) -> None:
+        """Hand a failed publish to the outbox: at once when it failed for a passing reason,
+        else if the refusal may be the stream's absence; `flush()` waits for either."""
+        requeue = self._requeue
+        assert requeue is not None
+        message = (pending.subject, pending.payload, pending.headers, pending.what)
+        future: asyncio.Future[Any] = (
+            requeue.submit(*message)
+            if passing
+            else asyncio.ensure_future(requeue.keep_refused(*message, pending.sent_at))
+        )
         self._requeued.add(future)
 
-        def queued(future: asyncio.Future[None]) -> None:
+        def queued(future: asyncio.Future[Any]) -> None:
             self._requeued.discard(future)
             failure = None if future.cancelled() else future.exception()
-            if failure is not None and pending.report:
-                self._failed.append(message_of(failure))
-            if pending.done is not None:
-                error = None if failure is None else message_of(failure)
-                pending.done("queued" if failure is None else "failed", error, None)
+            if failure is not None:
+                self._fail(pending, message_of(failure), message_of(failure))
+            elif not future.cancelled() and future.result() is False:  # the refusal stands
+                self._fail(pending, f"{pending.what} to {pending.subject}: {error}", error)
+            elif pending.done is not None:
+                pending.done("queued", None, None)
 
         future.add_done_callback(queued)

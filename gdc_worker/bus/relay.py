@@ -4,7 +4,8 @@ and the relay task that drains the outbox once it can.
 While the outbox holds events, or the client is not connected, every event publish is queued
 there, behind the ones before it, so a publisher's events reach the stream in the order it
 published them. Otherwise a publish tries JetStream once, and a failure that passes (no ack
-in time, the connection going) queues the event instead of waiting to retry. The relay
+in time, the connection going) queues the event instead of waiting to retry; so does a refusal
+that may be the stream's absence (`keep_refused`), once the stream is set up again. The relay
 publishes the queued events in insertion order with their original `Nats-Msg-Id`
 (`outbox.drain`), and hands publishing back to JetStream once it found the outbox empty with
 no event on its way there.
@@ -14,6 +15,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
+import time
 from collections.abc import Awaitable, Callable, Mapping
 
 import anyio
@@ -57,6 +60,8 @@ class Relay:
             self._empty.set()
         self._ready = asyncio.Event()
         self._failure: GDCWorkerError | None = None
+        self._looking = asyncio.Lock()  # at the stream, after a refusal: `_stream_gone`
+        self._stream_back_at = -math.inf  # when `_stream_gone` last set the stream up again
         self._task: asyncio.Task[None] | None = None
 
     def start(
@@ -95,17 +100,19 @@ class Relay:
         """Where JetStream stored the message, or None once it is queued in the outbox.
 
         Raises `OutboxFull`, or `PublishError` for a failure that does not pass (no stream
-        captures the subject, a message over the server's max_payload).
+        captures the subject while the event stream is there, a message over the server's
+        max_payload or the stream's max_msg_size).
         """
         if self.direct:
+            sent_at = time.monotonic()
             try:
                 stored = await publish_once(
                     self._nc, self._js, subject, payload, headers, timeout=self._timeout, what=what
                 )
             except PublishRefused:
-                if not await self._stream_gone():
+                if not await self.keep_refused(subject, payload, headers, what, sent_at):
                     raise
-                stored = None
+                return None
             if stored is not None:
                 return stored
         else:
@@ -123,6 +130,17 @@ class Relay:
         self._adding += 1
         future.add_done_callback(self._added)
         return future
+
+    async def keep_refused(
+        self, subject: str, payload: bytes, headers: Mapping[str, str], what: str, sent_at: float
+    ) -> bool:
+        """Queue a message JetStream refused, sent at `sent_at` (`time.monotonic()`), when the
+        refusal may be the stream's absence (`_stream_gone`); False when it stands, and the
+        message is not queued. What both `publish()` and the bus's async publishes do."""
+        if not await self._stream_gone(sent_at):
+            return False
+        await self.submit(subject, payload, headers, what)
+        return True
 
     def _added(self, _: asyncio.Future[None]) -> None:
         self._adding -= 1
@@ -188,9 +206,7 @@ class Relay:
                 await anyio.sleep(_CONNECTED_POLL_S)
             self._wake.clear()
             try:
-                sent = await drain(self.outbox, self._send)
-            except _SetAside:
-                continue
+                sent = await self.drain()
             except PublishError as exc:
                 left = self.outbox.stats().events
                 log.warning(
@@ -206,10 +222,52 @@ class Relay:
             self._empty.set()
             await self._wake.wait()
 
+    async def drain(
+        self,
+        progress: Callable[[int], None] | None = None,
+        refused: Callable[[str], None] | None = None,
+    ) -> int:
+        """Publish what the outbox holds, oldest first, until it is empty; returns how many
+        were published. `progress` is told how many left the queue as they do.
+
+        An event JetStream refuses for good is set aside in the file's refused table, the
+        refusal told to `refused` (logged as an ERROR without it), and the events behind it
+        go on. Raises `PublishError` when one cannot be published yet (no ack, the stream
+        missing): what is left stays queued, in order. The relay task drains with this, and
+        so does `gdc-worker outbox flush` (`NATSEventBus.drain_outbox`).
+        """
+        sent = 0
+
+        def published(n: int) -> None:
+            nonlocal sent
+            sent += n
+            if progress is not None:
+                progress(n)
+
+        while True:
+            try:
+                await drain(self.outbox, self._send, published)
+            except _SetAside as aside:
+                if aside.refusal is not None:
+                    (refused or self._log_refused)(aside.refusal)
+                    if progress is not None:
+                        progress(1)
+                continue
+            return sent
+
+    def _log_refused(self, refusal: str) -> None:
+        log.error(
+            "outbox: %s; set aside for an operator (the events behind it go on): "
+            "`gdc-worker outbox refused --path %s` lists it",
+            refusal,
+            self.outbox.path,
+        )
+
     async def _send(self, row: QueuedEvent) -> None:
         """Publish a queued event. One that JetStream refuses for good is set aside (`_SetAside`
         stops `drain` there), so that the events behind it go on, unless the refusal is the
         stream's absence: then they all wait for it (`PublishError`)."""
+        sent_at = time.monotonic()
         try:
             await publish(
                 self._nc,
@@ -221,31 +279,38 @@ class Relay:
                 what=row.what,
             )
         except PublishRefused as exc:
-            if await self._stream_gone():
+            if await self._stream_gone(sent_at):
                 raise PublishError(f"{exc}: the stream {self._stream.name} was missing") from None
-            if await self.outbox.refuse(row.id, str(exc)):
-                log.error(
-                    "outbox: %s; set aside in the refused table of %s, for an operator (the "
-                    "events behind it go on)",
-                    exc,
-                    self.outbox.path,
-                )
-            raise _SetAside from None
+            refusal = str(exc)
+            if not await self.outbox.refuse(row.id, refusal):  # another process took it
+                raise _SetAside(None) from None
+            raise _SetAside(refusal) from None
 
-    async def _stream_gone(self) -> bool:
-        """Whether the event stream is missing (a server that came back with an empty store,
-        say), and then set it up again as connecting does; True too while that cannot be told
-        or done: a refusal then says nothing about the event."""
-        try:
-            if await self._admin.stream_changes(self._stream) is not None:
-                return False
-            await self._admin.ensure_stream(self._stream, self._stream_setup)
-        except GDCWorkerError as exc:
-            log.warning("outbox: the stream %s is not usable: %s", self._stream.name, exc)
-            return True
+    async def _stream_gone(self, sent_at: float) -> bool:
+        """Whether the event stream may have been missing when a message sent at `sent_at`
+        (`time.monotonic()`) was refused: it was set up again since, or it is missing now (a
+        server that came back with an empty store, say), and then set up again as connecting
+        does; True too while that cannot be told or done: a refusal then says nothing about
+        the message. One look at a time, so a burst of refused publishes sets it up once."""
+        async with self._looking:
+            if sent_at < self._stream_back_at:
+                return True
+            try:
+                if await self._admin.stream_changes(self._stream) is not None:
+                    return False
+                await self._admin.ensure_stream(self._stream, self._stream_setup)
+            except GDCWorkerError as exc:
+                log.warning("outbox: the stream %s is not usable: %s", self._stream.name, exc)
+                return True
+            self._stream_back_at = time.monotonic()
         log.warning("outbox: the stream %s was missing, and is set up again", self._stream.name)
         return True
 
 
 class _SetAside(Exception):
-    """A queued event was set aside: `drain` starts again behind it."""
+    """A queued event was set aside (with this refusal, None if another process did it):
+    `drain` starts again behind it."""
+
+    def __init__(self, refusal: str | None) -> None:
+        super().__init__(refusal)
+        self.refusal = refusal

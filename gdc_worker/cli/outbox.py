@@ -1,4 +1,5 @@
-"""`gdc-worker outbox`: what waits in a publish outbox, and publishing it now."""
+"""`gdc-worker outbox`: what waits in a publish outbox, publishing it now, and the events
+JetStream refused."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import json
 import os
 import sys
 import time
+from datetime import UTC, datetime
 
 import anyio
 import click
@@ -13,12 +15,14 @@ import click
 from ..bus import NATSEventBus
 from ..config import NATSConfig
 from ..errors import PublishError
-from ..outbox import Outbox, OutboxStats, QueuedEvent, drain
+from ..events import MSG_ID_HEADER
+from ..outbox import Outbox, OutboxStats, RefusedEvent
 from .common import (
     EXIT_FAILURE,
     EXIT_OK,
     EXIT_USAGE,
     ReportedError,
+    aligned,
     connection,
     creds_option,
     reported_errors,
@@ -34,7 +38,8 @@ _path_option = click.option(
 
 @click.group()
 def outbox() -> None:
-    """Inspect and drain the publish outbox, where events wait while NATS is away."""
+    """Inspect and drain the publish outbox, where events wait while NATS is away, and
+    requeue the events JetStream refused."""
 
 
 @outbox.command("status")
@@ -59,7 +64,7 @@ def outbox_status(path: str | None, as_json: bool) -> None:
         ("events", str(stats.events)),
         ("bytes", f"{stats.bytes} ({_size(stats.bytes)})"),
         ("oldest", age),
-        ("refused", f"{stats.refused} (JetStream refuses them for good: see the refused table)"),
+        ("refused", f"{stats.refused} (JetStream refuses them: `gdc-worker outbox refused`)"),
     ]
     width = max(len(name) for name, _ in rows)
     for name, value in rows:
@@ -73,9 +78,11 @@ def outbox_status(path: str | None, as_json: bool) -> None:
 def outbox_flush(path: str | None, url: str | None, creds: str | None) -> None:
     """Publish every event in the outbox now, oldest first, with its original Nats-Msg-Id.
 
-    Each event is removed once JetStream acked it; exits 0 once the outbox is empty, 1 when
-    one cannot be published (what is left stays, in order). The stream is created if missing,
-    as a publisher would.
+    Each event is removed once JetStream acked it. One that JetStream refuses for good (no
+    stream captures its subject, over the stream's max_msg_size) is set aside in the file's
+    refused table, said on stderr, and the rest go on, as the service's relay does. Exits 0
+    once every event was published, 1 when one was set aside or one cannot be published yet
+    (what is left stays, in order). The stream is created if missing, as a publisher would.
     """
 
     async def main() -> int:
@@ -86,9 +93,11 @@ def outbox_flush(path: str | None, url: str | None, creds: str | None) -> None:
                 return EXIT_OK
             # The outbox is drained here, not by the bus in the background.
             async with await NATSEventBus.connect(config.replace(outbox_path="")) as bus:
-                sent = await _drain(box, bus, total)
-            click.echo(f"outbox {box.path}: {sent} event(s) published, {box.stats().events} left")
-            return EXIT_OK
+                sent, set_aside = await _drain(box, bus, total)
+            left = box.stats().events
+            aside = f", {set_aside} set aside" if set_aside else ""
+            click.echo(f"outbox {box.path}: {sent} event(s) published, {left} left{aside}")
+            return EXIT_FAILURE if set_aside else EXIT_OK
 
     with reported_errors():
         config = _config(path, **connection(url, creds))
@@ -96,28 +105,101 @@ def outbox_flush(path: str | None, url: str | None, creds: str | None) -> None:
     sys.exit(code)
 
 
-async def _drain(box: Outbox, bus: NATSEventBus, total: int) -> int:
-    """`drain` with a progress bar (on a terminal), its rate and ETA; raises `PublishError`
-    naming what is left."""
+async def _drain(box: Outbox, bus: NATSEventBus, total: int) -> tuple[int, int]:
+    """`NATSEventBus.drain_outbox` with a progress bar (on a terminal), its rate and ETA, and
+    a line on stderr for each event set aside; returns how many were published and set aside.
+    Raises `PublishError` naming what is left."""
     started = time.monotonic()
+    refusals: list[str] = []
 
     def rate(_: object) -> str:
         elapsed = time.monotonic() - started
         return f"{bar.pos / elapsed:.0f}/s" if elapsed > 0 else ""
 
-    async def publish(row: QueuedEvent) -> None:
-        await bus.publish_raw(row.subject, row.payload, row.headers, what=row.what)
+    def refused(refusal: str) -> None:
+        refusals.append(refusal)
+        click.echo(f"{refusal}; set aside (`gdc-worker outbox refused` lists it)", err=True)
 
     with click.progressbar(
         length=total, label="publishing", show_pos=True, item_show_func=rate, file=sys.stderr
     ) as bar:
         try:
-            return await drain(box, publish, bar.update)
+            sent = await bus.drain_outbox(box, bar.update, refused)
         except PublishError as exc:
             raise ReportedError(
                 f"{exc}; {box.stats().events} event(s) left in the outbox {box.path}",
                 EXIT_FAILURE,
             ) from None
+    return sent, len(refusals)
+
+
+@outbox.command("refused")
+@_path_option
+@click.option("--json", "as_json", is_flag=True, help="JSON lines instead of a table.")
+def outbox_refused(path: str | None, as_json: bool) -> None:
+    """List the events set aside because JetStream refuses them for good, and why.
+
+    Once the cause is fixed (the stream's max_msg_size raised, its subjects widened),
+    `gdc-worker outbox requeue` puts them back in the queue.
+    """
+
+    async def main() -> list[RefusedEvent]:
+        async with await _open(config) as box:
+            return await box.refused()
+
+    with reported_errors():
+        config = _config(path)
+        rows = [_refused_row(event) for event in anyio.run(main)]
+    if as_json:
+        for row in rows:
+            click.echo(json.dumps(row))
+        return
+    if not rows:
+        click.echo(f"outbox {config.outbox_path}: no refused events")
+        return
+    columns = ["id", "event", "subject", "queued_at", "refused_at", "reason"]
+    header = ["id", "event", "subject", "queued", "refused", "reason"]
+    for line in aligned([header] + [[str(row[c]) for c in columns] for row in rows]):
+        click.echo(line)
+
+
+@outbox.command("requeue")
+@_path_option
+@click.option("--all", "select_all", is_flag=True, help="Every refused event.")
+@click.argument("ids", metavar="[ID]...", type=click.IntRange(min=1), nargs=-1)
+def outbox_requeue(path: str | None, select_all: bool, ids: tuple[int, ...]) -> None:
+    """Move refused events (IDs as `outbox refused` lists them) back to the end of the queue.
+
+    For once their cause is fixed: they keep their payload, headers and Nats-Msg-Id, and
+    the service's relay (or `gdc-worker outbox flush`) publishes them. An ID that is not
+    refused is an error, and then none is moved.
+    """
+    if bool(ids) == select_all:
+        raise click.UsageError("give refused event IDs or --all, not both and not neither")
+
+    async def main() -> int:
+        async with await _open(config) as box:
+            return await box.requeue(None if select_all else ids)
+
+    with reported_errors():
+        config = _config(path)
+        moved = anyio.run(main)
+    click.echo(f"outbox {config.outbox_path}: {moved} event(s) requeued")
+
+
+def _refused_row(event: RefusedEvent) -> dict[str, object]:
+    return {
+        "id": event.id,
+        "event": event.headers.get(MSG_ID_HEADER, ""),
+        "subject": event.subject,
+        "queued_at": _when(event.queued_at),
+        "refused_at": _when(event.refused_at),
+        "reason": event.reason,
+    }
+
+
+def _when(timestamp: float) -> str:
+    return datetime.fromtimestamp(timestamp, UTC).isoformat(timespec="seconds")
 
 
 def _config(path: str | None, **overrides: str) -> NATSConfig:
