@@ -191,6 +191,13 @@ def alive(pid: int) -> bool:
     return status.rsplit(")", 1)[1].split()[0] != "Z"
 
 
+def stopped(pid: int) -> bool:
+    """Whether every thread of process `pid` is stopped: a SIGSTOP sent to it has taken hold
+    (it does so on each thread in turn, not when `kill()` returns)."""
+    threads = Path(f"/proc/{pid}/task").iterdir()
+    return all((t / "stat").read_text().rsplit(")", 1)[1].split()[0] in "tT" for t in threads)
+
+
 @overload
 async def eventually(
     check: Callable[[], Awaitable[T | None]], what: str, timeout: float = ...
