@@ -1,8 +1,8 @@
 """In-process retries after a handler fails (tenacity), and the two exceptions a handler raises
 on purpose to steer them: `Retry` (redeliver later) and `Reject` (dead-letter now).
 
-`retry_failed()` runs a delivery's attempts after a first one failed; what happens to the
-delivery after that is `settle.decide()`'s call.
+`Attempts` says, after each failed attempt of a delivery, whether to try once more; what
+happens to the delivery after the last is `settle.decide()`'s call.
 """
 
 from __future__ import annotations
@@ -27,12 +27,12 @@ from .errors import EventError
 __all__ = [
     "DEFAULT_BACKOFF",
     "DEFAULT_RETRY",
+    "Attempts",
     "Reject",
     "Retry",
     "RetryPolicy",
     "is_handler_failure",
     "is_permanent",
-    "retry_failed",
 ]
 
 #: Nak delays in seconds after failed deliveries 1, 2, 3, 4 (and beyond).
@@ -127,43 +127,47 @@ class RetryPolicy:
 DEFAULT_RETRY = RetryPolicy.attempts(3)
 
 
-async def retry_failed(
-    policy: RetryPolicy | None,
-    attempt: Callable[[], Awaitable[Any]],
-    failure: BaseException,
-    *,
-    sleep: Callable[[float], Awaitable[Any]] = anyio.sleep,
-) -> BaseException | None:
-    """After a first attempt failed with `failure`, retry as `policy` says, waiting between
-    attempts with `sleep` (the in-memory test app passes its virtual clock's).
+class Attempts:
+    """A delivery's in-process attempts, as `policy` says: after each failed attempt,
+    `again(failure)` waits as the policy says, with `sleep` (the in-memory test app passes its
+    virtual clock's), and tells whether to try once more.
 
-    Returns None once an attempt succeeds, else the error the last attempt ended with. The
-    first attempt runs outside tenacity, so a handler that succeeds pays nothing for it.
+    Nothing of tenacity runs before a first failure, so a handler that succeeds pays nothing
+    for it.
     """
-    if policy is None or not _retryable(failure):
-        return failure
-    retrying = policy.retrying.copy()
-    retrying.begin()
-    state = RetryCallState(retry_object=retrying, fn=None, args=(), kwargs={})
-    state.set_exception((type(failure), failure, failure.__traceback__))
-    while True:
-        try:
-            action = await retrying.iter(retry_state=state)
-        except BaseException as exc:  # the policy gave up and re-raised the last error
-            if exc is state.outcome.exception():  # type: ignore[union-attr]
-                return exc
-            raise
-        if isinstance(action, DoAttempt):
+
+    def __init__(
+        self,
+        policy: RetryPolicy | None,
+        *,
+        sleep: Callable[[float], Awaitable[Any]] = anyio.sleep,
+    ) -> None:
+        self._policy = policy
+        self._sleep = sleep
+        self._retrying: AsyncRetrying | None = None
+        self._state: RetryCallState | None = None
+
+    async def again(self, failure: BaseException) -> bool:
+        """After an attempt failed with `failure`: True once it is time to try again; False
+        when the policy gives up, and the delivery is settled with `failure`."""
+        if self._retrying is None or self._state is None:
+            if self._policy is None or not _retryable(failure):
+                return False
+            self._retrying = self._policy.retrying.copy()
+            self._retrying.begin()
+            self._state = RetryCallState(retry_object=self._retrying, fn=None, args=(), kwargs={})
+        retrying, state = self._retrying, self._state
+        state.set_exception((type(failure), failure, failure.__traceback__))
+        while True:
             try:
-                await attempt()
-            except BaseException as exc:
-                if not is_handler_failure(exc):
-                    raise
-                state.set_exception((type(exc), exc, exc.__traceback__))
-            else:
-                return None
-        elif isinstance(action, DoSleep):
+                action = await retrying.iter(retry_state=state)
+            except BaseException as exc:  # the policy gave up and re-raised the last error
+                if exc is failure:
+                    return False
+                raise
+            if isinstance(action, DoAttempt):
+                return True
+            if not isinstance(action, DoSleep):
+                return False  # tenacity returned instead of raising: settle, never an ack
             state.prepare_for_next_attempt()
-            await sleep(float(action))
-        else:  # tenacity returned instead of raising: settle as the failure it is, never an ack
-            return state.outcome.exception() if state.outcome is not None else failure
+            await self._sleep(float(action))

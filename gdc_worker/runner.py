@@ -12,7 +12,6 @@ both run on it.
 
 from __future__ import annotations
 
-import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -26,7 +25,7 @@ from .errors import EventDataError, EventDecodeError, GDCWorkerError, describe, 
 from .events import Event
 from .hooks import Hooks
 from .logs import delivery_fields
-from .retry import Retry, is_handler_failure, retry_failed
+from .retry import Attempts, Retry, is_handler_failure
 from .settle import Ack, DeadLetter, Decision, Nak, decide, exhausted
 
 if TYPE_CHECKING:
@@ -334,8 +333,6 @@ class SettlePath(Generic[D]):
         self._started = hooks.call_started
         self._finished = hooks.call_finished
         self._settled = hooks.delivery_settled
-        # Neither a timeout nor a hook around the call: the handler is called directly.
-        self._bare = spec.timeout is None and self._started is None and self._finished is None
         #: Deliveries before the dead letter: the handler's, or fewer if its consumer says so.
         self.max_deliver = spec.max_deliver
 
@@ -376,30 +373,51 @@ class SettlePath(Generic[D]):
     async def _call(
         self, delivery: D, event: Event, args: tuple[Any, ...], outputs: _Outputs | None
     ) -> BaseException | None:
-        """Run the handler on `args` with its retries and timeout; the error it ended with, if
-        any.
+        """Run the handler on `args` with its retries and timeout, between the call hooks;
+        the error it ended with, if any.
 
         Anything the handler raises is its failure, `SystemExit` and its own `CancelledError`
         included, and so is an event it published that was not stored (a `PublishError`);
-        only a cancellation of ours (a forced stop) ends the call early.
+        only a cancellation of ours (a forced stop) ends the call early. Every attempt runs
+        here, in this coroutine: one that succeeds costs no coroutine but the handler's.
         """
-        spec = self.spec
+        spec, started, finished = self.spec, self._started, self._finished
+        attempts: Attempts | None = None
         self.running += 1
         try:
-            try:
-                if self._bare:  # the fast path: no timeout, no hook around the call
-                    await spec.call(*args)
-                    if outputs is not None:
-                        await outputs.stored()
-                else:
-                    await self._attempt(args, outputs, delivery, event)
-                return None
-            except BaseException as exc:
-                if not is_handler_failure(exc):
-                    raise
-                first_error = exc
-            attempt = functools.partial(self._attempt, args, outputs, delivery, event)
-            return await retry_failed(spec.retry, attempt, first_error, sleep=self._sleep)
+            while True:
+                if started is not None:
+                    try:
+                        started(spec, delivery, event)
+                    except Exception:
+                        self._hooks.failed("call_started")
+                began = time.perf_counter() if finished is not None else 0.0
+                try:
+                    # A handler that publishes nothing is awaited directly: one coroutine less.
+                    call = spec.call(*args) if outputs is None else self._invoke(args, outputs)
+                    if spec.timeout is None:
+                        await call
+                    else:
+                        with anyio.fail_after(spec.timeout):
+                            await call
+                    error: BaseException | None = None
+                except BaseException as exc:
+                    error = exc
+                if finished is not None:
+                    try:
+                        finished(spec, delivery, event, error, time.perf_counter() - began)
+                    except Exception:
+                        self._hooks.failed("call_finished")
+                if error is None:
+                    return None
+                if not is_handler_failure(error):
+                    raise error
+                if attempts is None:
+                    attempts = Attempts(spec.retry, sleep=self._sleep)
+                if not await attempts.again(error):
+                    return error
+                if outputs is not None:
+                    outputs.forget()  # the failed attempt's: the next one publishes its own
         except anyio.get_cancelled_exc_class():
             with anyio.CancelScope(shield=True):
                 # Cancelled by a forced stop: let another replica have it.
@@ -408,45 +426,8 @@ class SettlePath(Generic[D]):
         finally:
             self.running -= 1
 
-    async def _attempt(
-        self,
-        args: tuple[Any, ...],
-        outputs: _Outputs | None,
-        delivery: Settleable,
-        event: Event,
-    ) -> None:
-        """One call of the handler and the wait for what it published, within its timeout,
-        between the call hooks."""
-        spec, finished = self.spec, self._finished
-        if outputs is not None:
-            outputs.forget()  # an earlier attempt's: this one publishes its own
-        if self._started is not None:
-            try:
-                self._started(spec, delivery, event)
-            except Exception:
-                self._hooks.failed("call_started")
-        started = time.perf_counter()
-        try:
-            # A handler that publishes nothing is awaited directly: one coroutine less.
-            call = spec.call(*args) if outputs is None else self._invoke(args, outputs)
-            if spec.timeout is None:
-                await call
-            else:
-                with anyio.fail_after(spec.timeout):
-                    await call
-        except BaseException as exc:
-            error: BaseException | None = exc
-            raise
-        else:
-            error = None
-        finally:
-            if finished is not None:
-                try:
-                    finished(spec, delivery, event, error, time.perf_counter() - started)
-                except Exception:
-                    self._hooks.failed("call_finished")
-
     async def _invoke(self, args: tuple[Any, ...], outputs: _Outputs) -> None:
+        """The handler's call, then the wait until what it published is stored."""
         await self.spec.call(*args)
         await outputs.stored()
 

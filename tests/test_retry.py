@@ -1,4 +1,4 @@
-"""Retries and settle decisions, without a server: `decide`, `exhausted`, `retry_failed`."""
+"""Retries and settle decisions, without a server: `decide`, `exhausted`, `Attempts`."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from tenacity import (
 )
 
 from gdc_worker import Reject, Retry, RetryPolicy
-from gdc_worker.retry import DEFAULT_BACKOFF, DEFAULT_RETRY, retry_failed
+from gdc_worker.retry import DEFAULT_BACKOFF, DEFAULT_RETRY, Attempts
 from gdc_worker.settle import Ack, DeadLetter, Nak, decide, exhausted
 
 #: A policy that retries fast: three attempts about a millisecond apart.
@@ -166,17 +166,19 @@ def test_a_delivery_past_max_deliver_is_dead_lettered_unrun(
     assert f"max_deliver={max_deliver}" in decision.reason
 
 
-# -- retry_failed --------------------------------------------------------------------------------
+# -- Attempts ------------------------------------------------------------------------------------
 
 
 async def run_with_retry(policy: RetryPolicy | None, attempt: Callable[[], Awaitable[Any]]) -> None:
-    """What the worker does with a handler: one attempt, then `retry_failed` if it raised."""
-    try:
-        await attempt()
-    except Exception as exc:
-        error = await retry_failed(policy, attempt, exc)
-        if error is not None:
-            raise error from None
+    """What the worker does with a handler: an attempt, and another while `Attempts` says so."""
+    attempts = Attempts(policy)
+    while True:
+        try:
+            await attempt()
+            return
+        except Exception as exc:
+            if not await attempts.again(exc):
+                raise exc from None
 
 
 @pytest.mark.anyio
