@@ -61,6 +61,8 @@ PUBLISH_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0
 _OUTCOMES = (Ack.outcome, Nak.outcome, DeadLetter.outcome)
 _RESULTS = ("stored", "duplicate", "queued", "failed")
 _BREAKER_STATES = {"closed": 0, "half_open": 1, "open": 2}
+#: The bucket of an observation: read once here, not as two lookups at every handler call.
+_bucket = bisect.bisect_left
 
 #: What one process counted, as `Metrics.snapshot()` gives it (JSON-compatible).
 Snapshot = dict[str, Any]
@@ -77,7 +79,7 @@ class _Histogram:
         self.sum = 0.0
 
     def observe(self, value: float) -> None:
-        self.counts[bisect.bisect_left(self.bounds, value)] += 1
+        self.counts[_bucket(self.bounds, value)] += 1
         self.sum += value
 
     def snapshot(self) -> dict[str, Any]:
@@ -174,7 +176,7 @@ class Metrics(Hook, Collector):
     ) -> None:
         counts = self._handlers.get(handler.name) or self._of(handler)
         duration = counts.duration  # its observe(), inlined: a call less at every call
-        duration.counts[bisect.bisect_left(duration.bounds, duration_s)] += 1
+        duration.counts[_bucket(duration.bounds, duration_s)] += 1
         duration.sum += duration_s
         if self._failed and delivery in self._failed:  # an attempt after a failed one
             counts.retries += 1
