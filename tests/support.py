@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextvars
 import inspect
+import signal
 import socket
 import threading
 import time
@@ -31,6 +32,7 @@ from gdc_worker import (
     Event,
     NATSConfig,
     NATSEventBus,
+    NATSServer,
     RetryPolicy,
     Worker,
     new_node_up_event,
@@ -196,6 +198,20 @@ def stopped(pid: int) -> bool:
     (it does so on each thread in turn, not when `kill()` returns)."""
     threads = Path(f"/proc/{pid}/task").iterdir()
     return all((t / "stat").read_text().rsplit(")", 1)[1].split()[0] in "tT" for t in threads)
+
+
+@asynccontextmanager
+async def frozen(server: NATSServer) -> AsyncIterator[None]:
+    """`server` stopped with SIGSTOP for the block: its connections stay open, and what they
+    send waits unanswered until it goes on (SIGCONT) at the end."""
+    process = server._process  # the test freezes the server itself
+    assert process is not None
+    process.send_signal(signal.SIGSTOP)
+    try:
+        await eventually(lambda: stopped(process.pid), "the server to stop")
+        yield
+    finally:
+        process.send_signal(signal.SIGCONT)
 
 
 @overload

@@ -8,9 +8,10 @@ import threading
 import time
 import uuid
 import warnings
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import anyio
 import anyio.from_thread
@@ -54,8 +55,9 @@ from gdc_worker import (
     parse_event_data,
 )
 from gdc_worker.bus.connection import Client as FastClient
+from gdc_worker.testing import isolated_config
 from tests.recording import ARRIVAL_TIMEOUT, Recording
-from tests.support import consumer_info, dead_letters, eventually, free_port
+from tests.support import consumer_info, dead_letters, eventually, free_port, frozen
 
 pytestmark = pytest.mark.anyio
 
@@ -827,3 +829,89 @@ async def test_connection_failed_never_shows_the_password() -> None:
 
     assert "s3cr3t" not in str(raised.value)
     assert f"nats://alice:***@127.0.0.1:{port}" in str(raised.value)
+
+
+# -- setting up while JetStream does not answer (a cluster electing a leader) -------------------
+
+#: Each JetStream request of these tests waits this long for its answer.
+REQUEST_TIMEOUT = 0.5
+#: A setup is asked again for up to this many request timeouts (`_SETUP_TIMEOUTS`).
+SETUP_TIMEOUTS = 3
+SETUPS: dict[str, Callable[[NATSEventBus], Coroutine[Any, Any, object]]] = {
+    "stream": lambda bus: bus.ensure_stream(bus.event_stream, setup="create"),
+    "consumer": lambda bus: bus.ensure_consumer("svc-handle", bus.config.subject_for("node.up")),
+}
+
+
+@pytest.fixture
+def own_server(tmp_path: Path) -> Iterator[NATSServer]:
+    """A nats-server of the test's own, which it may freeze."""
+    with NATSServer(store_dir=tmp_path / "store") as server:
+        yield server
+
+
+async def set_up_on(server: NATSServer, what: str) -> NATSConfig:
+    """Connect to `server` (creating the stream only if `what` is the consumer), and return
+    the config; the caller sets `what` up."""
+    config = isolated_config(server.url).replace(connect_timeout=REQUEST_TIMEOUT)
+    if what == "consumer":
+        async with await NATSEventBus.connect(config):
+            pass
+    return config
+
+
+@pytest.mark.parametrize("what", SETUPS)
+async def test_a_setup_that_got_no_answer_is_asked_again_and_done(
+    own_server: NATSServer, what: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Given a server that stops answering (SIGSTOP) as a stream or a consumer is set up, as
+    a cluster electing a leader may, or one that loses the answer to a create,
+    when it answers again once the first request has timed out,
+    then the setup is asked again and done: one warning says JetStream gave no answer, and
+    the stream or consumer exists as asked."""
+    config = await set_up_on(own_server, what)
+    async with await NATSEventBus.connect(config, setup_stream=False) as bus:
+        # The task group waits for the setup once the server goes on, at the end of `frozen`.
+        async with anyio.create_task_group() as tg, frozen(own_server):
+            tg.start_soon(SETUPS[what], bus)
+            await eventually(lambda: "asking again" in caplog.text, "the setup asked again")
+
+        nc = await nats.connect(own_server.url)
+        try:
+            js = nc.jetstream()
+            stream = await js.stream_info(config.stream_name)
+            consumers = [c.name for c in await js.consumers_info(config.stream_name)]
+        finally:
+            await nc.close()
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1
+    assert f"setting up {what} " in warnings[0]
+    assert "no answer from JetStream" in warnings[0]
+    assert stream.config.subjects == list(config.stream_subjects)
+    assert consumers == (["svc-handle"] if what == "consumer" else [])
+
+
+@pytest.mark.parametrize(
+    ("what", "error", "named"),
+    [
+        ("stream", ConnectionFailed, "cannot set up stream"),
+        ("consumer", SubscriptionError, "cannot create consumer svc-handle"),
+    ],
+)
+async def test_a_setup_that_never_gets_an_answer_fails_after_asking_again(
+    own_server: NATSServer, what: str, error: type[Exception], named: str
+) -> None:
+    """Given a server that stops answering (SIGSTOP) while connected,
+    when a stream or a consumer is set up,
+    then it is asked again for three request timeouts in all, then fails with the error
+    the CLI turns into exit 4 (stream) or 1 (consumer), naming what it set up, and that
+    JetStream gave no answer to any of its asks."""
+    config = await set_up_on(own_server, what)
+    bus = await NATSEventBus.connect(config, setup_stream=False)
+    async with bus, frozen(own_server):
+        started = time.monotonic()
+        with pytest.raises(error, match=f"{named}.*no answer from JetStream, asked [23] times"):
+            await SETUPS[what](bus)
+        took = time.monotonic() - started
+
+    assert took >= SETUP_TIMEOUTS * REQUEST_TIMEOUT

@@ -28,7 +28,16 @@ from gdc_worker import App, Event, NATSConfig, NATSEventBus, PublishError
 from gdc_worker.events import event_headers
 from gdc_worker.testing import NATSCluster, isolated_config
 from tests.recording import Recording
-from tests.support import GRACE, Call, Calls, consumer_info, node_up, running, worker_for
+from tests.support import (
+    GRACE,
+    Call,
+    Calls,
+    consumer_info,
+    eventually,
+    node_up,
+    running,
+    worker_for,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -53,6 +62,9 @@ ACK_WAIT = 3.0
 #: re-issued the pull requests.
 RESUME_BOUND_S = 3.0
 DURABLE = "failover-handle"
+#: A worker's JetStream requests wait this long while the cluster has no quorum: the setup
+#: asks for three of them, time for two nodes to come back and elect a leader.
+QUORUM_ASK_TIMEOUT = 8.0
 
 
 @dataclass(frozen=True)
@@ -264,6 +276,52 @@ async def test_killing_the_only_configured_node_fails_over_to_the_others(
 
     print(f"configured node killed: {flow.report()}")
     assert_nothing_lost(flow)
+
+
+async def test_a_worker_started_while_the_cluster_has_no_quorum_binds_once_it_has(
+    nats_cluster: NATSCluster, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Given a cluster with two of its three nodes killed, so that JetStream cannot answer,
+    when a worker starts on the third and, once its first setup request has timed out, the
+    two come back,
+    then the worker asks again (one warning says why) and binds its stream, on three
+    replicas, and its consumer once the cluster answers; an event published then is handled.
+    Before, the first timeout ended the worker, as a lost answer to a create did."""
+    nats_cluster.kill(1)
+    nats_cluster.kill(2)
+    config = cluster_config(nats_cluster.urls[0]).replace(connect_timeout=QUORUM_ASK_TIMEOUT)
+    calls = Calls()
+    app = App("quorum", config)
+    app.on("node.up", retry=None)(calls.record)
+
+    async def restart(i: int) -> None:
+        await anyio.to_thread.run_sync(nats_cluster.restart, i)
+
+    async def restart_once_asked_again() -> None:
+        await eventually(
+            lambda: "asking again" in caplog.text, "the setup asked again", 2 * QUORUM_ASK_TIMEOUT
+        )
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(restart, 1)
+            tg.start_soon(restart, 2)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(restart_once_asked_again)
+        worker = worker_for(app, config, GRACE)
+        async with running(worker), await NATSEventBus.connect(config, setup_stream=False) as bus:
+            event = node_up()
+            await bus.publish_event(event)
+            await calls.wait_for_event(event)
+    nc = await nats.connect(nats_cluster.urls)
+    try:
+        replicas = (await nc.jetstream().stream_info(config.stream_name)).config.num_replicas
+    finally:
+        await nc.close()
+
+    asked_again = [r.getMessage() for r in caplog.records if "asking again" in r.getMessage()]
+    assert len(asked_again) == 1
+    assert "setting up stream" in asked_again[0]
+    assert replicas == 3
 
 
 # -- what a publish does not retry (one server) -------------------------------------------------

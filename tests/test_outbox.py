@@ -47,7 +47,7 @@ from gdc_worker.testing import isolated_config
 from tests.apps.outbox_publisher import event_id
 from tests.processes import ROOT, worker_env
 from tests.recording import ARRIVAL_TIMEOUT
-from tests.support import STOP_TIMEOUT, eventually, free_port, node_up, stopped, wait_until
+from tests.support import STOP_TIMEOUT, eventually, free_port, frozen, node_up, wait_until
 
 #: How long a test may take to drain what it queued, or for a process to finish.
 DRAIN_TIMEOUT = 60.0
@@ -316,18 +316,12 @@ async def test_publishes_that_get_no_ack_go_to_the_outbox_and_are_stored_once(
     await down.start()
     events = [node_up(f"node-{n}") for n in range(20)]
     async with await NATSEventBus.connect(down.config) as bus:
-        process = down.server._process  # the test freezes the server itself
-        assert process is not None
-        process.send_signal(signal.SIGSTOP)
-        try:
-            await eventually(lambda: stopped(process.pid), "the server to stop")
+        async with frozen(down.server):
             for event in events[:-1]:
                 await bus.publish_event_async(event)
             await bus.flush(timeout=0.5)
             assert await bus.publish_event(events[-1]) is None
             assert depth(bus) == len(events)
-        finally:
-            process.send_signal(signal.SIGCONT)
         with anyio.fail_after(DRAIN_TIMEOUT):
             await bus.wait_outbox_empty()
 

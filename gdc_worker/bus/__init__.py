@@ -90,7 +90,7 @@ class NATSEventBus:
         self._js = js
         self._subject_prefix = config.subject_prefix
         self._subjects: dict[str, str] = {}  # event type -> subject, see `_subject_of`
-        self._admin = Admin(nc, js, redact_url(config.url))
+        self._admin = Admin(nc, js, redact_url(config.url), timeout=config.connect_timeout)
         self._state = StateReader(nc, timeout=config.connect_timeout)
         self._relay = Relay(outbox, nc, js, config) if outbox is not None else None
         self._window = AsyncPublishWindow(
@@ -324,11 +324,12 @@ class NATSEventBus:
         max_ack_pending: int = 1000,
         stream: str | None = None,
     ) -> BoundConsumer:
-        """Create the durable pull consumer, or bind the existing one as it is.
+        """Create the durable pull consumer, or bind the existing one.
 
-        An existing consumer is not updated; the options it has at other values are logged in
-        one warning, and one that cannot serve (another filter, a push consumer, no explicit
-        acks) raises `SubscriptionError`. Returns what the server will do (its `max_deliver`).
+        One gdc-worker created gets the handler's ack_wait and max_ack_pending; one another
+        service created is bound as it is, its other options named in one warning; one that
+        cannot serve (another filter, a push consumer, no explicit acks) raises
+        `SubscriptionError` (see `Admin`). Returns what the server will do (its `max_deliver`).
         """
         return await self._admin.ensure_consumer(
             stream or self.config.stream_name,

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 
+import anyio
 import msgspec
 import nats.errors
 import nats.js.errors
@@ -31,10 +33,22 @@ __all__ = ["Admin", "BoundConsumer", "LimitChange", "StoredMessage", "StreamSpec
 
 log = logging.getLogger("gdc_worker.bus")
 
+T = TypeVar("T")
+
 _STREAM_NAME_IN_USE = 10058
+#: "JetStream system temporarily unavailable": a cluster without a meta leader; the other 503s
+#: (JetStream not enabled for the account, say) do not pass.
+_CLUSTER_UNAVAILABLE = 10008
 _NOT_FOUND = 404
 #: How long a request to the JetStream API waits for its answer.
 _API_TIMEOUT_S = 5.0
+#: Setting a stream or consumer up is asked again, for up to this many request timeouts in
+#: all, while JetStream gives no answer or says it is temporarily unavailable: a cluster
+#: electing a leader does both, and can lose the answer to a create it carried out
+#: (nats-server#8350). Each step of a setup can be asked again with the same effect.
+_SETUP_TIMEOUTS = 3
+#: The pause before asking again after a "temporarily unavailable" answer.
+_UNAVAILABLE_PAUSE_S = 1.0
 #: The first nats-server release with the consumer pause API.
 _PAUSE_SINCE = (2, 11)
 #: A pause until this instant resumes the consumer.
@@ -123,10 +137,12 @@ class StreamSpec:
 class Admin:
     """JetStream's management API as gdc-worker uses it; errors are `EventBusError`s."""
 
-    def __init__(self, nc: NATS, js: JetStreamContext, url: str) -> None:
+    def __init__(self, nc: NATS, js: JetStreamContext, url: str, *, timeout: float) -> None:
+        """`timeout`: how long `js` waits for each answer (the bus's connect timeout)."""
         self._nc = nc
         self._js = js
         self._url = url
+        self._timeout = timeout
 
     async def leader(self, stream: str, durable: str | None = None) -> str | None:
         """The server name leading `stream` (or its consumer `durable`); None without one.
@@ -171,43 +187,51 @@ class Admin:
         A stream that exists keeps any subjects it has beyond ours; one that lacks a subject we
         need, or has another retention or storage, is never reshaped: that raises
         `ConfigError`, since it belongs to something else.
+
+        While JetStream gives no answer, or says it is temporarily unavailable (a cluster
+        electing a leader), the setup is asked again for up to three request timeouts.
         """
         if setup not in STREAM_SETUPS:
             raise ConfigError(
                 f"stream_setup: must be one of {', '.join(STREAM_SETUPS)}, got {setup!r}"
             )
-        name, wanted = spec.name, spec.config()
         try:
-            current = await self._stream_config(name)
-            if current is None:
-                if setup == "none":
-                    raise ConfigError(
-                        f"stream {name} does not exist at {self._url}, and stream_setup is "
-                        "'none' (GDC_NATS_STREAM_SETUP): create it first (e.g. `gdc-worker "
-                        "stream apply`), or let gdc-worker create it with stream_setup 'create'"
-                    )
-                current = await self._add_stream(wanted)
-                if current is None:
-                    return
-            _check_same_shape(current, wanted)
-            changes = _limit_changes(current, wanted)
-            if not changes:
-                return
-            if setup == "update":
-                wanted.subjects = current.subjects
-                await self._js.update_stream(wanted)
-                log.info("stream %s: limits updated: %s", name, _changes_text(changes, "now"))
-            elif setup == "create":
-                log.warning(
-                    "stream %s exists with other limits; keeping the server's (stream_setup "
-                    "'create'): %s. To apply ours, run `gdc-worker stream apply` or set "
-                    "GDC_NATS_STREAM_SETUP=update",
-                    name,
-                    _changes_text(changes, "ours"),
-                )
+            await self._asking_again(
+                f"stream {spec.name}", lambda: self._set_stream_up(spec, setup)
+            )
         except (nats.errors.Error, TimeoutError) as exc:
-            what = f"cannot set up stream {name} at {self._url}"
+            what = f"cannot set up stream {spec.name} at {self._url}"
             raise api_error(what, exc, otherwise=ConnectionFailed) from None
+
+    async def _set_stream_up(self, spec: StreamSpec, setup: str) -> None:
+        name, wanted = spec.name, spec.config()
+        current = await self._stream_config(name)
+        if current is None:
+            if setup == "none":
+                raise ConfigError(
+                    f"stream {name} does not exist at {self._url}, and stream_setup is "
+                    "'none' (GDC_NATS_STREAM_SETUP): create it first (e.g. `gdc-worker "
+                    "stream apply`), or let gdc-worker create it with stream_setup 'create'"
+                )
+            current = await self._add_stream(wanted)
+            if current is None:
+                return
+        _check_same_shape(current, wanted)
+        changes = _limit_changes(current, wanted)
+        if not changes:
+            return
+        if setup == "update":
+            wanted.subjects = current.subjects
+            await self._js.update_stream(wanted)
+            log.info("stream %s: limits updated: %s", name, _changes_text(changes, "now"))
+        elif setup == "create":
+            log.warning(
+                "stream %s exists with other limits; keeping the server's (stream_setup "
+                "'create'): %s. To apply ours, run `gdc-worker stream apply` or set "
+                "GDC_NATS_STREAM_SETUP=update",
+                name,
+                _changes_text(changes, "ours"),
+            )
 
     async def stream_changes(self, spec: StreamSpec) -> list[LimitChange] | None:
         """The limits `ensure_stream(..., setup="update")` would change; None: no such stream.
@@ -261,38 +285,81 @@ class Admin:
         another service created (a Go one, say) is never updated: the options it has at other
         values are logged in one warning, and it is bound as it is. One that cannot serve a
         handler of `filter_subject` (another filter, a push consumer, no explicit acks)
-        raises `SubscriptionError` naming it and why.
+        raises `SubscriptionError` naming it and why. It is asked again as a stream's setup
+        is, while JetStream gives no answer.
         """
         wanted = _wanted(durable, filter_subject, ack_wait, max_deliver, max_ack_pending)
         try:
-            try:
-                current = (await self._js.consumer_info(stream, durable)).config
-            except nats.js.errors.NotFoundError:
-                current = (await self._js.add_consumer(stream, wanted)).config
-                return _bound(current, wanted)
-            problem = _cannot_serve(current, filter_subject)
-            if problem:
-                raise SubscriptionError(
-                    f"consumer {durable} of stream {stream} exists but cannot serve a handler "
-                    f"of {filter_subject}: {problem}. gdc-worker does not change a consumer it "
-                    "did not create: delete it (its position is lost), or give the handler "
-                    "another durable"
-                )
-            differences = _option_differences(current, wanted)
-            if differences and current.description == CONSUMER_DESCRIPTION:
-                current = await self._update_ours(stream, current, wanted, differences)
-            elif differences:
-                log.warning(
-                    "consumer %s of stream %s exists with other options; bound as it is: %s",
-                    durable,
-                    stream,
-                    "; ".join(differences),
-                )
+            current = await self._asking_again(
+                f"consumer {durable}",
+                lambda: self._set_consumer_up(stream, durable, filter_subject, wanted),
+            )
         except (nats.errors.Error, TimeoutError, ValueError) as exc:
             raise SubscriptionError(
                 f"cannot create consumer {durable} on {filter_subject}: {describe(exc)}"
             ) from None
         return _bound(current, wanted)
+
+    async def _set_consumer_up(
+        self, stream: str, durable: str, filter_subject: str, wanted: ConsumerConfig
+    ) -> ConsumerConfig:
+        try:
+            current: ConsumerConfig = (await self._js.consumer_info(stream, durable)).config
+        except nats.js.errors.NotFoundError:
+            return (await self._js.add_consumer(stream, wanted)).config
+        problem = _cannot_serve(current, filter_subject)
+        if problem:
+            raise SubscriptionError(
+                f"consumer {durable} of stream {stream} exists but cannot serve a handler "
+                f"of {filter_subject}: {problem}. gdc-worker does not change a consumer it "
+                "did not create: delete it (its position is lost), or give the handler "
+                "another durable"
+            )
+        differences = _option_differences(current, wanted)
+        if differences and current.description == CONSUMER_DESCRIPTION:
+            return await self._update_ours(stream, current, wanted, differences)
+        if differences:
+            log.warning(
+                "consumer %s of stream %s exists with other options; bound as it is: %s",
+                durable,
+                stream,
+                "; ".join(differences),
+            )
+        return current
+
+    async def _asking_again(self, what: str, setup: Callable[[], Awaitable[T]]) -> T:
+        """`setup()`, from the start again while JetStream gives no answer or says it is
+        temporarily unavailable, for up to `_SETUP_TIMEOUTS` request timeouts in all; then
+        a `TimeoutError` says what every ask got."""
+        started = time.monotonic()
+        deadline = started + _SETUP_TIMEOUTS * self._timeout
+        asks = 0
+        while True:
+            asks += 1
+            try:
+                return await setup()
+            except (TimeoutError, nats.js.errors.ServiceUnavailableError) as exc:
+                if isinstance(exc, nats.js.errors.ServiceUnavailableError):
+                    if exc.err_code != _CLUSTER_UNAVAILABLE:  # no JetStream for us, say
+                        raise
+                    said, pause = f"'{exc.description}'", _UNAVAILABLE_PAUSE_S
+                else:
+                    said, pause = "no answer", 0.0
+                if time.monotonic() + pause >= deadline:
+                    raise TimeoutError(
+                        f"{said} from JetStream, asked {asks} times over "
+                        f"{time.monotonic() - started:.1f}s"
+                    ) from None
+                if asks == 1:
+                    log.warning(
+                        "setting up %s: %s from JetStream at %s (a cluster may be electing a "
+                        "leader); asking again for up to %.0fs",
+                        what,
+                        said,
+                        self._url,
+                        deadline - time.monotonic(),
+                    )
+                await anyio.sleep(pause)
 
     async def consumer_differences(
         self,

@@ -47,7 +47,7 @@ class Relay:
         self._nc = nc
         self._js = js
         self._timeout = config.connect_timeout
-        self._admin = Admin(nc, js, redact_url(config.url))
+        self._admin = Admin(nc, js, redact_url(config.url), timeout=self._timeout)
         self._stream = StreamSpec.of(config)
         self._stream_setup = config.stream_setup
         self._pause = max(config.reconnect_wait, _CONNECTED_POLL_S)
