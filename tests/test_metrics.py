@@ -13,6 +13,8 @@ import json
 import logging
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -381,6 +383,67 @@ async def test_json_logs_carry_the_delivery_keys(
         assert line["trace_id"] == "trace-42"
         assert (line["handler"], line["consumer"]) == ("judge", DURABLE)
     assert [line["deliveries"] for line in lines() if line.get("event_id") == event.id] == [1, 2]
+
+
+def json_lines(stderr: str) -> list[dict[str, object]]:
+    """Each stderr line as the JSON object it must be."""
+    return [json.loads(line) for line in stderr.splitlines()]
+
+
+def test_json_logs_report_a_known_error_as_a_json_line() -> None:
+    """Given `gdc-worker run --log-format json` with no NATS at its URL, or an app that cannot
+    be imported,
+    when it fails,
+    then it exits 4 or 3, and its error is a JSON line (level ERROR), not `Error: ...`."""
+    url = f"nats://127.0.0.1:{free_port()}"
+    for args, code, named in [
+        (["tests.apps.metered:app", "--url", url], 4, url),
+        (["tests.apps.no_such_module:app"], 3, "tests.apps.no_such_module"),
+    ]:
+        result = subprocess.run(
+            [sys.executable, "-m", "gdc_worker", "run", *args, "--log-format", "json"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+        assert result.returncode == code, result.stderr
+        last = json_lines(result.stderr)[-1]
+        assert (last["level"], last["logger"]) == ("ERROR", "gdc_worker.cli")
+        assert named in str(last["message"])
+
+
+@pytest.mark.parametrize("where", ["main", "thread"])
+def test_json_logs_report_an_uncaught_exception_as_one_json_line(where: str) -> None:
+    """Given the JSON log format, as `run --log-format json` sets it up,
+    when an exception nobody catches ends the program or a thread (a defect),
+    then stderr is one JSON line at CRITICAL naming it, with the traceback in `exc_info`."""
+    raising = "raise RuntimeError('boom')"
+    body = (
+        raising
+        if where == "main"
+        else f"""
+import threading
+def fail():
+    {raising}
+t = threading.Thread(target=fail, name="failing")
+t.start()
+t.join()
+"""
+    )
+    program = "from gdc_worker.cli.common import configure_logging\n"
+    program += "configure_logging('INFO', 'json')\n" + body
+    result = subprocess.run(
+        [sys.executable, "-c", program], capture_output=True, text=True, timeout=60
+    )
+
+    [line] = json_lines(result.stderr)
+    assert result.returncode == (1 if where == "main" else 0)
+    assert line["level"] == "CRITICAL"
+    assert "RuntimeError: boom" in str(line["message"])
+    assert "Traceback" in str(line["exc_info"])
+    if where == "thread":
+        assert "thread failing" in str(line["message"])
 
 
 def test_json_logs_stay_one_object_per_line_whatever_is_logged() -> None:

@@ -8,16 +8,18 @@ import os
 import re
 import signal
 import sys
+import threading
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
+from types import TracebackType
 from typing import Any
 
 import anyio
 import click
 from click.core import ParameterSource
 
-from ..errors import ConnectionFailed, GDCWorkerError, TargetError, one_error
+from ..errors import ConnectionFailed, GDCWorkerError, TargetError, describe, one_error
 from ..logs import JSONFormatter
 
 __all__ = [
@@ -55,16 +57,25 @@ EXIT_CODES_HELP = (
     "not an App, 4 NATS cannot be reached or the connection was lost for good."
 )
 
+log = logging.getLogger("gdc_worker.cli")
+
 URL_ENVVAR = "GDC_NATS_URL"
 CREDS_ENVVAR = "GDC_NATS_CREDS_FILE"
 
 
 class ReportedError(click.ClickException):
-    """A known error, printed as one line with the exit code its kind has."""
+    """A known error, printed as one line with the exit code its kind has: `Error: ...`, or
+    a JSON log line where the logs are JSON (`run --log-format json`)."""
 
     def __init__(self, message: str, exit_code: int) -> None:
         super().__init__(message)
         self.exit_code = exit_code  # type: ignore[misc]  # click reads it per instance too
+
+    def show(self, file: Any = None) -> None:
+        if _json_logs():
+            log.error("%s", self.format_message())
+        else:
+            super().show(file)
 
 
 def exit_code_of(exc: BaseException) -> int:
@@ -94,15 +105,39 @@ LOG_FORMATS = ("text", "json")
 
 
 def configure_logging(level: str, log_format: str = "text") -> None:
-    """Log to stderr at `level`, as text lines or (`json`) one JSON object per line."""
+    """Log to stderr at `level`, as text lines or (`json`) one JSON object per line; with
+    JSON, an uncaught exception (a defect) is a JSON line too, not a bare traceback."""
     handler = logging.StreamHandler(sys.stderr)
     if log_format.lower() == "json":
         handler.setFormatter(JSONFormatter())
+        sys.excepthook = _log_uncaught
+        threading.excepthook = _log_uncaught_in_thread
     else:
         handler.setFormatter(
             logging.Formatter("%(asctime)s %(levelname)-7s [%(process)d] %(name)s: %(message)s")
         )
     logging.basicConfig(level=level.upper(), handlers=[handler])
+
+
+def _json_logs() -> bool:
+    return any(isinstance(h.formatter, JSONFormatter) for h in logging.getLogger().handlers)
+
+
+def _log_uncaught(
+    kind: type[BaseException], error: BaseException, traceback: TracebackType | None
+) -> None:
+    log.critical("uncaught %s", describe(error), exc_info=(kind, error, traceback))
+
+
+def _log_uncaught_in_thread(args: threading.ExceptHookArgs) -> None:
+    if args.exc_value is not None and not isinstance(args.exc_value, SystemExit):
+        thread = args.thread.name if args.thread is not None else "?"
+        log.critical(
+            "uncaught %s in thread %s",
+            describe(args.exc_value),
+            thread,
+            exc_info=(args.exc_type, args.exc_value, args.exc_traceback),
+        )
 
 
 def _nonempty_url(ctx: click.Context, param: click.Parameter, value: Any) -> Any:

@@ -179,7 +179,9 @@ def run(
         server = NATSServer(port=embedded_port, store_dir=Path(".gdc-nats")) if embedded else None
         if server is not None:
             server.start()
-            click.echo(f"embedded nats-server at {server.url} (store .gdc-nats)", err=True)
+            logging.getLogger(__name__).info(
+                "embedded nats-server at %s (store .gdc-nats)", server.url
+            )
             url = server.url
         try:
             config = app.config.replace(**connection(url, creds))
