@@ -16,6 +16,7 @@ import contextlib
 import json
 import logging
 import os
+import socket
 import threading
 import time
 from collections.abc import Callable, Coroutine, Iterable, Iterator
@@ -62,7 +63,11 @@ Check = Callable[[], str | None]
 
 
 class HealthEndpoint:
-    """`/metrics` (of `registry`), `/healthz` (`alive`) and `/readyz` (`ready`) on `port`."""
+    """`/metrics` (of `registry`), `/healthz` (`alive`) and `/readyz` (`ready`) on `port`.
+
+    With no `host`, on every address, IPv4 and IPv6 alike (IPv4 only where the machine has no
+    IPv6), so that probes and scrapes reach it in IPv6-only and dual-stack clusters too.
+    """
 
     def __init__(
         self, port: int, registry: Collector, *, alive: Check, ready: Check, host: str = ""
@@ -70,14 +75,20 @@ class HealthEndpoint:
         self._metrics = make_wsgi_app(registry)
         self._checks = {"/healthz": alive, "/readyz": ready}
         try:
-            self._server = make_server(
-                host, port, self._app, _ThreadingServer, handler_class=_QuietHandler
-            )
+            self._server = self._listen(host, port)
         except OSError as exc:
             raise ConfigError(f"metrics port {port}: cannot listen ({exc.strerror})") from None
         self._thread = threading.Thread(
             target=self._server.serve_forever, name="gdc-worker-metrics", daemon=True
         )
+
+    def _listen(self, host: str, port: int) -> WSGIServer:
+        if not host:
+            try:
+                return make_server("::", port, self._app, _DualStackServer, _QuietHandler)
+            except OSError:  # no IPv6 here (or the port is taken: IPv4 says so in turn)
+                pass
+        return make_server(host, port, self._app, _ThreadingServer, _QuietHandler)
 
     @property
     def port(self) -> int:
@@ -137,6 +148,16 @@ def _answer(
 
 class _ThreadingServer(ThreadingMixIn, WSGIServer):
     daemon_threads = True
+
+
+class _DualStackServer(_ThreadingServer):
+    """On `::` with IPV6_V6ONLY off: IPv4 clients arrive as `::ffff:a.b.c.d`."""
+
+    address_family = socket.AF_INET6
+
+    def server_bind(self) -> None:
+        self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        super().server_bind()
 
 
 class _QuietHandler(WSGIRequestHandler):

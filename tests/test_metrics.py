@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -44,10 +45,10 @@ HANDLER = {"app": "metered", "handler": "judge"}
 SCRAPE_TIMEOUT = 30.0
 
 
-def get(port: int, path: str, method: str = "GET") -> tuple[int, str]:
-    """The status and body of GET (or `method`) http://127.0.0.1:port/path (no exception for
-    a 503)."""
-    request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", method=method)
+def get(port: int, path: str, method: str = "GET", host: str = "127.0.0.1") -> tuple[int, str]:
+    """The status and body of GET (or `method`) http://host:port/path (no exception for a
+    503)."""
+    request = urllib.request.Request(f"http://{host}:{port}{path}", method=method)
     try:
         with urllib.request.urlopen(request, timeout=5) as response:
             return response.status, response.read().decode()
@@ -278,6 +279,22 @@ async def test_healthz_fails_while_the_event_loop_is_blocked() -> None:
     assert status == 503
     assert "event loop did not answer" in body
     assert after == (200, "ok\n")
+
+
+def test_the_endpoint_answers_on_ipv4_and_ipv6() -> None:
+    """Given an endpoint on a port and no host, as `--metrics-port` starts it,
+    when probes ask /readyz over IPv4 loopback and over IPv6 loopback (as in an IPv6-only
+    cluster),
+    then both get the answer."""
+    try:
+        socket.create_server(("::1", 0), family=socket.AF_INET6).close()
+    except OSError:
+        pytest.skip("this machine has no IPv6 loopback")
+    port = free_port()
+    with HealthEndpoint(port, CollectorRegistry(), alive=lambda: None, ready=lambda: None):
+        answers = [get(port, "/readyz", host=host) for host in ("127.0.0.1", "[::1]")]
+
+    assert answers == [(200, "ok\n"), (200, "ok\n")]
 
 
 def test_the_endpoint_answers_404_for_a_path_it_does_not_serve() -> None:
