@@ -377,6 +377,33 @@ async def test_publish_checks_a_typed_payload_and_stores_nothing_when_it_is_bad(
     )
 
 
+async def test_publish_refuses_a_type_no_gdc_service_handles_unless_told(
+    event_bus: NATSEventBus, nats_config: NATSConfig
+) -> None:
+    """Given a TYPE with a typo (`pin.requsted`) and one of the user's own (`audit.logged`),
+    when `publish` runs with each,
+    then both exit 2 with one line naming the type (the typo with the type it is close to),
+    and nothing is stored; with --any-type the user's own type is published as given."""
+    typo = await cli(nats_config, "publish", "pin.requsted", "--data", '{"cid": "c"}')
+    own = await cli(nats_config, "publish", "audit.logged")
+    told = await cli(
+        nats_config, "publish", "audit.logged", "--any-type", "--data", '{"who": "ops"}'
+    )
+
+    [typo_line] = typo.stderr.splitlines()
+    assert (typo.exit_code, own.exit_code) == (2, 2)
+    assert "'pin.requsted' is not a GDC event type (did you mean 'pin.requested'?)" in typo_line
+    assert "--any-type" in typo_line
+    assert "'audit.logged' is not a GDC event type, so" in own.stderr
+    assert told.exit_code == 0, told.output
+    stored = await event_bus.get_message(nats_config.stream_name, 1)
+    assert stored is not None
+    assert await event_bus.get_message(nats_config.stream_name, 2) is None
+    event = Event.from_json(stored.data)
+    assert (event.type, event.data) == ("audit.logged", {"who": "ops"})
+    assert stored.subject == nats_config.subject_for("audit.logged")
+
+
 async def test_publish_takes_only_standard_json_and_a_utf8_file_with_a_bom(
     event_bus: NATSEventBus, nats_config: NATSConfig, tmp_path: Path
 ) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import json
 import sys
 from collections.abc import Callable
@@ -78,6 +79,16 @@ def _data(value: str | None) -> dict[str, Any]:
     return data
 
 
+def _unknown(event_type: str) -> str:
+    """Why an event type no GDC service handles is not published, with the closest one."""
+    close = difflib.get_close_matches(event_type, [t.value for t in EventType], n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return (
+        f"event type {event_type!r} is not a GDC event type{hint}, so no GDC handler would get "
+        "it; to publish a type of your own, add --any-type"
+    )
+
+
 @click.command(
     epilog="""Examples:
 
@@ -97,6 +108,11 @@ def _data(value: str | None) -> dict[str, Any]:
     "(the cid of pin.requested, ...).",
 )
 @click.option("--trace-id", default="", help="The event's trace id.")
+@click.option(
+    "--any-type",
+    is_flag=True,
+    help="Publish a TYPE that is not a GDC event type (one your own services define).",
+)
 def publish(
     event_type: str,
     url: str | None,
@@ -105,17 +121,21 @@ def publish(
     source: str,
     subject: str | None,
     trace_id: str,
+    any_type: bool,
 ) -> None:
     """Publish one event of TYPE and print its stream sequence.
 
     The data is checked against the payload struct of its type first (every GDC type has
-    one): a value of the wrong type exits 1, naming the field, and nothing is published. It
-    publishes directly, never through an outbox: NATS out of reach exits 4.
+    one): a value of the wrong type exits 1, naming the field, and nothing is published. A
+    TYPE that is not a GDC one (a typo, say) exits 2 unless --any-type. It publishes
+    directly, never through an outbox: NATS out of reach exits 4.
     """
     with reported_errors():
         event = Event.new(check_event_type(event_type), source, subject or "", _data(data))
         event.with_trace_id(trace_id)
         payload_type = payload_types().get(event_type)  # the GDC types' and registered ones
+        if payload_type is None and not any_type:
+            raise ReportedError(_unknown(event_type), EXIT_USAGE)
         if payload_type is not None:
             payload = parse_event_data(event, payload_type)
             constructor = _SUBJECT_FROM.get(event_type)
