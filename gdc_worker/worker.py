@@ -23,6 +23,7 @@ from .errors import GDCWorkerError, WorkerError, one_error
 from .hooks import Hook, Hooks
 from .outbox import OutboxStats
 from .runner import ConsumerLoop, HandlerRunner
+from .supervisor import STOP_SIGNALS
 from .watchdog import LoopWatchdog
 
 __all__ = ["Worker", "serve"]
@@ -220,9 +221,9 @@ async def _backstop(bus: NATSEventBus, dlq: DeadLetterQueue) -> list[ConsumerLoo
 
 
 async def serve(worker: Worker) -> None:
-    """Run `worker` until SIGINT or SIGTERM (a second one cancels running handlers)."""
+    """Run `worker` until SIGINT, SIGTERM or SIGHUP (a second one cancels running handlers)."""
     async with anyio.create_task_group() as tg:
-        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        with anyio.open_signal_receiver(*STOP_SIGNALS) as signals:
 
             async def on_signals() -> None:
                 async for signum in signals:

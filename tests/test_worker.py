@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import threading
 from collections import Counter
 from pathlib import Path
@@ -34,6 +35,7 @@ from gdc_worker import (
     new_plan_ready_event,
     parse_event_data,
 )
+from tests.processes import RECORDER_DURABLE, Spawn, ids, node_ups, worker_env
 from tests.recording import ARRIVAL_TIMEOUT
 from tests.support import (
     FAST_RETRY,
@@ -43,9 +45,11 @@ from tests.support import (
     acked_up_to,
     consumer_info,
     dead_letters,
+    eventually,
     free_port,
     node_up,
     running,
+    settled,
     worker_for,
 )
 
@@ -850,3 +854,29 @@ async def test_a_consumer_the_worker_created_follows_the_handler_s_new_options(
     info = await jetstream.consumer_info(nats_config.stream_name, "svc-handle")
     assert (info.config.ack_wait, info.config.max_ack_pending) == (45.0, 1500)
     assert info.config.description == "gdc-worker"
+
+
+# -- signals -------------------------------------------------------------------------------------
+
+
+async def test_sighup_stops_a_worker_gracefully_as_sigterm_does(
+    spawn: Spawn, event_bus: NATSEventBus, nats_config: NATSConfig, tmp_path: Path
+) -> None:
+    """Given a worker process whose handler takes 1 s, running two events,
+    when it gets SIGHUP (its terminal or session went away),
+    then both calls finish and are acked, and it exits 0: not killed with them unsettled."""
+    out = tmp_path / "reports"
+    env = worker_env(nats_config, GDC_TEST_OUT=str(out), GDC_TEST_SLEEP="1")
+    worker = spawn("run", "tests.apps.recorder:app", env=env)
+    await worker.ready()
+    events = node_ups(2)
+    for event in events:
+        await event_bus.publish_event(event)
+    await eventually(lambda: len(ids(out, "start")) == 2, "two handler calls started")
+
+    worker.send(signal.SIGHUP)
+
+    assert await worker.exit_code() == 0, worker.stderr
+    assert sorted(ids(out, "done", worker.pid)) == sorted(e.id for e in events)
+    info = await settled(nats_config, RECORDER_DURABLE)
+    assert (info.num_pending, info.num_ack_pending, info.num_redelivered) == (0, 0, 0)
