@@ -12,6 +12,7 @@ both run on it.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -396,10 +397,12 @@ class SettlePath(Generic[D]):
                     # A handler that publishes nothing is awaited directly: one coroutine less.
                     call = spec.call(*args) if outputs is None else self._invoke(args, outputs)
                     if spec.timeout is None:
-                        await call
+                        if (returned := await call) is not None:
+                            await _awaited(returned)
                     else:
                         with anyio.fail_after(spec.timeout):
-                            await call
+                            if (returned := await call) is not None:
+                                await _awaited(returned)
                     error: BaseException | None = None
                 except BaseException as exc:
                     error = exc
@@ -428,7 +431,8 @@ class SettlePath(Generic[D]):
 
     async def _invoke(self, args: tuple[Any, ...], outputs: _Outputs) -> None:
         """The handler's call, then the wait until what it published is stored."""
-        await self.spec.call(*args)
+        if (returned := await self.spec.call(*args)) is not None:
+            await _awaited(returned)
         await outputs.stored()
 
     async def hand_back(self, delivery: D) -> None:
@@ -543,6 +547,14 @@ class _Outputs:
         """Stop waiting for the events sent so far: those of a failed attempt, which a retry
         sends again with the same ids if its handler gives them."""
         self._pending.clear()
+
+
+async def _awaited(returned: object) -> None:
+    """Await what a handler returned if it is awaitable: the coroutine of a forgotten `await`
+    is the handler's work, to run (and fail) before its event is settled, not to be dropped
+    with its event acked. A plain function's awaitable result is awaited the same way."""
+    if inspect.isawaitable(returned):
+        await returned
 
 
 def _what(delivery: Settleable, event: Event | None) -> str:

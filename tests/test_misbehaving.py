@@ -20,11 +20,20 @@ from gdc_worker import (
     PinRequestedEvent,
     PublishError,
     PublishRefused,
+    Reject,
     new_node_up_event,
     parse_event_data,
 )
 from gdc_worker.events import MSG_ID_HEADER
-from tests.support import Calls, consumer_info, dead_letters, node_up, running, worker_for
+from tests.support import (
+    Calls,
+    acked_up_to,
+    consumer_info,
+    dead_letters,
+    node_up,
+    running,
+    worker_for,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -115,6 +124,40 @@ async def test_a_handler_raising_its_own_cancelled_error_frees_its_slot(
         await event_bus.publish_event(second)
         await calls.wait_until(lambda items: {c.event.id for c in items} == {first.id, second.id})
         await calls.wait_until(lambda items: [c.deliveries for c in calls.of(first)] == [1, 2])
+
+
+async def test_a_coroutine_a_handler_returns_unawaited_runs_before_the_event_is_settled(
+    nats_config: NATSConfig, event_bus: NATSEventBus, jetstream: JetStreamContext
+) -> None:
+    """Given an async handler that returns its work's coroutine instead of awaiting it (a
+    forgotten `await`), the work rejecting one event,
+    when two events arrive,
+    then the work runs for both before they are settled: the first is acked once done, the
+    second dead-lettered with the work's reason; neither is acked with its work never run."""
+    app = App("svc", nats_config)
+    calls = Calls()
+
+    async def work(event: Event, ctx: Context) -> None:
+        calls.record(event, ctx)
+        if event.data["node_id"] == "bad":
+            raise Reject("bad node")
+
+    @app.on("node.up", retry=None)
+    async def handle(event: Event, ctx: Context) -> object:
+        return work(event, ctx)
+
+    good, bad = node_up("good"), node_up("bad")
+    async with running(worker_for(app, nats_config)):
+        await event_bus.publish_event(good)
+        await event_bus.publish_event(bad)
+        [record] = await dead_letters(event_bus)
+        info = await consumer_info(
+            jetstream, nats_config.stream_name, "svc-handle", until=lambda i: acked_up_to(i) >= 2
+        )
+
+    assert sorted(calls.ids) == sorted([good.id, bad.id])
+    assert (record.event_id, record.reason) == (bad.id, "rejected: bad node")
+    assert (info.num_ack_pending, info.num_redelivered) == (0, 0)
 
 
 async def test_data_that_does_not_fit_its_payload_type_is_dead_lettered_at_once(
