@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from typing import Any
 
 import pytest
 from nats.js import JetStreamContext
@@ -139,11 +140,11 @@ async def test_a_coroutine_a_handler_returns_unawaited_runs_before_the_event_is_
 
     async def work(event: Event, ctx: Context) -> None:
         calls.record(event, ctx)
-        if event.data["node_id"] == "bad":
+        if event.data and event.data.get("node_id") == "bad":
             raise Reject("bad node")
 
     @app.on("node.up", retry=None)
-    async def handle(event: Event, ctx: Context) -> object:
+    async def handle(event: Event, ctx: Context) -> Any:  # untyped code, as mypy would catch it
         return work(event, ctx)
 
     good, bad = node_up("good"), node_up("bad")
