@@ -3,7 +3,8 @@ behind it, for one worker process or a supervised group of replicas.
 
 - `/healthz`: the event loop answers (in a group: every replica's loop does). A blocked loop is
   what a restart fixes; a lost connection is not (the client reconnects), so it stays healthy.
-- `/readyz`: connected, every consumer bound, and not stopping (in a group: every replica).
+- `/readyz`: connected, every consumer bound and answered by the server, and not stopping (in a
+  group: every replica).
 
 Each answers 200 `ok` or 503 with one line of why. The server runs in a daemon thread, so a
 blocked event loop cannot keep it from answering that the loop is blocked.

@@ -86,6 +86,13 @@ class ConsumerLoop:
         """Bind the consumer, then start pulling."""
         await self._start()
 
+    def not_ready(self) -> str | None:
+        """Why the consumer cannot deliver now (the server does not answer it); None if it can.
+
+        Safe to call from another thread."""
+        why = self._consumer.unresponsive()
+        return f"consumer {self._consumer.name}: {why}" if why is not None else None
+
     async def _start(self) -> None:
         try:
             await self._consumer.start()

@@ -81,7 +81,8 @@ class Worker:
         self._bound = False
 
     def not_ready(self) -> str | None:
-        """None while connected with every consumer bound and not stopping; else why not.
+        """None while connected with every consumer bound, answered by the server, and not
+        stopping; else why not.
 
         What `/readyz` answers; safe to call from another thread.
         """
@@ -94,6 +95,10 @@ class Worker:
             return f"{what} NATS at {self._bus.server_url}"
         if not self._bound:
             return "binding consumers"
+        for runner in self._runners:
+            why = runner.not_ready()
+            if why is not None:
+                return f"{why} (NATS at {self._bus.server_url})"
         return None
 
     def in_flight(self) -> dict[str, int]:

@@ -47,6 +47,7 @@ from tests.support import (
     dead_letters,
     eventually,
     free_port,
+    frozen,
     node_up,
     running,
     settled,
@@ -779,6 +780,30 @@ async def test_worker_exits_with_connection_failed_when_nats_is_gone_for_good(
                 failed = None
 
     assert failed is not None, "run ended without ConnectionFailed"
+
+
+async def test_a_worker_is_not_ready_while_the_server_does_not_answer_and_ready_once_it_does(
+    tmp_path: Path,
+) -> None:
+    """Given a worker bound to its consumer, ready,
+    when the server stops answering (SIGSTOP) with the connection still open, then goes on,
+    then `not_ready()` (what /readyz answers) names the silence within a few seconds, long
+    before the client's ping notices, and says ready again once the server answers."""
+    with NATSServer(store_dir=tmp_path / "store") as server:
+        app = App("svc", NATSConfig(url=server.url))
+
+        @app.on("node.up")
+        async def handle(event: Event) -> None:
+            pass
+
+        worker = worker_for(app, app.config)
+        async with running(worker):
+            assert worker.not_ready() is None
+            async with frozen(server):
+                why = await eventually(worker.not_ready, "not ready while frozen", timeout=10.0)
+                assert "no answer from NATS" in why
+                assert worker.not_ready() is not None
+            await eventually(lambda: worker.not_ready() is None, "ready again", timeout=10.0)
 
 
 async def test_run_raises_connection_failed_itself_when_nats_cannot_be_reached() -> None:
