@@ -100,6 +100,10 @@ class ConsumerLoop:
             await self._forget()
             raise
 
+    async def discard(self) -> None:
+        """Unbind a prepared loop that will not `run()`: nak what it fetched, forget it."""
+        await self._forget()
+
     async def _forget(self) -> None:
         await self._consumer.close()  # naks what was fetched and never started
         self._bus.forget_consumer(self._consumer)

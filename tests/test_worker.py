@@ -806,6 +806,29 @@ async def test_a_worker_is_not_ready_while_the_server_does_not_answer_and_ready_
             await eventually(lambda: worker.not_ready() is None, "ready again", timeout=10.0)
 
 
+async def test_a_stop_while_the_server_does_not_answer_the_connect_returns_at_once(
+    tmp_path: Path,
+) -> None:
+    """Given a worker starting against a server that does not answer (SIGSTOP) its connect,
+    when the worker is stopped (a SIGTERM before it was ready),
+    then `run` returns within 3 s, without an error: not after the 10 s connect timeout with
+    `ConnectionFailed` (exit 4, as if NATS were down)."""
+    with NATSServer(store_dir=tmp_path / "store") as server:
+        app = App("svc", NATSConfig(url=server.url, connect_timeout=10.0))
+
+        @app.on("node.up")
+        async def handle(event: Event) -> None:
+            pass
+
+        worker = worker_for(app, app.config)
+        async with frozen(server):
+            with anyio.fail_after(3.0):
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(worker.run)
+                    await anyio.wait_all_tasks_blocked()  # run() waits for the server
+                    worker.stop()
+
+
 async def test_run_raises_connection_failed_itself_when_nats_cannot_be_reached() -> None:
     """Given a worker configured for a port where nothing listens,
     when it runs,
