@@ -22,7 +22,14 @@ import anyio
 
 from .app import Context, HandlerSpec, PendingPublish, Publisher
 from .dlq import FailedMessage
-from .errors import EventDataError, EventDecodeError, GDCWorkerError, describe, one_error
+from .errors import (
+    EventDataError,
+    EventDecodeError,
+    GDCWorkerError,
+    PublishRefused,
+    describe,
+    one_error,
+)
 from .events import Event
 from .hooks import Hooks
 from .logs import delivery_fields
@@ -367,7 +374,7 @@ class SettlePath(Generic[D]):
             return
         outputs = ctx = None
         if spec.takes_context:
-            outputs = _Outputs(self._bus)
+            outputs = _Outputs(self._bus, spec.name, event.id)
             ctx = Context(outputs, event, delivery, spec.name)
         try:
             args = spec.arguments(event, ctx)
@@ -439,6 +446,8 @@ class SettlePath(Generic[D]):
             raise
         finally:
             self.running -= 1
+            if outputs is not None:
+                outputs.close()
 
     async def _invoke(self, args: tuple[Any, ...], outputs: _Outputs) -> None:
         """The handler's call, then the wait until what it published is stored."""
@@ -534,15 +543,25 @@ class SettlePath(Generic[D]):
 
 class _Outputs:
     """The `Publisher` a handler's `ctx` publishes through: the bus's (or the test app's),
-    noting each event sent, so that the attempt waits until all are stored."""
+    noting each event sent, so that the attempt waits until all are stored. Closed once the
+    handler's call is over: what is published then, nothing would wait for."""
 
-    __slots__ = ("_pending", "_publisher")
+    __slots__ = ("_closed", "_event_id", "_handler", "_pending", "_publisher")
 
-    def __init__(self, publisher: Publisher) -> None:
+    def __init__(self, publisher: Publisher, handler: str, event_id: str) -> None:
         self._publisher = publisher
+        self._handler = handler
+        self._event_id = event_id
         self._pending: list[PendingPublish] = []
+        self._closed = False
 
     async def send_event(self, event: Event) -> PendingPublish:
+        if self._closed:
+            raise PublishRefused(
+                f"ctx.publish of event {event.id} after handler {self._handler} returned for "
+                f"event {self._event_id}: that event is settled, nothing would wait for this "
+                "one or see it fail; publish before returning, or through a NATSEventBus"
+            )
         pending = await self._publisher.send_event(event)
         self._pending.append(pending)
         return pending
@@ -553,6 +572,10 @@ class _Outputs:
         pending, self._pending = self._pending, []
         for each in pending:
             await each
+
+    def close(self) -> None:
+        """The handler's call is over: refuse what its ctx publishes from now on."""
+        self._closed = True
 
     def forget(self) -> None:
         """Stop waiting for the events sent so far: those of a failed attempt, which a retry
