@@ -584,11 +584,14 @@ class _Outputs:
 
 
 async def _awaited(returned: object) -> None:
-    """Await what a handler returned if it is awaitable: the coroutine of a forgotten `await`
-    is the handler's work, to run (and fail) before its event is settled, not to be dropped
-    with its event acked. A plain function's awaitable result is awaited the same way."""
+    """What a handler returned, taken as it was surely meant, never as a success to ack: an
+    awaitable (the coroutine of a forgotten `await`) is the handler's work, awaited before its
+    event is settled; an exception (`return Retry(5)`) is raised, its failure. Anything else
+    means nothing."""
     if inspect.isawaitable(returned):
         await returned
+    elif isinstance(returned, BaseException):
+        raise returned
 
 
 def _what(delivery: Settleable, event: Event | None) -> str:

@@ -22,6 +22,7 @@ from gdc_worker import (
     PublishError,
     PublishRefused,
     Reject,
+    Retry,
     new_node_up_event,
     parse_event_data,
 )
@@ -159,6 +160,31 @@ async def test_a_coroutine_a_handler_returns_unawaited_runs_before_the_event_is_
     assert sorted(calls.ids) == sorted([good.id, bad.id])
     assert (record.event_id, record.reason) == (bad.id, "rejected: bad node")
     assert (info.num_ack_pending, info.num_redelivered) == (0, 0)
+
+
+async def test_an_exception_a_handler_returns_instead_of_raising_counts_as_raised(
+    nats_config: NATSConfig, event_bus: NATSEventBus
+) -> None:
+    """Given a handler that returns `Retry(...)` on the first delivery and `Reject(...)` on the
+    second instead of raising them (a slip that type checkers do not catch in untyped code),
+    when an event arrives,
+    then it is redelivered, then dead-lettered with the rejection's reason: never acked as if
+    the handler had succeeded."""
+    app = App("svc", nats_config)
+    calls = Calls()
+
+    @app.on("node.up", retry=None)
+    async def handle(event: Event, ctx: Context) -> Any:
+        calls.record(event, ctx)
+        return Retry(0.05) if ctx.deliveries == 1 else Reject("not this one")
+
+    event = node_up()
+    async with running(worker_for(app, nats_config)):
+        await event_bus.publish_event(event)
+        [record] = await dead_letters(event_bus)
+
+    assert [c.deliveries for c in calls.items] == [1, 2]
+    assert (record.event_id, record.reason) == (event.id, "rejected: not this one")
 
 
 async def test_data_that_does_not_fit_its_payload_type_is_dead_lettered_at_once(
