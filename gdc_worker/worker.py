@@ -8,6 +8,7 @@ runner's business.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 from collections.abc import Sequence
 
@@ -244,9 +245,13 @@ async def _backstop(bus: NATSEventBus, dlq: DeadLetterQueue) -> list[ConsumerLoo
     return [backstop]
 
 
-async def serve(worker: Worker) -> None:
-    """Run `worker` until SIGINT, SIGTERM or SIGHUP (a second one cancels running handlers)."""
+async def serve(worker: Worker, *, supervisor_pid: int | None = None) -> None:
+    """Run `worker` until SIGINT, SIGTERM or SIGHUP (a second one cancels running handlers),
+    or, as a replica of `supervisor_pid`, until that parent process is gone (killed, it could
+    not pass a stop on: the replica stops itself rather than consume on unsupervised)."""
     async with anyio.create_task_group() as tg:
+        if supervisor_pid is not None:
+            tg.start_soon(_stop_when_orphaned, worker, supervisor_pid)
         with anyio.open_signal_receiver(*STOP_SIGNALS) as signals:
 
             async def on_signals() -> None:
@@ -257,3 +262,14 @@ async def serve(worker: Worker) -> None:
             tg.start_soon(on_signals)
             await worker.run()
             tg.cancel_scope.cancel()
+
+
+#: How often a supervised replica checks that its supervisor still runs.
+ORPHAN_CHECK_S = 0.5
+
+
+async def _stop_when_orphaned(worker: Worker, supervisor_pid: int) -> None:
+    while os.getppid() == supervisor_pid:
+        await anyio.sleep(ORPHAN_CHECK_S)
+    log.warning("supervisor (pid %d) is gone: stopping", supervisor_pid)
+    worker.stop()

@@ -43,6 +43,7 @@ from tests.support import (
     STOP_TIMEOUT,
     Calls,
     acked_up_to,
+    alive,
     consumer_info,
     dead_letters,
     eventually,
@@ -928,3 +929,27 @@ async def test_sighup_stops_a_worker_gracefully_as_sigterm_does(
     assert sorted(ids(out, "done", worker.pid)) == sorted(e.id for e in events)
     info = await settled(nats_config, RECORDER_DURABLE)
     assert (info.num_pending, info.num_ack_pending, info.num_redelivered) == (0, 0, 0)
+
+
+async def test_replicas_whose_supervisor_is_killed_finish_their_calls_and_stop(
+    spawn: Spawn, event_bus: NATSEventBus, nats_config: NATSConfig, tmp_path: Path
+) -> None:
+    """Given `--processes 2` whose handler takes 1 s, both replicas running an event,
+    when the supervisor is killed (SIGKILL: it cannot pass a stop on),
+    then each replica notices within seconds, finishes its call, acks it and exits: none
+    goes on consuming as an orphan that no supervisor stops."""
+    out = tmp_path / "reports"
+    env = worker_env(nats_config, GDC_TEST_OUT=str(out), GDC_TEST_SLEEP="1")
+    supervisor = spawn("run", "tests.apps.recorder:app", "--processes", "2", env=env)
+    replicas = await supervisor.ready(2)
+    events = node_ups(4)
+    for event in events:
+        await event_bus.publish_event(event)
+    await eventually(lambda: len(set(ids(out, "start"))) == 4, "four handler calls started")
+
+    supervisor.send(signal.SIGKILL)
+
+    await eventually(lambda: not any(alive(pid) for pid in replicas), "the replicas gone")
+    assert sorted(ids(out, "done")) == sorted(e.id for e in events)
+    info = await settled(nats_config, RECORDER_DURABLE)
+    assert (info.num_pending, info.num_ack_pending) == (0, 0)
