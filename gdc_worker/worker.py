@@ -145,6 +145,7 @@ class Worker:
 
     async def _run(self, task_status: anyio.abc.TaskStatus[None]) -> None:
         bus: NATSEventBus | None = None
+        self._prepared = []
         with self._starting():  # a stop before the consumers are bound ends the startup at once
             bus = await NATSEventBus.connect(
                 self.config, name=f"gdc-worker:{self.app.name}", hooks=self.hooks
