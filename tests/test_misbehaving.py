@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from typing import Any
 
@@ -24,14 +25,17 @@ from gdc_worker import (
     Reject,
     Retry,
     new_node_up_event,
+    new_zone_up_event,
     parse_event_data,
 )
+from gdc_worker.app import MAX_ABANDONED_THREADS
 from gdc_worker.events import MSG_ID_HEADER
 from tests.support import (
     Calls,
     acked_up_to,
     consumer_info,
     dead_letters,
+    eventually,
     node_up,
     running,
     worker_for,
@@ -185,6 +189,39 @@ async def test_an_exception_a_handler_returns_instead_of_raising_counts_as_raise
 
     assert [c.deliveries for c in calls.items] == [1, 2]
     assert (record.event_id, record.reason) == (event.id, "rejected: not this one")
+
+
+async def test_a_hung_plain_function_handler_with_a_timeout_leaves_a_bounded_number_of_threads(
+    nats_config: NATSConfig, event_bus: NATSEventBus, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Given a plain-function handler (timeout 0.05 s, redelivered at once) whose calls hang
+    in their threads,
+    when four events arrive and keep timing out and coming back,
+    then once `MAX_ABANDONED_THREADS` calls are left running no new call starts: deliveries
+    fail at once with a WorkerError naming the stuck threads, and the threads stop growing
+    (each timed-out call used to leave one more, without bound)."""
+    app = App("svc", nats_config)
+    release = threading.Event()
+    started: list[int] = []
+
+    @app.on("zone.up", timeout=0.05, retry=None, max_deliver=10_000, backoff=[0.01])
+    def hang(event: Event) -> None:
+        started.append(1)
+        release.wait(30)
+
+    def refusals() -> int:
+        return sum("still run in threads" in r.getMessage() for r in caplog.records)
+
+    try:
+        async with running(worker_for(app, nats_config)):
+            for n in range(4):
+                await event_bus.publish_event(new_zone_up_event("t", f"zone-{n}"))
+            await eventually(lambda: refusals() > 0, "a call refused", timeout=20.0)
+            calls = len(started)
+            await eventually(lambda: refusals() > 40, "more calls refused")
+            assert len(started) == calls <= MAX_ABANDONED_THREADS + 4
+    finally:
+        release.set()
 
 
 async def test_data_that_does_not_fit_its_payload_type_is_dead_lettered_at_once(
