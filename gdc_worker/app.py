@@ -8,6 +8,7 @@ import inspect
 import logging
 import math
 import re
+import threading
 import types
 import typing
 from collections.abc import Awaitable, Callable, Generator, MutableMapping, Sequence
@@ -19,7 +20,13 @@ import msgspec
 
 from .breaker import Breaker
 from .config import NATSConfig
-from .errors import HandlerDefinitionError, PublishError, SubscriptionError, describe
+from .errors import (
+    HandlerDefinitionError,
+    PublishError,
+    SubscriptionError,
+    WorkerError,
+    describe,
+)
 from .events import Event, parse_event_data
 from .hooks import Hook, Hooks
 from .payloads import check_payload_type, claim_payload_type
@@ -326,6 +333,12 @@ def _check_pattern(pattern: str) -> None:
         raise HandlerDefinitionError(str(exc)) from None
 
 
+#: The calls of one plain-function handler that may go on running in their threads after the
+#: worker gave up on them (a timeout, a forced stop): past it, a call fails at once rather than
+#: start one thread more, so a handler that hangs cannot pile up threads without bound.
+MAX_ABANDONED_THREADS = 40
+
+
 def as_async(handler: Callable[..., Any]) -> Callable[..., Awaitable[Any]]:
     """`handler` as a coroutine function; a plain function runs in a worker thread."""
     if inspect.iscoroutinefunction(handler):
@@ -333,15 +346,50 @@ def as_async(handler: Callable[..., Any]) -> Callable[..., Awaitable[Any]]:
     call = getattr(handler, "__call__", None)  # noqa: B004 - an object with an async __call__
     if call is not None and inspect.iscoroutinefunction(call):
         return call  # type: ignore[no-any-return]
+    abandoned = _Abandoned()
 
     async def in_thread(*args: Any) -> Any:
-        # On cancellation (a timeout) stop waiting; the thread itself cannot be interrupted.
-        result = await anyio.to_thread.run_sync(handler, *args, abandon_on_cancel=True)
+        if abandoned.count >= MAX_ABANDONED_THREADS:
+            raise WorkerError(
+                f"{abandoned.count} calls of handler {_qualname(handler)!r} still run in "
+                "threads after their timeout; no new call starts until one of them returns"
+            )
+        # [finished, given up on], under the lock: the thread and the caller each tell.
+        state = [False, False]
+
+        def run() -> Any:
+            try:
+                return handler(*args)
+            finally:
+                with abandoned.lock:
+                    state[0] = True
+                    if state[1]:
+                        abandoned.count -= 1
+
+        try:
+            # On cancellation (a timeout) stop waiting; the thread itself cannot be interrupted.
+            result = await anyio.to_thread.run_sync(run, abandon_on_cancel=True)
+        except BaseException:
+            with abandoned.lock:
+                if not state[0]:
+                    state[1] = True
+                    abandoned.count += 1
+            raise
         if inspect.isawaitable(result):  # a plain wrapper around a coroutine function
             result = await result
         return result
 
     return in_thread
+
+
+class _Abandoned:
+    """How many calls of one plain-function handler run on in threads nobody waits for."""
+
+    __slots__ = ("count", "lock")
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.lock = threading.Lock()
 
 
 def _parameters(func: HandlerFunc) -> tuple[bool, inspect.Parameter | None]:

@@ -3,7 +3,8 @@ behind it, for one worker process or a supervised group of replicas.
 
 - `/healthz`: the event loop answers (in a group: every replica's loop does). A blocked loop is
   what a restart fixes; a lost connection is not (the client reconnects), so it stays healthy.
-- `/readyz`: connected, every consumer bound, and not stopping (in a group: every replica).
+- `/readyz`: connected, every consumer bound and answered by the server, and not stopping (in a
+  group: every replica).
 
 Each answers 200 `ok` or 503 with one line of why. The server runs in a daemon thread, so a
 blocked event loop cannot keep it from answering that the loop is blocked.
@@ -284,14 +285,16 @@ async def serve_monitored(worker: Worker, metrics: Metrics, port: int) -> None:
             tg.cancel_scope.cancel()
 
 
-async def serve_replica(worker: Worker, metrics: Metrics, directory: Path) -> None:
+async def serve_replica(
+    worker: Worker, metrics: Metrics, directory: Path, supervisor_pid: int | None = None
+) -> None:
     """`serve(worker)` as one replica of a group: heartbeats with `metrics` in `directory`,
-    for the supervisor's endpoint."""
+    for the supervisor's endpoint; it stops when `supervisor_pid` is gone."""
     async with anyio.create_task_group() as tg:
         state = lambda: worker.not_ready() or "ready"  # noqa: E731
         tg.start_soon(write_heartbeats, directory, state, metrics.snapshot)
         tg.start_soon(watch_outbox, worker.outbox_stats, metrics)
-        await serve(worker)
+        await serve(worker, supervisor_pid=supervisor_pid)
         tg.cancel_scope.cancel()
 
 

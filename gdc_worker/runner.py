@@ -12,6 +12,7 @@ both run on it.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -21,7 +22,14 @@ import anyio
 
 from .app import Context, HandlerSpec, PendingPublish, Publisher
 from .dlq import FailedMessage
-from .errors import EventDataError, EventDecodeError, GDCWorkerError, describe, one_error
+from .errors import (
+    EventDataError,
+    EventDecodeError,
+    GDCWorkerError,
+    PublishRefused,
+    describe,
+    one_error,
+)
 from .events import Event
 from .hooks import Hooks
 from .logs import delivery_fields
@@ -85,12 +93,23 @@ class ConsumerLoop:
         """Bind the consumer, then start pulling."""
         await self._start()
 
+    def not_ready(self) -> str | None:
+        """Why the consumer cannot deliver now (the server does not answer it); None if it can.
+
+        Safe to call from another thread."""
+        why = self._consumer.unresponsive()
+        return f"consumer {self._consumer.name}: {why}" if why is not None else None
+
     async def _start(self) -> None:
         try:
             await self._consumer.start()
         except BaseException:
             await self._forget()
             raise
+
+    async def discard(self) -> None:
+        """Unbind a prepared loop that will not `run()`: nak what it fetched, forget it."""
+        await self._forget()
 
     async def _forget(self) -> None:
         await self._consumer.close()  # naks what was fetched and never started
@@ -355,7 +374,7 @@ class SettlePath(Generic[D]):
             return
         outputs = ctx = None
         if spec.takes_context:
-            outputs = _Outputs(self._bus)
+            outputs = _Outputs(self._bus, spec.name, event.id)
             ctx = Context(outputs, event, delivery, spec.name)
         try:
             args = spec.arguments(event, ctx)
@@ -396,10 +415,12 @@ class SettlePath(Generic[D]):
                     # A handler that publishes nothing is awaited directly: one coroutine less.
                     call = spec.call(*args) if outputs is None else self._invoke(args, outputs)
                     if spec.timeout is None:
-                        await call
+                        if (returned := await call) is not None:
+                            await _awaited(returned)
                     else:
                         with anyio.fail_after(spec.timeout):
-                            await call
+                            if (returned := await call) is not None:
+                                await _awaited(returned)
                     error: BaseException | None = None
                 except BaseException as exc:
                     error = exc
@@ -425,10 +446,13 @@ class SettlePath(Generic[D]):
             raise
         finally:
             self.running -= 1
+            if outputs is not None:
+                outputs.close()
 
     async def _invoke(self, args: tuple[Any, ...], outputs: _Outputs) -> None:
         """The handler's call, then the wait until what it published is stored."""
-        await self.spec.call(*args)
+        if (returned := await self.spec.call(*args)) is not None:
+            await _awaited(returned)
         await outputs.stored()
 
     async def hand_back(self, delivery: D) -> None:
@@ -519,15 +543,25 @@ class SettlePath(Generic[D]):
 
 class _Outputs:
     """The `Publisher` a handler's `ctx` publishes through: the bus's (or the test app's),
-    noting each event sent, so that the attempt waits until all are stored."""
+    noting each event sent, so that the attempt waits until all are stored. Closed once the
+    handler's call is over: what is published then, nothing would wait for."""
 
-    __slots__ = ("_pending", "_publisher")
+    __slots__ = ("_closed", "_event_id", "_handler", "_pending", "_publisher")
 
-    def __init__(self, publisher: Publisher) -> None:
+    def __init__(self, publisher: Publisher, handler: str, event_id: str) -> None:
         self._publisher = publisher
+        self._handler = handler
+        self._event_id = event_id
         self._pending: list[PendingPublish] = []
+        self._closed = False
 
     async def send_event(self, event: Event) -> PendingPublish:
+        if self._closed:
+            raise PublishRefused(
+                f"ctx.publish of event {event.id} after handler {self._handler} returned for "
+                f"event {self._event_id}: that event is settled, nothing would wait for this "
+                "one or see it fail; publish before returning, or through a NATSEventBus"
+            )
         pending = await self._publisher.send_event(event)
         self._pending.append(pending)
         return pending
@@ -539,10 +573,25 @@ class _Outputs:
         for each in pending:
             await each
 
+    def close(self) -> None:
+        """The handler's call is over: refuse what its ctx publishes from now on."""
+        self._closed = True
+
     def forget(self) -> None:
         """Stop waiting for the events sent so far: those of a failed attempt, which a retry
         sends again with the same ids if its handler gives them."""
         self._pending.clear()
+
+
+async def _awaited(returned: object) -> None:
+    """What a handler returned, taken as it was surely meant, never as a success to ack: an
+    awaitable (the coroutine of a forgotten `await`) is the handler's work, awaited before its
+    event is settled; an exception (`return Retry(5)`) is raised, its failure. Anything else
+    means nothing."""
+    if inspect.isawaitable(returned):
+        await returned
+    elif isinstance(returned, BaseException):
+        raise returned
 
 
 def _what(delivery: Settleable, event: Event | None) -> str:

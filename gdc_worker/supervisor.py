@@ -10,9 +10,14 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from types import FrameType
 
-__all__ = ["supervise"]
+__all__ = ["STOP_SIGNALS", "supervise"]
 
 log = logging.getLogger(__name__)
+
+#: The signals that stop a worker or a group gracefully (a second one, forcefully). SIGHUP is
+#: one: its default action would kill the process on the spot, a supervisor's replicas (in
+#: process groups of their own) left running without it.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 @dataclass
@@ -43,7 +48,7 @@ def supervise(
     max_restart_delay: float = 30.0,
     on_change: Callable[[list[int]], None] | None = None,
 ) -> int:
-    """Run `command` `processes` times until SIGINT/SIGTERM; returns the exit code to use.
+    """Run `command` `processes` times until a `STOP_SIGNALS` one; returns the exit code to use.
 
     The replicas get `env` (default: this process's environment). Each signal is forwarded
     to every running replica as a SIGTERM (the first asks for a graceful stop, the second makes
@@ -77,7 +82,7 @@ def supervise(
         # Only note it: the loop forwards it, so a replica being spawned right now gets it too.
         signals.append(signum)
 
-    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    previous = {s: signal.signal(s, on_signal) for s in STOP_SIGNALS}
     try:
         group.start(processes)
         log.info("supervising %d replica(s): %s", processes, " ".join(command))

@@ -8,6 +8,7 @@ runner's business.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 from collections.abc import Sequence
 
@@ -23,6 +24,7 @@ from .errors import GDCWorkerError, WorkerError, one_error
 from .hooks import Hook, Hooks
 from .outbox import OutboxStats
 from .runner import ConsumerLoop, HandlerRunner
+from .supervisor import STOP_SIGNALS
 from .watchdog import LoopWatchdog
 
 __all__ = ["Worker", "serve"]
@@ -76,11 +78,16 @@ class Worker:
         self._stopping = anyio.Event()
         self._forced = anyio.Event()
         self._runners: list[ConsumerLoop] = []
+        # The scope of the startup step under way (connect, then stream and consumer setup),
+        # which a stop cancels; the consumer loops it prepared, discarded if they do not run.
+        self._startup: anyio.CancelScope | None = None
+        self._prepared: list[ConsumerLoop] = []
         self._bus: NATSEventBus | None = None
         self._bound = False
 
     def not_ready(self) -> str | None:
-        """None while connected with every consumer bound and not stopping; else why not.
+        """None while connected with every consumer bound, answered by the server, and not
+        stopping; else why not.
 
         What `/readyz` answers; safe to call from another thread.
         """
@@ -93,6 +100,10 @@ class Worker:
             return f"{what} NATS at {self._bus.server_url}"
         if not self._bound:
             return "binding consumers"
+        for runner in self._runners:
+            why = runner.not_ready()
+            if why is not None:
+                return f"{why} (NATS at {self._bus.server_url})"
         return None
 
     def in_flight(self) -> dict[str, int]:
@@ -114,6 +125,8 @@ class Worker:
         if self._stopping.is_set():
             self._forced.set()
         self._stopping.set()
+        if self._startup is not None:  # no effect once the startup is over
+            self._startup.cancel()
         for runner in self._runners:  # at once: what a worker takes from now on goes back
             runner.stop_fetching()
 
@@ -131,27 +144,31 @@ class Worker:
             raise one_error(group) from None
 
     async def _run(self, task_status: anyio.abc.TaskStatus[None]) -> None:
-        async with await NATSEventBus.connect(
-            self.config, name=f"gdc-worker:{self.app.name}", hooks=self.hooks
-        ) as bus:
+        bus: NATSEventBus | None = None
+        self._prepared = []
+        with self._starting():  # a stop before the consumers are bound ends the startup at once
+            bus = await NATSEventBus.connect(
+                self.config, name=f"gdc-worker:{self.app.name}", hooks=self.hooks
+            )
+        if bus is None:
+            log.info("worker stopped before NATS answered")
+            return
+        async with bus:
             self._bus = bus
-            if not bus.connected:  # an outbox: the bus connects in the background
-                log.warning("waiting for NATS at %s to bind the consumers", bus.server_url)
-            if not await self._connected(bus):
-                log.info("worker stopped before NATS could be reached")
+            everything: list[ConsumerLoop] = []
+            try:
+                with self._starting():
+                    everything = await self._bind(bus)
+            finally:
+                if not everything:  # stopped, or failed: nak what they fetched meanwhile
+                    with anyio.CancelScope(shield=True):
+                        for each in self._prepared:
+                            await each.discard()
+            if not everything:
+                log.info("worker stopped before its consumers were bound")
                 return
-            dlq = DeadLetterQueue(bus)
-            await dlq.ensure()
-            runners = [
-                HandlerRunner(bus, dlq, spec, spec.concurrency or self.concurrency, self.hooks)
-                for spec in self.specs
-            ]
-            for runner in runners:
-                await runner.prepare()
-            everything: list[ConsumerLoop] = [*runners]
-            if self.backstop:
-                everything += await _backstop(bus, dlq)
             self._runners = everything
+            runners = [each for each in everything if isinstance(each, HandlerRunner)]
             with LoopWatchdog(self.specs):
                 async with anyio.create_task_group() as tg:
                     tg.start_soon(self._shut_down, everything)
@@ -171,18 +188,28 @@ class Worker:
                     self._bound = False
         log.info("worker stopped")
 
-    async def _connected(self, bus: NATSEventBus) -> bool:
-        """Wait for `bus` to connect in the background; False if the worker is stopped first."""
-        async with anyio.create_task_group() as tg:
+    def _starting(self) -> anyio.CancelScope:
+        """The scope of one startup step: cancelled by `stop()`, at once if already stopped."""
+        self._startup = anyio.CancelScope()
+        if self._stopping.is_set():
+            self._startup.cancel()
+        return self._startup
 
-            async def stop_waiting() -> None:
-                await self._stopping.wait()
-                tg.cancel_scope.cancel()
-
-            tg.start_soon(stop_waiting)
+    async def _bind(self, bus: NATSEventBus) -> list[ConsumerLoop]:
+        """Once `bus` is connected: the dead-letter stream, then every handler's consumer (and
+        the backstop's) bound and pulling; each is noted in `_prepared` as it is."""
+        if not bus.connected:  # an outbox: the bus connects in the background
+            log.warning("waiting for NATS at %s to bind the consumers", bus.server_url)
             await bus.wait_connected()
-            tg.cancel_scope.cancel()
-        return not self._stopping.is_set()
+        dlq = DeadLetterQueue(bus)
+        await dlq.ensure()
+        for spec in self.specs:
+            runner = HandlerRunner(bus, dlq, spec, spec.concurrency or self.concurrency, self.hooks)
+            await runner.prepare()
+            self._prepared.append(runner)
+        if self.backstop:
+            self._prepared += await _backstop(bus, dlq)
+        return list(self._prepared)
 
     async def _shut_down(self, runners: list[ConsumerLoop]) -> None:
         await self._stopping.wait()
@@ -219,10 +246,14 @@ async def _backstop(bus: NATSEventBus, dlq: DeadLetterQueue) -> list[ConsumerLoo
     return [backstop]
 
 
-async def serve(worker: Worker) -> None:
-    """Run `worker` until SIGINT or SIGTERM (a second one cancels running handlers)."""
+async def serve(worker: Worker, *, supervisor_pid: int | None = None) -> None:
+    """Run `worker` until SIGINT, SIGTERM or SIGHUP (a second one cancels running handlers),
+    or, as a replica of `supervisor_pid`, until that parent process is gone (killed, it could
+    not pass a stop on: the replica stops itself rather than consume on unsupervised)."""
     async with anyio.create_task_group() as tg:
-        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        if supervisor_pid is not None:
+            tg.start_soon(_stop_when_orphaned, worker, supervisor_pid)
+        with anyio.open_signal_receiver(*STOP_SIGNALS) as signals:
 
             async def on_signals() -> None:
                 async for signum in signals:
@@ -232,3 +263,14 @@ async def serve(worker: Worker) -> None:
             tg.start_soon(on_signals)
             await worker.run()
             tg.cancel_scope.cancel()
+
+
+#: How often a supervised replica checks that its supervisor still runs.
+ORPHAN_CHECK_S = 0.5
+
+
+async def _stop_when_orphaned(worker: Worker, supervisor_pid: int) -> None:
+    while os.getppid() == supervisor_pid:
+        await anyio.sleep(ORPHAN_CHECK_S)
+    log.warning("supervisor (pid %d) is gone: stopping", supervisor_pid)
+    worker.stop()

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
+from typing import Any
 
 import pytest
 from nats.js import JetStreamContext
@@ -20,11 +22,24 @@ from gdc_worker import (
     PinRequestedEvent,
     PublishError,
     PublishRefused,
+    Reject,
+    Retry,
     new_node_up_event,
+    new_zone_up_event,
     parse_event_data,
 )
+from gdc_worker.app import MAX_ABANDONED_THREADS
 from gdc_worker.events import MSG_ID_HEADER
-from tests.support import Calls, consumer_info, dead_letters, node_up, running, worker_for
+from tests.support import (
+    Calls,
+    acked_up_to,
+    consumer_info,
+    dead_letters,
+    eventually,
+    node_up,
+    running,
+    worker_for,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -115,6 +130,98 @@ async def test_a_handler_raising_its_own_cancelled_error_frees_its_slot(
         await event_bus.publish_event(second)
         await calls.wait_until(lambda items: {c.event.id for c in items} == {first.id, second.id})
         await calls.wait_until(lambda items: [c.deliveries for c in calls.of(first)] == [1, 2])
+
+
+async def test_a_coroutine_a_handler_returns_unawaited_runs_before_the_event_is_settled(
+    nats_config: NATSConfig, event_bus: NATSEventBus, jetstream: JetStreamContext
+) -> None:
+    """Given an async handler that returns its work's coroutine instead of awaiting it (a
+    forgotten `await`), the work rejecting one event,
+    when two events arrive,
+    then the work runs for both before they are settled: the first is acked once done, the
+    second dead-lettered with the work's reason; neither is acked with its work never run."""
+    app = App("svc", nats_config)
+    calls = Calls()
+
+    async def work(event: Event, ctx: Context) -> None:
+        calls.record(event, ctx)
+        if event.data and event.data.get("node_id") == "bad":
+            raise Reject("bad node")
+
+    @app.on("node.up", retry=None)
+    async def handle(event: Event, ctx: Context) -> Any:  # untyped code, as mypy would catch it
+        return work(event, ctx)
+
+    good, bad = node_up("good"), node_up("bad")
+    async with running(worker_for(app, nats_config)):
+        await event_bus.publish_event(good)
+        await event_bus.publish_event(bad)
+        [record] = await dead_letters(event_bus)
+        info = await consumer_info(
+            jetstream, nats_config.stream_name, "svc-handle", until=lambda i: acked_up_to(i) >= 2
+        )
+
+    assert sorted(calls.ids) == sorted([good.id, bad.id])
+    assert (record.event_id, record.reason) == (bad.id, "rejected: bad node")
+    assert (info.num_ack_pending, info.num_redelivered) == (0, 0)
+
+
+async def test_an_exception_a_handler_returns_instead_of_raising_counts_as_raised(
+    nats_config: NATSConfig, event_bus: NATSEventBus
+) -> None:
+    """Given a handler that returns `Retry(...)` on the first delivery and `Reject(...)` on the
+    second instead of raising them (a slip that type checkers do not catch in untyped code),
+    when an event arrives,
+    then it is redelivered, then dead-lettered with the rejection's reason: never acked as if
+    the handler had succeeded."""
+    app = App("svc", nats_config)
+    calls = Calls()
+
+    @app.on("node.up", retry=None)
+    async def handle(event: Event, ctx: Context) -> Any:
+        calls.record(event, ctx)
+        return Retry(0.05) if ctx.deliveries == 1 else Reject("not this one")
+
+    event = node_up()
+    async with running(worker_for(app, nats_config)):
+        await event_bus.publish_event(event)
+        [record] = await dead_letters(event_bus)
+
+    assert [c.deliveries for c in calls.items] == [1, 2]
+    assert (record.event_id, record.reason) == (event.id, "rejected: not this one")
+
+
+async def test_a_hung_plain_function_handler_with_a_timeout_leaves_a_bounded_number_of_threads(
+    nats_config: NATSConfig, event_bus: NATSEventBus, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Given a plain-function handler (timeout 0.05 s, redelivered at once) whose calls hang
+    in their threads,
+    when four events arrive and keep timing out and coming back,
+    then once `MAX_ABANDONED_THREADS` calls are left running no new call starts: deliveries
+    fail at once with a WorkerError naming the stuck threads, and the threads stop growing
+    (each timed-out call used to leave one more, without bound)."""
+    app = App("svc", nats_config)
+    release = threading.Event()
+    started: list[int] = []
+
+    @app.on("zone.up", timeout=0.05, retry=None, max_deliver=10_000, backoff=[0.01])
+    def hang(event: Event) -> None:
+        started.append(1)
+        release.wait(30)
+
+    def refusals() -> int:
+        return sum("still run in threads" in r.getMessage() for r in caplog.records)
+
+    try:
+        async with running(worker_for(app, nats_config)):
+            for n in range(4):
+                await event_bus.publish_event(new_zone_up_event("t", f"zone-{n}"))
+            await eventually(lambda: refusals() > 0, "a call refused", timeout=20.0)
+            calls = len(started)
+            await eventually(lambda: refusals() > 40, "more calls refused")
+            assert len(started) == calls <= MAX_ABANDONED_THREADS + 4
+    finally:
+        release.set()
 
 
 async def test_data_that_does_not_fit_its_payload_type_is_dead_lettered_at_once(

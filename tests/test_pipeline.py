@@ -3,6 +3,7 @@ once, and its event is settled only once all of it is stored."""
 
 from __future__ import annotations
 
+import anyio
 import msgspec
 import pytest
 from nats.js import JetStreamContext
@@ -18,6 +19,7 @@ from gdc_worker import (
     NATSConfig,
     NATSEventBus,
     PendingPublish,
+    PublishRefused,
     RetryPolicy,
     Worker,
 )
@@ -161,3 +163,44 @@ async def test_a_retrys_outputs_are_awaited_and_the_first_attempts_deduplicated(
         nats_config.stream_name, nats_config.subject_for("node.down")
     )
     assert outputs == 1
+
+
+async def test_ctx_publish_after_the_handler_returned_is_refused_and_stores_nothing(
+    nats_config: NATSConfig, event_bus: NATSEventBus
+) -> None:
+    """Given a handler that leaves a task behind which publishes with its ctx later,
+    when the handler has returned and its event is acked, and the task then publishes,
+    then ctx.publish raises PublishRefused naming the settled event, and nothing is stored:
+    an output nobody waits for, whose failure nobody would see, is not sent at all."""
+    journal = Journal()
+    app = App("svc", nats_config, hooks=[journal])
+    acked = anyio.Event()
+    raised: list[BaseException] = []
+
+    async def later(event: Event, ctx: Context) -> None:
+        await acked.wait()
+        try:
+            await ctx.publish(output_of(event))
+        except PublishRefused as exc:
+            raised.append(exc)
+
+    @app.on("node.up")
+    async def leave_behind(event: Event, ctx: Context) -> None:
+        tg.start_soon(later, event, ctx)
+
+    event = node_up()
+    async with (
+        anyio.create_task_group() as tg,
+        running(Worker(app, config=nats_config, grace=GRACE)),
+    ):
+        await event_bus.publish_event(event)
+        await eventually(lambda: f"acked {event.id}" in journal.lines, "the event acked")
+        acked.set()
+        await eventually(lambda: raised, "ctx.publish to raise")
+
+    [error] = raised
+    assert f"after handler leave_behind returned for event {event.id}" in str(error)
+    outputs = await event_bus.count_messages(
+        nats_config.stream_name, nats_config.subject_for("node.down")
+    )
+    assert outputs == 0

@@ -241,6 +241,22 @@ def test_second_signal_is_forwarded_again_so_replicas_cancel_their_handlers(
     assert sorted(line.pid for line in supervisor.lines("sigterm 2")) == sorted(pids)
 
 
+def test_sighup_stops_the_replicas_as_sigterm_does_and_leaves_none_running(
+    supervised: Callable[..., Supervised],
+) -> None:
+    """Given two replicas running with their handlers installed,
+    when the supervisor gets SIGHUP (its terminal or session went away),
+    then each replica gets one SIGTERM, none outlives the supervisor, and it exits 0."""
+    supervisor = supervised(["serve"], 2)
+    pids = supervisor.ready(2)
+
+    supervisor.send(signal.SIGHUP)
+
+    assert supervisor.exit_code() == 0, supervisor.stderr
+    assert sorted(line.pid for line in supervisor.lines("sigterm 1")) == sorted(pids)
+    assert not any(alive(pid) for pid in pids)
+
+
 def test_sigterm_during_a_restart_delay_exits_0_and_restarts_nothing(
     supervised: Callable[..., Supervised],
 ) -> None:

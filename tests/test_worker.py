@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import threading
 from collections import Counter
 from pathlib import Path
@@ -34,6 +35,7 @@ from gdc_worker import (
     new_plan_ready_event,
     parse_event_data,
 )
+from tests.processes import RECORDER_DURABLE, Spawn, ids, node_ups, worker_env
 from tests.recording import ARRIVAL_TIMEOUT
 from tests.support import (
     FAST_RETRY,
@@ -41,11 +43,15 @@ from tests.support import (
     STOP_TIMEOUT,
     Calls,
     acked_up_to,
+    alive,
     consumer_info,
     dead_letters,
+    eventually,
     free_port,
+    frozen,
     node_up,
     running,
+    settled,
     worker_for,
 )
 
@@ -777,6 +783,53 @@ async def test_worker_exits_with_connection_failed_when_nats_is_gone_for_good(
     assert failed is not None, "run ended without ConnectionFailed"
 
 
+async def test_a_worker_is_not_ready_while_the_server_does_not_answer_and_ready_once_it_does(
+    tmp_path: Path,
+) -> None:
+    """Given a worker bound to its consumer, ready,
+    when the server stops answering (SIGSTOP) with the connection still open, then goes on,
+    then `not_ready()` (what /readyz answers) names the silence within a few seconds, long
+    before the client's ping notices, and says ready again once the server answers."""
+    with NATSServer(store_dir=tmp_path / "store") as server:
+        app = App("svc", NATSConfig(url=server.url))
+
+        @app.on("node.up")
+        async def handle(event: Event) -> None:
+            pass
+
+        worker = worker_for(app, app.config)
+        async with running(worker):
+            assert worker.not_ready() is None
+            async with frozen(server):
+                why = await eventually(worker.not_ready, "not ready while frozen", timeout=10.0)
+                assert "no answer from NATS" in why
+                assert worker.not_ready() is not None
+            await eventually(lambda: worker.not_ready() is None, "ready again", timeout=10.0)
+
+
+async def test_a_stop_while_the_server_does_not_answer_the_connect_returns_at_once(
+    tmp_path: Path,
+) -> None:
+    """Given a worker starting against a server that does not answer (SIGSTOP) its connect,
+    when the worker is stopped (a SIGTERM before it was ready),
+    then `run` returns within 3 s, without an error: not after the 10 s connect timeout with
+    `ConnectionFailed` (exit 4, as if NATS were down)."""
+    with NATSServer(store_dir=tmp_path / "store") as server:
+        app = App("svc", NATSConfig(url=server.url, connect_timeout=10.0))
+
+        @app.on("node.up")
+        async def handle(event: Event) -> None:
+            pass
+
+        worker = worker_for(app, app.config)
+        async with frozen(server):
+            with anyio.fail_after(3.0):
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(worker.run)
+                    await anyio.wait_all_tasks_blocked()  # run() waits for the server
+                    worker.stop()
+
+
 async def test_run_raises_connection_failed_itself_when_nats_cannot_be_reached() -> None:
     """Given a worker configured for a port where nothing listens,
     when it runs,
@@ -850,3 +903,53 @@ async def test_a_consumer_the_worker_created_follows_the_handler_s_new_options(
     info = await jetstream.consumer_info(nats_config.stream_name, "svc-handle")
     assert (info.config.ack_wait, info.config.max_ack_pending) == (45.0, 1500)
     assert info.config.description == "gdc-worker"
+
+
+# -- signals -------------------------------------------------------------------------------------
+
+
+async def test_sighup_stops_a_worker_gracefully_as_sigterm_does(
+    spawn: Spawn, event_bus: NATSEventBus, nats_config: NATSConfig, tmp_path: Path
+) -> None:
+    """Given a worker process whose handler takes 1 s, running two events,
+    when it gets SIGHUP (its terminal or session went away),
+    then both calls finish and are acked, and it exits 0: not killed with them unsettled."""
+    out = tmp_path / "reports"
+    env = worker_env(nats_config, GDC_TEST_OUT=str(out), GDC_TEST_SLEEP="1")
+    worker = spawn("run", "tests.apps.recorder:app", env=env)
+    await worker.ready()
+    events = node_ups(2)
+    for event in events:
+        await event_bus.publish_event(event)
+    await eventually(lambda: len(ids(out, "start")) == 2, "two handler calls started")
+
+    worker.send(signal.SIGHUP)
+
+    assert await worker.exit_code() == 0, worker.stderr
+    assert sorted(ids(out, "done", worker.pid)) == sorted(e.id for e in events)
+    info = await settled(nats_config, RECORDER_DURABLE)
+    assert (info.num_pending, info.num_ack_pending, info.num_redelivered) == (0, 0, 0)
+
+
+async def test_replicas_whose_supervisor_is_killed_finish_their_calls_and_stop(
+    spawn: Spawn, event_bus: NATSEventBus, nats_config: NATSConfig, tmp_path: Path
+) -> None:
+    """Given `--processes 2` whose handler takes 1 s, both replicas running an event,
+    when the supervisor is killed (SIGKILL: it cannot pass a stop on),
+    then each replica notices within seconds, finishes its call, acks it and exits: none
+    goes on consuming as an orphan that no supervisor stops."""
+    out = tmp_path / "reports"
+    env = worker_env(nats_config, GDC_TEST_OUT=str(out), GDC_TEST_SLEEP="1")
+    supervisor = spawn("run", "tests.apps.recorder:app", "--processes", "2", env=env)
+    replicas = await supervisor.ready(2)
+    events = node_ups(4)
+    for event in events:
+        await event_bus.publish_event(event)
+    await eventually(lambda: len(set(ids(out, "start"))) == 4, "four handler calls started")
+
+    supervisor.send(signal.SIGKILL)
+
+    await eventually(lambda: not any(alive(pid) for pid in replicas), "the replicas gone")
+    assert sorted(ids(out, "done")) == sorted(e.id for e in events)
+    info = await settled(nats_config, RECORDER_DURABLE)
+    assert (info.num_pending, info.num_ack_pending) == (0, 0)

@@ -287,6 +287,11 @@ async def connect(
                 reconnect_time_wait=0,
                 **options,
             )
+    except anyio.get_cancelled_exc_class():
+        # Cancelled (the worker stopped while the server does not answer): close the socket.
+        with anyio.CancelScope(shield=True), anyio.move_on_after(_CLOSE_FAILED_S):
+            await nc.close()
+        raise
     except (OSError, TimeoutError, nats.errors.Error) as exc:
         # After a failed TLS handshake nats-py's close() waits forever for a socket the TLS
         # layer already closed (a tls:// worker hung here): bound it.

@@ -43,6 +43,8 @@ _FATAL_409 = ("Consumer Deleted", "Consumer is push based")
 _NO_RESPONDERS = "503"
 #: How long `stop()` waits for the server to drop our requests and what was on its way.
 _DRAIN_TIMEOUT_S = 5.0
+#: Heartbeats of silence (or of no leader) after which `unresponsive()` says so.
+_UNRESPONSIVE_HEARTBEATS = 3
 
 
 class Delivery:
@@ -148,6 +150,11 @@ class PullConsumer:
         self._leaderless = False  # our last request found no consumer leader: ask again soon
         self._paused = False  # pause_fetching(): no new pull requests for now
         self._unanswered_since: float | None = None  # when requests began to find no one
+        self._heard = time.monotonic()  # when the server last sent anything to the inbox
+        # Since when requests have been open without a pause (None while none is): with them
+        # open the server sends a heartbeat every `heartbeat` seconds, so silence means it is
+        # not answering (paused, hung, a half-open connection) long before a ping notices.
+        self._asking_since: float | None = None
         # Arrived and not yet released, with when they arrived (for keep-alives).
         self._held: dict[int, tuple[Delivery, float]] = {}
         self._last_seen = time.monotonic()
@@ -161,6 +168,19 @@ class PullConsumer:
         #: The next delivery; raises `anyio.EndOfStream` once stopped and drained. (The
         #: handoff's own method: no coroutine in between, at every delivery.)
         self.next: Callable[[], Awaitable[Delivery]] = self._handoff.get
+
+    def unresponsive(self) -> str | None:
+        """Why this consumer cannot deliver now although the connection looks up (None: it
+        can): the server has not answered its open pull requests for three heartbeats, or no
+        server has taken them for as long (no consumer leader, or the consumer is gone)."""
+        now = time.monotonic()
+        limit = _UNRESPONSIVE_HEARTBEATS * self._heartbeat
+        asking, leaderless = self._asking_since, self._unanswered_since
+        if asking is not None and now - max(self._heard, asking) > limit:
+            return f"no answer from NATS for {now - max(self._heard, asking):.0f}s"
+        if leaderless is not None and now - leaderless > limit:
+            return f"no server takes its pull requests for {now - leaderless:.0f}s (no leader?)"
+        return None
 
     def held_since(self, before: float) -> list[Delivery]:
         """Unsettled deliveries that arrived before `before` (a `time.monotonic()` value)."""
@@ -285,6 +305,8 @@ class PullConsumer:
         ):
             return
         self._requested += free
+        if self._asking_since is None:
+            self._asking_since = time.monotonic()
         request = {"batch": free, "expires": self._expires_ns, "idle_heartbeat": self._heartbeat_ns}
         self._nc.publish_now(self._next_subject, msgspec.json.encode(request), self._inbox)
 
@@ -292,7 +314,7 @@ class PullConsumer:
         self, subject: bytes, reply: bytes, data: bytes, headers: dict[str, str] | None
     ) -> None:
         """A message on the inbox, in the client's read loop (a direct subscription)."""
-        self._last_seen = time.monotonic()
+        self._last_seen = self._heard = time.monotonic()
         # A stored message always comes with its $JS.ACK reply subject; a status from the
         # server (heartbeat, end of a request) never does. Headers cannot tell them apart:
         # anyone may publish an event with a `Status` header.
@@ -309,6 +331,8 @@ class PullConsumer:
                 return
             if self._requested:
                 self._requested -= 1
+                if not self._requested:
+                    self._asking_since = None
             self._held[id(delivery)] = (delivery, self._last_seen)
             self._handoff.put(delivery)
             return
@@ -333,6 +357,8 @@ class PullConsumer:
         # 404/408/409: a request ended; the pending count says how many it never delivered.
         pending = headers.get(_PENDING_MSGS)
         self._requested = max(0, self._requested - int(pending)) if pending else 0
+        if not self._requested:
+            self._asking_since = None
         if status not in ("404", "408"):
             log.debug("pull request for %s ended: %s %s", self.name, status, description)
         self._top_up()

@@ -9,6 +9,7 @@ import shutil
 import sys
 import tempfile
 import threading
+from functools import partial
 from pathlib import Path
 
 import anyio
@@ -47,6 +48,8 @@ EMBEDDED_PORT = 4222
 METRICS_PORT_ENVVAR = "GDC_METRICS_PORT"
 #: Set by the supervisor for its replicas: where they write metrics and heartbeats.
 REPLICA_METRICS_ENVVAR = "GDC_WORKER_REPLICA_METRICS_DIR"
+#: Set by the supervisor for its replicas: its pid, so that a replica stops once it is gone.
+SUPERVISOR_PID_ENVVAR = "GDC_WORKER_SUPERVISOR_PID"
 
 
 def load_app(target: str) -> App:
@@ -173,6 +176,7 @@ def run(
         raise click.UsageError("--embedded-port goes with --embedded", ctx)
     configure_logging(log_level, log_format)
     replica_dir = os.environ.get(REPLICA_METRICS_ENVVAR)
+    supervisor_pid = _supervisor_pid()
     with reported_errors():
         app = load_app(target)
         # The standard port by default, so that other processes find it without being told.
@@ -206,11 +210,11 @@ def run(
                 code = _supervise(target, replica_args, config, processes, metrics_port, durables)
                 sys.exit(code)
             if metrics is not None and replica_dir:
-                anyio.run(serve_replica, worker, metrics, Path(replica_dir))
+                anyio.run(serve_replica, worker, metrics, Path(replica_dir), supervisor_pid)
             elif metrics is not None and metrics_port is not None:
                 anyio.run(serve_monitored, worker, metrics, metrics_port)
             else:
-                anyio.run(serve, worker)
+                anyio.run(partial(serve, worker, supervisor_pid=supervisor_pid))
         finally:
             if server is not None:
                 server.stop()
@@ -234,7 +238,7 @@ def _supervise(
         anyio.run(_preflight, config)
     command = [sys.executable, "-m", "gdc_worker", "run", target, *args]
     # The URL goes in the environment, not on the command line, where `ps` shows a password.
-    env = {**os.environ, URL_ENVVAR: config.url}
+    env = {**os.environ, URL_ENVVAR: config.url, SUPERVISOR_PID_ENVVAR: str(os.getpid())}
     env.pop(METRICS_PORT_ENVVAR, None)  # the supervisor serves the port, not each replica
     if config.creds_file:
         env[CREDS_ENVVAR] = config.creds_file
@@ -250,6 +254,13 @@ def _supervise(
             )
     finally:
         shutil.rmtree(directory, ignore_errors=True)
+
+
+def _supervisor_pid() -> int | None:
+    """The pid of the supervisor whose replica this process is; None if it is none's (a stale
+    variable inherited from elsewhere names a process that is not our parent)."""
+    value = os.environ.get(SUPERVISOR_PID_ENVVAR, "")
+    return int(value) if value.isdigit() and int(value) == os.getppid() else None
 
 
 async def _preflight(config: NATSConfig) -> None:
