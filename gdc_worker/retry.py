@@ -22,7 +22,7 @@ from tenacity import (
     wait_exponential_jitter,
 )
 
-from .errors import EventError
+from .errors import EventError, PublishRefused
 
 __all__ = [
     "DEFAULT_BACKOFF",
@@ -70,8 +70,10 @@ class Reject(Exception):
 
 
 def is_permanent(exc: BaseException) -> bool:
-    """A failure no retry can fix: a `Reject`, or event data that does not fit its type."""
-    return isinstance(exc, Reject | EventError)
+    """A failure no retry can fix: a `Reject`, event data that does not fit its type, or an
+    event the handler published that JetStream will never take (`PublishRefused`: over
+    max_payload, say), which the next attempt would publish again."""
+    return isinstance(exc, Reject | EventError | PublishRefused)
 
 
 def is_handler_failure(exc: BaseException) -> bool:
@@ -96,8 +98,8 @@ def _retryable(exc: BaseException) -> bool:
 class RetryPolicy:
     """In-process attempts for one delivery, as a tenacity `AsyncRetrying`.
 
-    `Retry` and permanent failures (`Reject`, `EventDataError`) are never retried here,
-    whatever `retrying` says.
+    `Retry` and permanent failures (`Reject`, `EventDataError`, `PublishRefused`) are never
+    retried here, whatever `retrying` says.
     """
 
     def __init__(self, retrying: AsyncRetrying) -> None:

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
-from .errors import message_of
+from .errors import PublishRefused, message_of
 from .retry import Reject, Retry, is_permanent
 
 __all__ = ["ACK", "Ack", "DeadLetter", "Decision", "Nak", "decide", "exhausted"]
@@ -53,6 +53,8 @@ def decide(
     if is_permanent(error):
         if isinstance(error, Reject):
             return DeadLetter(f"rejected: {error.reason}")
+        if isinstance(error, PublishRefused):
+            return DeadLetter(f"what it published was refused: {message_of(error)}")
         return DeadLetter(f"invalid event data: {message_of(error)}")
     if deliveries >= max_deliver:
         return DeadLetter(f"failed on delivery {deliveries} of {max_deliver}")

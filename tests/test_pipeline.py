@@ -133,6 +133,37 @@ async def test_an_output_no_stream_takes_fails_the_delivery_until_it_is_dead_let
     assert await event_bus.count_messages(nats_config.stream_name) == 1  # the input alone
 
 
+async def test_an_output_jetstream_will_never_take_dead_letters_its_event_at_once(
+    nats_config: NATSConfig, event_bus: NATSEventBus
+) -> None:
+    """Given a handler with in-process retries and redeliveries left, whose ctx.publish is of
+    an event over the server's max_payload (which every attempt would publish again),
+    when a node.up is handled,
+    then it is called once and its event is dead-lettered on its first delivery, the reason
+    and the PublishRefused naming max_payload, rather than after ~96 s of retries; the stream
+    holds the input alone."""
+    app = App("svc", nats_config)
+    calls: list[int] = []
+
+    @app.on("node.up", retry=RetryPolicy.attempts(3, initial=0.01))
+    async def oversized(event: Event, ctx: Context) -> None:
+        calls.append(ctx.deliveries)
+        big = "x" * event_bus.max_payload
+        await ctx.publish(Event.new("node.down", "svc", event.id, {"blob": big}))
+
+    event = node_up()
+    async with running(Worker(app, config=nats_config, grace=GRACE)):
+        await event_bus.publish_event(event)
+        [record] = await dead_letters(event_bus)
+
+    assert calls == [1]
+    assert (record.event_id, record.deliveries) == (event.id, 1)
+    assert record.reason.startswith("what it published was refused: ")
+    assert "max_payload" in record.reason
+    assert record.error_type == "PublishRefused"
+    assert await event_bus.count_messages(nats_config.stream_name) == 1
+
+
 async def test_a_retrys_outputs_are_awaited_and_the_first_attempts_deduplicated(
     nats_config: NATSConfig, event_bus: NATSEventBus, jetstream: JetStreamContext
 ) -> None:
