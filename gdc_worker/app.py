@@ -397,6 +397,13 @@ def _parameters(func: HandlerFunc) -> tuple[bool, inspect.Parameter | None]:
     its first parameter (None for `*args`)."""
     if not callable(func):
         raise HandlerDefinitionError(f"{func!r} is not callable")
+    call = getattr(func, "__call__", None)  # noqa: B004 - an object's generator __call__ too
+    if any(inspect.isgeneratorfunction(f) or inspect.isasyncgenfunction(f) for f in (func, call)):
+        raise HandlerDefinitionError(
+            f"handler {_qualname(func)!r} is a generator function (it has `yield`): calling "
+            "it runs none of its body, so its events would be acked unhandled; a handler "
+            "returns (or raises) once per event"
+        )
     try:
         signature = inspect.signature(func)
     except (TypeError, ValueError):

@@ -6,7 +6,7 @@ import inspect
 import math
 import re
 import threading
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any, cast
 
 import anyio
@@ -346,6 +346,36 @@ def test_something_not_callable_is_refused() -> None:
 
     with refused("is not callable"):
         app.on("node.up")(cast(Any, 42))
+
+
+def sync_generator(event: Event) -> Iterator[None]:
+    yield
+
+
+async def async_generator(event: Event) -> AsyncIterator[None]:
+    yield
+
+
+class GeneratorCall:
+    def __call__(self, event: Event) -> Iterator[None]:
+        yield
+
+
+@pytest.mark.parametrize(
+    "handler", [sync_generator, async_generator, GeneratorCall()], ids=["def", "async", "call"]
+)
+def test_a_generator_function_is_refused(handler: Callable[..., Any]) -> None:
+    """Given a handler with `yield` in it (a plain or async generator function, or an object
+    whose __call__ is one), whose call would run none of its body,
+    when it is decorated,
+    then it is refused saying it is a generator function, and nothing is registered (it
+    would have been acked unhandled at every event)."""
+    app = App("svc")
+
+    with refused("is a generator function"):
+        app.on("node.up", durable="gen")(handler)
+
+    assert app.handlers == {}
 
 
 def test_a_lambda_needs_an_explicit_durable() -> None:
