@@ -590,6 +590,8 @@ def _entry(message: StoredMessage) -> DeadLetterEntry:
         record = _record_decoder.decode(str(header))
     except msgspec.DecodeError as exc:
         return _unreadable(message, f"its {RECORD_HEADER} header does not decode: {exc}")
+    if record.failed_at.tzinfo is None:  # another tool's time without an offset: UTC
+        record = msgspec.structs.replace(record, failed_at=record.failed_at.replace(tzinfo=UTC))
     if not record.by_reference:
         record = msgspec.structs.replace(record, data=message.data, event=_event_of(message.data))
     return DeadLetterEntry(message.seq, record, subject=message.subject, size=len(message.data))

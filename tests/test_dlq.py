@@ -896,3 +896,79 @@ async def test_list_reads_large_records_in_order_and_leaves_no_consumer_behind(
     assert everything == list(range(1, 31))
     assert first_two == [1, 2]
     assert await jetstream.consumers_info(nats_config.dlq_stream_name) == []
+
+
+# -- records of other versions and tools ------------------------------------------------------
+
+
+def foreign_record(**fields: object) -> dict[str, str]:
+    """The headers of a record as another tool or version might write it."""
+    record: dict[str, object] = {
+        "failed_at": "2024-05-01T10:00:00Z",
+        "reason": "rejected",
+        "consumer": DURABLE,
+        "handler": "check",
+        "stream": "GDC_EVENTS",
+        "stream_seq": 1,
+        "subject": "gdc.events.blob.stored",
+        "deliveries": 1,
+    }
+    return {"Gdc-Dlq-Record": json.dumps({**record, **fields})}
+
+
+async def test_a_record_whose_time_has_no_offset_is_filtered_by_since_as_utc(
+    nats_config: NATSConfig, event_bus: NATSEventBus
+) -> None:
+    """Given a record (of another tool) whose failed_at has no UTC offset, and one with,
+    when `dlq list --since` runs with a time before both, and with one between them,
+    then it exits 0 and selects them as if the time without an offset were UTC."""
+    await DeadLetterQueue(event_bus).ensure()
+    subject = f"{nats_config.dlq_subject_prefix}.{DURABLE}.{BLOB}"
+    naive = await event_bus.publish_raw(
+        subject, b"{}", foreign_record(failed_at="2024-05-01T10:00:00")
+    )
+    later = await event_bus.publish_raw(
+        subject, b"{}", foreign_record(failed_at="2024-05-02T10:00:00+00:00")
+    )
+
+    both = await dlq(nats_config, "list", "--json", "--since", "2024-05-01T09:00:00+00:00")
+    one = await dlq(nats_config, "list", "--json", "--since", "2024-05-01T11:00:00+00:00")
+
+    assert both.exit_code == 0, both.output
+    assert [json.loads(line)["id"] for line in both.stdout.splitlines()] == [naive, later]
+    assert json.loads(both.stdout.splitlines()[0])["failed_at"] == "2024-05-01T10:00:00+00:00"
+    assert one.exit_code == 0, one.output
+    assert [json.loads(line)["id"] for line in one.stdout.splitlines()] == [later]
+
+
+async def test_list_and_show_print_a_record_s_control_characters_escaped(
+    nats_config: NATSConfig, event_bus: NATSEventBus
+) -> None:
+    """Given a record whose consumer, reason and error hold newlines and terminal escape
+    sequences (written by anything that can publish to the dead-letter stream),
+    when `dlq list` and `dlq show` print it,
+    then the table has one line per entry, each field of `show` is one line, and no escape
+    sequence reaches the terminal."""
+    await DeadLetterQueue(event_bus).ensure()
+    subject = f"{nats_config.dlq_subject_prefix}.{DURABLE}.{BLOB}"
+    odd = foreign_record(
+        consumer="c\x1b[2J",
+        reason="\x1b[31mred\nline two",
+        error_type="Boom\nX",
+        error_message="multi\nline",
+        traceback="Traceback:\n  \x1b[2Jframe\nBoom: x\n",
+    )
+    entry_id = await event_bus.publish_raw(subject, b"{}", odd)
+
+    listed = await dlq(nats_config, "list")
+    shown = await dlq(nats_config, "show", str(entry_id))
+
+    assert listed.exit_code == 0, listed.output
+    assert len(listed.stdout.splitlines()) == 2  # the header and the entry
+    assert "\x1b" not in listed.stdout
+    assert shown.exit_code == 0, shown.output
+    assert "\x1b" not in shown.stdout
+    lines = shown.stdout.splitlines()
+    assert "reason:      \\x1b[31mred\\nline two" in lines
+    assert "error:       Boom\\nX: multi\\nline" in lines
+    assert "  \\x1b[2Jframe" in lines  # the traceback keeps its lines

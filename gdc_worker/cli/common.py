@@ -38,6 +38,7 @@ __all__ = [
     "connection",
     "creds_option",
     "exit_code_of",
+    "one_line",
     "reported_errors",
     "run_until_stopped",
     "since_option",
@@ -191,10 +192,20 @@ def connection(url: str | None, creds: str | None) -> dict[str, str]:
     return {name: value for name, value in given.items() if value is not None}
 
 
+def one_line(text: str) -> str:
+    """`text` with what a terminal acts on (line breaks, escape sequences) shown escaped, so
+    that what came from anywhere (an event, a dead letter) is one line and cannot restyle
+    the screen."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def aligned(rows: Sequence[Sequence[str]], right: frozenset[int] = frozenset()) -> list[str]:
     """Rows as lines of aligned columns two spaces apart; the columns in `right` (numbers)
-    aligned right. An empty cell shows as `-`, so that the columns stay apart."""
-    cells = [[cell or "-" for cell in row] for row in rows]
+    aligned right. An empty cell shows as `-`, so that the columns stay apart; control
+    characters in a cell show escaped (`one_line`)."""
+    cells = [[one_line(cell) or "-" for cell in row] for row in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(cells[0]))] if cells else []
     return [
         "  ".join(

@@ -29,6 +29,7 @@ from .common import (
     aligned,
     connection,
     creds_option,
+    one_line,
     reported_errors,
     since_option,
     url_option,
@@ -240,35 +241,44 @@ def dlq_show(url: str | None, creds: str | None, entry_id: int) -> None:
 
     async def action(queue: DeadLetterQueue) -> int:
         entry = await queue.get(entry_id)
-        click.echo(f"id:          {entry.id}")
+        _say(f"id:          {entry.id}")
         if not entry.readable:
-            click.echo(f"unreadable:  {entry.problem}")
-            click.echo(f"subject:     {entry.subject}")
-            click.echo(f"size:        {entry.size} bytes")
-            click.echo(f"first bytes: {entry.head!r}")
+            _say(f"unreadable:  {entry.problem}")
+            _say(f"subject:     {entry.subject}")
+            _say(f"size:        {entry.size} bytes")
+            _say(f"first bytes: {entry.head!r}")
             return EXIT_OK
         record = entry.record
-        click.echo(f"failed at:   {record.failed_at.isoformat()}")
-        click.echo(f"reason:      {record.reason}")
-        click.echo(f"consumer:    {record.consumer} (handler {record.handler})")
-        click.echo(f"message:     {record.stream} #{record.stream_seq} on {record.subject}")
+        _say(f"failed at:   {record.failed_at.isoformat()}")
+        _say(f"reason:      {record.reason}")
+        _say(f"consumer:    {record.consumer} (handler {record.handler})")
+        _say(f"message:     {record.stream} #{record.stream_seq} on {record.subject}")
         if record.by_reference:
-            click.echo("stored:      by reference (too large to copy): read from that stream")
-        click.echo(f"deliveries:  {record.deliveries}")
+            _say("stored:      by reference (too large to copy): read from that stream")
+        _say(f"deliveries:  {record.deliveries}")
         if record.error_type:
-            click.echo(f"error:       {record.error_type}: {record.error_message}")
+            _say(f"error:       {record.error_type}: {record.error_message}")
         if record.event is not None:
             click.echo("event:\n" + json.dumps(msgspec.to_builtins(record.event), indent=2))
         elif not entry.problem:  # with a problem, the message is not there: said last
-            click.echo(f"raw message: {_shown(record.data)}")
+            _say(f"raw message: {_shown(record.data)}")
         if record.traceback:
-            click.echo("traceback:\n" + record.traceback.rstrip())
+            click.echo("traceback:")
+            for line in record.traceback.rstrip().splitlines():
+                _say(line)
         if entry.problem:
-            click.echo(f"Error: cannot show the message of #{entry.id}: {entry.problem}", err=True)
+            message = f"Error: cannot show the message of #{entry.id}: {entry.problem}"
+            click.echo(one_line(message), err=True)
             return EXIT_FAILURE
         return EXIT_OK
 
     _run_dlq(url, creds, action)
+
+
+def _say(line: str) -> None:
+    """Print one line of a record: what its writer put there cannot break it or restyle the
+    terminal (`one_line`)."""
+    click.echo(one_line(line))
 
 
 def _shown(data: bytes, limit: int = 1000) -> str:
@@ -390,7 +400,7 @@ class _Progress:
         if self._verbose and error is None:
             record = entry.record
             what = f"event {record.event_id}" if record.event_id else "message"
-            click.echo(f"replayed #{entry.id}: {what} to {record.subject}")
+            click.echo(one_line(f"replayed #{entry.id}: {what} to {record.subject}"))
         if self._bar is not None and time.monotonic() - self._last_draw >= self.REDRAW_S:
             self._draw()
 
@@ -425,11 +435,11 @@ def _grouped(failures: dict[int, str], what: str, shown: int = 10) -> list[str]:
     lines = []
     for reason, ids in by_reason.items():
         if len(ids) == 1:
-            lines.append(f"dead letter #{ids[0]} {what}: {reason}")
+            lines.append(one_line(f"dead letter #{ids[0]} {what}: {reason}"))
             continue
         named = ", ".join(f"#{i}" for i in ids[:shown])
         more = f" and {len(ids) - shown} more" if len(ids) > shown else ""
-        lines.append(f"{len(ids)} dead letters {what} ({named}{more}): {reason}")
+        lines.append(one_line(f"{len(ids)} dead letters {what} ({named}{more}): {reason}"))
     return lines
 
 

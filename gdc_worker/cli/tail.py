@@ -19,6 +19,7 @@ from .common import (
     EXIT_OK,
     connection,
     creds_option,
+    one_line,
     reported_errors,
     run_until_stopped,
     since_option,
@@ -106,18 +107,10 @@ def _text_line(message: TailedMessage) -> str:
         return f"#{message.seq} {when} {message.subject}: not an event: {message.data!r}"
     data = json.dumps(event.data, sort_keys=True, separators=(",", ":"))
     trace = f" trace={event.trace_id}" if event.trace_id else ""
-    return _one_line(
+    return one_line(
         f"#{message.seq} {when} {event.type} id={event.id} source={event.source} "
         f"subject={event.subject}{trace} data={data}"
     )
-
-
-def _one_line(text: str) -> str:
-    """`text` with what a terminal acts on (line breaks, escape sequences) shown escaped, so
-    that an event from anywhere is one line and cannot restyle the screen."""
-    if text.isprintable():
-        return text
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def _json_line(message: TailedMessage) -> str:
