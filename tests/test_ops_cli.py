@@ -615,3 +615,63 @@ def test_watch_shows_a_lag_that_grew_in_bold_red() -> None:
     assert click.style("7", fg="red", bold=True) in styled[0]
     plain = [re.sub(r"\x1b\[[0-9;]*m", "", line) for line in lines]
     assert plain == snapshot.lines()
+
+
+@pytest.mark.parametrize(
+    ("args", "named"),
+    [
+        (["check", "--max-age", "nan"], "--max-age"),
+        (["check", "--max-age", "inf"], "--max-age"),
+        (["status", "--watch", "nan"], "--watch"),
+        (["status", "--watch", "inf"], "--watch"),
+        (["check", "--consumer", ""], "--consumer"),
+        (["check", "--consumer", "a.b"], "--consumer"),
+        (["check", "--consumer", "a b"], "--consumer"),
+        (["check", "--consumer", "orders-*"], "--consumer"),
+    ],
+)
+async def test_an_option_value_that_cannot_mean_anything_is_bad_usage_naming_it(
+    nats_config: NATSConfig, event_bus: NATSEventBus, args: list[str], named: str
+) -> None:
+    """Given a stream,
+    when `check` gets a NaN or infinite age, or a consumer name JetStream cannot have, or
+    `status` a NaN or infinite watch interval,
+    then it exits 2 with an error naming the option, and no traceback: a probe whose NaN
+    threshold never fails would report a stuck consumer healthy."""
+    result = await cli(nats_config, *args)
+
+    assert result.exit_code == 2, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    assert named in result.stderr
+    assert "Traceback" not in result.output
+
+
+async def test_status_watch_into_a_reader_that_stops_ends_0_quietly(
+    nats_config: NATSConfig, event_bus: NATSEventBus
+) -> None:
+    """Given a stream,
+    when `status --watch --json` writes into a pipe whose reader stops after one line
+    (`| head -1`),
+    then it ends with exit 0 and says nothing on stderr, as `tail` does."""
+
+    def first_line_then_close() -> tuple[str, int, str]:
+        command = [GDC_WORKER, "status", "--watch", "0.1", "--json"]
+        with subprocess.Popen(
+            command,
+            env=worker_env(nats_config),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        ) as process:
+            assert process.stdout is not None
+            assert process.stderr is not None
+            line = process.stdout.readline()
+            process.stdout.close()
+            code = process.wait(timeout=SOON)
+            return line, code, process.stderr.read()
+
+    line, code, stderr = await anyio.to_thread.run_sync(first_line_then_close)
+
+    assert json.loads(line)["stream"]["name"] == nats_config.stream_name
+    assert code == 0, stderr
+    assert stderr == ""

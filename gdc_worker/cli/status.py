@@ -18,6 +18,7 @@ from ..dlq import DeadLetterQueue
 from .common import (
     EXIT_FAILURE,
     EXIT_OK,
+    FiniteFloat,
     ReportedError,
     aligned,
     connection,
@@ -231,7 +232,7 @@ def size_text(size: int) -> str:
 @click.option("--json", "as_json", is_flag=True, help="One JSON object (per refresh).")
 @click.option(
     "--watch",
-    type=click.FloatRange(min=0.1),
+    type=FiniteFloat(min=0.1),
     is_flag=False,
     flag_value=WATCH_S,
     default=None,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 from datetime import datetime
 
@@ -86,10 +85,7 @@ def tail(
                 click.echo(_json_line(message) if as_json else _text_line(message))
 
     with reported_errors():
-        try:
-            run_until_stopped(follow)
-        except BrokenPipeError:  # `tail --json | head`: the reader has what it wanted
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        run_until_stopped(follow)  # `tail --json | head` too
     sys.exit(EXIT_OK)
 
 
