@@ -972,3 +972,36 @@ async def test_list_and_show_print_a_record_s_control_characters_escaped(
     assert "reason:      \\x1b[31mred\\nline two" in lines
     assert "error:       Boom\\nX: multi\\nline" in lines
     assert "  \\x1b[2Jframe" in lines  # the traceback keeps its lines
+
+
+@pytest.mark.parametrize(
+    ("args", "named"),
+    [
+        (["purge", "--all", "--yes", "--type", ""], "--type"),
+        (["purge", "--all", "--yes", "--consumer", ""], "--consumer"),
+        (["purge", "--all", "--yes", "--consumer", " "], "--consumer"),
+        (["purge", "--all", "--yes", "--error", ""], "--error"),
+        (["replay", "--all", "--type", ""], "--type"),
+        (["replay", "--all", "--type", "node up"], "--type"),
+        (["list", "--type", "node..up"], "--type"),
+        (["show", str(2**64)], "ID"),
+        (["purge", "--yes", str(2**64)], "ID"),
+    ],
+)
+async def test_an_empty_or_impossible_filter_is_bad_usage_and_changes_nothing(
+    nats_config: NATSConfig, event_bus: NATSEventBus, args: list[str], named: str
+) -> None:
+    """Given dead letters,
+    when `dlq` gets an empty --type, --consumer or --error (an unset shell variable, say), a
+    type that is no subject, or an id beyond what a stream can hold,
+    then it exits 2 with an error naming the option, and every dead letter is still there:
+    an empty filter must not mean "all"."""
+    await fill(event_bus, nodes(3))
+    before = await ids(nats_config)
+
+    result = await dlq(nats_config, *args)
+
+    assert result.exit_code == 2, result.output
+    assert named in result.stderr
+    assert await ids(nats_config) == before
+    assert len(before) == 3

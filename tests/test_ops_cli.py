@@ -675,3 +675,23 @@ async def test_status_watch_into_a_reader_that_stops_ends_0_quietly(
     assert json.loads(line)["stream"]["name"] == nats_config.stream_name
     assert code == 0, stderr
     assert stderr == ""
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["tail", ""], ["tail", "node..up"], ["tail", "a b"], ["publish", "a b", "--any-type"]],
+)
+async def test_a_pattern_or_type_that_is_no_subject_is_bad_usage(
+    nats_config: NATSConfig, event_bus: NATSEventBus, args: list[str]
+) -> None:
+    """Given a stream,
+    when `tail` gets a PATTERN or `publish` a TYPE that cannot be a subject,
+    then it exits 2 (bad usage, as for a TYPE that is not a GDC one) with one error line
+    naming it, and nothing is published."""
+    result = await cli(nats_config, *args)
+
+    assert result.exit_code == 2, result.output
+    assert repr(args[1]) in result.stderr
+    state = await event_bus.stream_state()
+    assert state is not None
+    assert state.messages == 0

@@ -22,6 +22,7 @@ from click.core import ParameterSource
 
 from ..errors import ConnectionFailed, GDCWorkerError, TargetError, describe, one_error
 from ..logs import JSONFormatter
+from ..subjects import check_pattern
 
 __all__ = [
     "CREDS_ENVVAR",
@@ -42,6 +43,7 @@ __all__ = [
     "creds_option",
     "exit_code_of",
     "one_line",
+    "pattern_of",
     "reported_errors",
     "run_until_stopped",
     "since_option",
@@ -218,6 +220,15 @@ def consumer_names(
                 param,
             )
     return value
+
+
+def pattern_of(what: str, pattern: str) -> str:
+    """`pattern` (an event type, `pin.*`, `>`) checked, or one line of bad usage naming
+    `what` (the argument or option) and saying what it takes."""
+    try:
+        return check_pattern(pattern)
+    except GDCWorkerError as exc:
+        raise ReportedError(f"{what}: {exc}", EXIT_USAGE) from None
 
 
 def connection(url: str | None, creds: str | None) -> dict[str, str]:

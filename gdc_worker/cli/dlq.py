@@ -30,6 +30,7 @@ from .common import (
     connection,
     creds_option,
     one_line,
+    pattern_of,
     reported_errors,
     since_option,
     url_option,
@@ -42,8 +43,22 @@ __all__ = ["dlq"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-#: A dead letter's id: its sequence in the dead-letter stream, so 1 or more.
-ENTRY_ID = click.IntRange(min=1)
+#: A dead letter's id: its sequence in the dead-letter stream, 1 to JetStream's uint64.
+ENTRY_ID = click.IntRange(min=1, max=2**64 - 1)
+
+
+def _event_type(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """`--type`: an event type or pattern; empty or no subject is bad usage, never "all"."""
+    return None if value is None else pattern_of("--type", value)
+
+
+def _named(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """`--consumer` and `--error`: a name; an empty one (an unset shell variable) is bad
+    usage, never "all" (with `purge --all`, that would delete every dead letter)."""
+    if value is None or value.strip():
+        return value
+    option = param.opts[0] if param.opts else str(param.name)
+    raise ReportedError(f"{option} is empty: give a name or leave the option out", EXIT_USAGE)
 
 
 @click.group()
@@ -171,8 +186,15 @@ def _filters(func: F) -> F:
         return func(*args, filters=filters, **kwargs)
 
     options = (
-        click.option("--type", "event_type", help="Only entries of this event type."),
-        click.option("--consumer", help="Only entries of this consumer (durable)."),
+        click.option(
+            "--type",
+            "event_type",
+            callback=_event_type,
+            help="Only entries of this event type (or pattern: pin.*).",
+        ),
+        click.option(
+            "--consumer", callback=_named, help="Only entries of this consumer (durable)."
+        ),
         click.option(
             "--since",
             callback=since_option,
@@ -182,6 +204,7 @@ def _filters(func: F) -> F:
         click.option(
             "--error",
             "error_type",
+            callback=_named,
             metavar="TYPE",
             help="Only records whose error is of this type (e.g. Reject, TimeoutError).",
         ),

@@ -13,12 +13,12 @@ from ..bus import NATSEventBus, TailedMessage
 from ..config import NATSConfig
 from ..errors import EventDecodeError
 from ..events import Event
-from ..subjects import check_pattern
 from .common import (
     EXIT_OK,
     connection,
     creds_option,
     one_line,
+    pattern_of,
     reported_errors,
     run_until_stopped,
     since_option,
@@ -40,7 +40,9 @@ DEFAULT_LAST = 10
   gdc-worker tail node.up --new --json | jq .data
 """
 )
-@click.argument("pattern", default=">")
+@click.argument(
+    "pattern", default=">", callback=lambda ctx, param, value: pattern_of("PATTERN", value)
+)
 @url_option
 @creds_option
 @click.option(
@@ -75,7 +77,7 @@ def tail(
 
     async def follow() -> None:
         config = NATSConfig.from_env(None, **connection(url, creds))
-        subject = config.subject_for(check_pattern(pattern))
+        subject = config.subject_for(pattern)
         async with (
             await NATSEventBus.connect(config, setup_stream=False) as bus,
             bus.tail(subject, last=last or 0, since=since) as messages,
