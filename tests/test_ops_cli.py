@@ -27,7 +27,15 @@ from click.testing import CliRunner, Result
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig
 
-from gdc_worker import App, Event, NATSConfig, NATSEventBus, Reject, new_node_down_event
+from gdc_worker import (
+    App,
+    DeadLetterQueue,
+    Event,
+    NATSConfig,
+    NATSEventBus,
+    Reject,
+    new_node_down_event,
+)
 from gdc_worker.bus import ConsumerState, StreamLimits, StreamState
 from gdc_worker.cli import main
 from gdc_worker.cli.status import Snapshot
@@ -695,3 +703,58 @@ async def test_a_pattern_or_type_that_is_no_subject_is_bad_usage(
     state = await event_bus.stream_state()
     assert state is not None
     assert state.messages == 0
+
+
+#: A user who may read stream and consumer info, and nothing else of JetStream's API.
+_READ_INFO_ONLY = """
+authorization {
+  users = [
+    {user: admin, password: admin}
+    {user: viewer, password: viewer, permissions: {
+      publish: {allow: ["$JS.API.INFO", "$JS.API.STREAM.INFO.>", "$JS.API.CONSUMER.INFO.>",
+                        "$JS.API.CONSUMER.NAMES.>"]}
+      subscribe: {allow: ["_INBOX.>"]}
+    }}
+  ]
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def limited_server() -> Iterator[NATSServer]:
+    with NATSServer(config=_READ_INFO_ONLY) as server:
+        yield server
+
+
+@pytest.mark.parametrize(
+    ("command", "denied"),
+    [
+        (["status"], "$JS.API.STREAM.MSG.GET."),
+        (["dlq", "list"], "$JS.API.CONSUMER.CREATE."),
+        (["dlq", "show", "1"], "$JS.API.STREAM.MSG.GET."),
+        (["tail", "--last", "2"], "$JS.API.CONSUMER.CREATE."),
+    ],
+)
+async def test_a_user_without_permission_is_told_so_not_that_nats_timed_out(
+    limited_server: NATSServer, command: list[str], denied: str
+) -> None:
+    """Given a stream with an event and a dead letter and a consumer behind, and a user who
+    may read stream and consumer info only,
+    when that user runs the command,
+    then it exits 1 with one error line saying the server refused that API request for lack
+    of permission, not a bare timeout."""
+    admin = NATSConfig(url=f"nats://admin:admin@127.0.0.1:{limited_server.port}")
+    async with await NATSEventBus.connect(admin) as bus:
+        await bus.publish_event(node_up("n-1"))
+        await bus.ensure_consumer("audit", admin.subject_for(">"))
+        await DeadLetterQueue(bus).ensure()
+        await bus.publish_raw(f"{admin.dlq_subject_prefix}.x.y", b"not a record", {})
+    viewer = admin.replace(url=f"nats://viewer:viewer@127.0.0.1:{limited_server.port}")
+
+    result = await gdc_worker_process(command, worker_env(viewer))
+
+    assert result.returncode == 1, result.stderr
+    [line] = result.stderr.splitlines()
+    assert line.startswith("Error: ")
+    assert "permission denied: " in line
+    assert denied.lower() in line

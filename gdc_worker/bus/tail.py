@@ -75,7 +75,7 @@ class Tail:
         except nats.js.errors.NotFoundError:
             raise EventBusError(f"cannot follow {what}: there is no such stream") from None
         except (nats.errors.Error, TimeoutError) as exc:
-            raise api_error(f"cannot follow {what}", exc) from None
+            raise api_error(f"cannot follow {what}", exc, nc=self._js._nc) from None
         return self
 
     async def _start(self) -> ConsumerConfig:
@@ -167,5 +167,5 @@ async def _matching_from(js: JetStreamContext, stream: str, subject: str, seq: i
         with anyio.CancelScope(shield=True), contextlib.suppress(nats.js.errors.NotFoundError):
             await js.delete_consumer(stream, info.name)
     except (nats.errors.Error, TimeoutError) as exc:
-        raise api_error(f"cannot count {subject} on stream {stream}", exc) from None
+        raise api_error(f"cannot count {subject} on stream {stream}", exc, nc=js._nc) from None
     return info.num_pending or 0
