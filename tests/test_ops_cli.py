@@ -40,11 +40,14 @@ from gdc_worker.bus import ConsumerState, StreamLimits, StreamState
 from gdc_worker.cli import main
 from gdc_worker.cli.status import Snapshot
 from gdc_worker.server import NATSServer, find_nats_server
+from gdc_worker.testing import isolated_config
 from tests.processes import GDC_WORKER, Process, worker_env
 from tests.support import (
     consumer_info,
     dead_letters,
+    eventually,
     free_port,
+    frozen,
     node_up,
     running,
     wait_until,
@@ -758,3 +761,36 @@ async def test_a_user_without_permission_is_told_so_not_that_nats_timed_out(
     assert line.startswith("Error: ")
     assert "permission denied: " in line
     assert denied.lower() in line
+
+
+async def test_status_watch_outlives_a_server_that_stops_answering_for_a_while(
+    tmp_path: Path,
+) -> None:
+    """Given `status --watch --json` on a server that answers,
+    when the server stops answering for longer than a request's timeout, then goes on,
+    then the watch says on stderr, in one line, that a refresh failed, goes on refreshing,
+    shows the stream again once the server answers, and ends 0 on SIGINT: a dashboard must
+    not die of the very outage it is watched for."""
+    with NATSServer() as server:
+        config = isolated_config(server.url)
+        async with await NATSEventBus.connect(config):
+            pass  # creates the stream
+        watch = Process(
+            ["status", "--watch", "0.2", "--json"],
+            worker_env(config, GDC_NATS_CONNECT_TIMEOUT="1"),
+            tmp_path / "watch",
+        )
+        try:
+            await eventually(lambda: watch.stdout.count("\n") >= 1, "a first snapshot", SOON)
+            async with frozen(server):
+                await watch.wait_for(re.compile(r"^Error: .*retrying", re.M), timeout=SOON)
+            shown = watch.stdout.count("\n")
+            await eventually(lambda: watch.stdout.count("\n") > shown, "a snapshot again", SOON)
+            watch.send(signal.SIGINT)
+
+            assert await watch.exit_code() == 0, watch.stderr
+        finally:
+            watch.close()
+    last = json.loads(watch.stdout.splitlines()[-1])
+    assert last["stream"]["name"] == config.stream_name
+    assert all(line.startswith("Error: ") for line in watch.stderr.splitlines())
