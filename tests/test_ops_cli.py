@@ -794,3 +794,24 @@ async def test_status_watch_outlives_a_server_that_stops_answering_for_a_while(
     last = json.loads(watch.stdout.splitlines()[-1])
     assert last["stream"]["name"] == config.stream_name
     assert all(line.startswith("Error: ") for line in watch.stderr.splitlines())
+
+
+async def test_tail_of_a_stream_deleted_under_it_says_so_and_exits_1(
+    event_bus: NATSEventBus, nats_config: NATSConfig, jetstream: JetStreamContext, tails: Tails
+) -> None:
+    """Given `tail --new` following the stream,
+    when the stream is deleted (and created again, empty),
+    then tail does not sit there silent, printing nothing for ever: it exits 1 with one
+    error line saying the stream it followed was deleted."""
+    tail = tails("--new")
+    await tail.wait_for(re.compile(r"^following ", re.M), timeout=SOON)
+
+    await jetstream.delete_stream(nats_config.stream_name)
+    await event_bus.ensure_stream(event_bus.event_stream)
+
+    assert await tail.exit_code(timeout=SOON) == 1, tail.stderr
+    following, error = tail.stderr.splitlines()
+    assert following.startswith("following ")
+    assert error.startswith("Error: ")
+    assert f"stream {nats_config.stream_name}" in error
+    assert "deleted" in error
