@@ -16,12 +16,14 @@ import logging
 import os
 import pty
 import re
+import signal
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any, TypeVar
 
 import anyio
@@ -48,7 +50,7 @@ from gdc_worker import (
 from gdc_worker.cli import main
 from gdc_worker.events import event_headers
 from gdc_worker.testing import isolated_env
-from tests.processes import worker_env
+from tests.processes import Process, worker_env
 from tests.recording import Recording
 from tests.support import eventually
 
@@ -1005,3 +1007,33 @@ async def test_an_empty_or_impossible_filter_is_bad_usage_and_changes_nothing(
     assert named in result.stderr
     assert await ids(nats_config) == before
     assert len(before) == 3
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+async def test_a_replay_stopped_by_a_signal_says_what_it_did_and_what_is_left(
+    nats_config: NATSConfig, event_bus: NATSEventBus, tmp_path: Path, signum: int
+) -> None:
+    """Given 40 dead letters and `dlq replay --all --rate 10` under way,
+    when it gets SIGINT (Ctrl-C) or SIGTERM,
+    then it stops sending, sums up what it replayed and that it was stopped, and exits 1;
+    and every record it did not say it replayed is still in the DLQ."""
+    await fill(event_bus, nodes(40))
+    replay = Process(
+        ["dlq", "replay", "--all", "--rate", "10", "-v"], worker_env(nats_config), tmp_path / "r"
+    )
+    try:
+        await eventually(lambda: replay.stdout.count("replayed #") >= 3, "3 records replayed")
+        replay.send(signum)
+        code = await replay.exit_code()
+    finally:
+        replay.close()
+
+    assert code == 1, replay.stderr
+    said = replay.stdout.splitlines()
+    replayed = {int(m[1]) for m in (re.match(r"replayed #(\d+):", s) for s in said) if m}
+    assert said[-1].startswith(f"replayed {len(replayed)}, failed 0, in ")
+    assert "Error: stopped by a signal" in replay.stderr
+    left = await ids(nats_config)
+    assert len(replayed) + len(left) == 40
+    assert not replayed & set(left)
+    assert 3 <= len(replayed) < 40

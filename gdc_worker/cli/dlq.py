@@ -5,7 +5,9 @@ from __future__ import annotations
 import functools
 import json
 import math
+import signal
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -19,7 +21,7 @@ import msgspec
 
 from ..bus import NATSEventBus
 from ..config import NATSConfig
-from ..dlq import DeadLetterEntry, DeadLetterQueue, ReplayPlan
+from ..dlq import DeadLetterEntry, DeadLetterQueue, ReplayPlan, ReplaySummary
 from ..errors import GDCWorkerError
 from .common import (
     EXIT_FAILURE,
@@ -359,12 +361,25 @@ def dlq_replay(
         shown = _Progress(verbose or bool(ids))
         if _on_terminal():
             shown.bar(len(ids) if ids else await filters.count(queue))
-        with shown:
-            summary = await queue.replay_many(
-                _targets(queue, ids, filters), rate=rate, on_done=shown.done
+        stop = anyio.Event()
+        summary: ReplaySummary | None = None
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(_stop_on_signal, stop, tg.cancel_scope)
+            with shown:
+                summary = await queue.replay_many(
+                    _targets(queue, ids, filters), rate=rate, on_done=shown.done, stop=stop
+                )
+            tg.cancel_scope.cancel()
+        if summary is None:  # a second signal: not even what was sent is settled
+            raise ReportedError(
+                "stopped by a second signal: a record replayed just now may still be in the "
+                "DLQ; replaying it again within the duplicate window stores it once",
+                EXIT_FAILURE,
             )
         for line in _grouped(summary.failed, "not replayed"):
             click.echo(f"Error: {line}", err=True)
+        if summary.stopped:
+            click.echo("Error: stopped by a signal: the rest is still in the DLQ", err=True)
         if not summary.replayed and not summary.failed:
             click.echo("no dead letters")
             return EXIT_OK
@@ -372,9 +387,23 @@ def dlq_replay(
             f"replayed {summary.replayed}, failed {len(summary.failed)}, "
             f"in {summary.seconds:.1f} s, {summary.rate:.0f}/s"
         )
-        return EXIT_FAILURE if summary.failed else EXIT_OK
+        return EXIT_FAILURE if summary.failed or summary.stopped else EXIT_OK
 
     _run_dlq(url, creds, action)
+
+
+async def _stop_on_signal(stop: anyio.Event, scope: anyio.CancelScope) -> None:
+    """On SIGINT or SIGTERM, set `stop`: the replay sends no more, and settles what it sent,
+    so that it can say what it did; on a second one, cancel `scope` at once. Signals reach
+    the main thread only: elsewhere (click's test runner in a thread) there are none to hear."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for _ in signals:
+            if stop.is_set():
+                scope.cancel()
+                return
+            stop.set()
 
 
 def _on_terminal() -> bool:
