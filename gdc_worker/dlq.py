@@ -22,7 +22,14 @@ import math
 import time
 import traceback
 from collections import Counter
-from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Mapping
+from collections.abc import (
+    AsyncIterable,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterable,
+    Mapping,
+)
 from contextlib import aclosing
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
@@ -207,6 +214,8 @@ class ReplaySummary:
     replayed: int = 0
     failed: dict[int, str] = field(default_factory=dict)
     seconds: float = 0.0
+    #: It stopped early, when told to (`replay_many(stop=...)`): the rest was not tried.
+    stopped: bool = False
 
     @property
     def rate(self) -> float:
@@ -390,6 +399,7 @@ class DeadLetterQueue:
         *,
         rate: float | None = None,
         on_done: Callable[[DeadLetterEntry, str | None], None] | None = None,
+        stop: anyio.Event | None = None,
     ) -> ReplaySummary:
         """Replay `entries` as `replay` does, thousands a second: publishes go out without
         waiting for each ack, and each record is deleted once its replay is acked, by
@@ -397,7 +407,8 @@ class DeadLetterQueue:
 
         A record whose replay fails (or that cannot be replayed) stays, and the summary says
         why. `rate` caps the publishes per second. `on_done(entry, error)` hears of each entry
-        once it is settled: replayed and removed (`error` None), or left with why.
+        once it is settled: replayed and removed (`error` None), or left with why. Once
+        `stop` is set, no more is sent; what was sent is settled, and `stopped` says so.
         """
         summary = ReplaySummary()
         started = time.monotonic()
@@ -418,11 +429,17 @@ class DeadLetterQueue:
             async with acked, self._bus.publish_window() as window:
                 pace = _Pace(rate)
                 async for selected in entries:
+                    if stop is not None and stop.is_set():
+                        summary.stopped = True
+                        break
                     entry, problem = await self._replayable(selected)
                     if problem:
                         done(entry, problem)
                         continue
-                    await pace.wait()
+                    await _until(stop, pace.wait())
+                    if stop is not None and stop.is_set():
+                        summary.stopped = True
+                        break
                     await self._send_replay(window, entry, acked, done)
                 with contextlib.suppress(PublishError):
                     await window.flush()  # each failure went to its entry's `done` already
@@ -590,6 +607,8 @@ def _entry(message: StoredMessage) -> DeadLetterEntry:
         record = _record_decoder.decode(str(header))
     except msgspec.DecodeError as exc:
         return _unreadable(message, f"its {RECORD_HEADER} header does not decode: {exc}")
+    if record.failed_at.tzinfo is None:  # another tool's time without an offset: UTC
+        record = msgspec.structs.replace(record, failed_at=record.failed_at.replace(tzinfo=UTC))
     if not record.by_reference:
         record = msgspec.structs.replace(record, data=message.data, event=_event_of(message.data))
     return DeadLetterEntry(message.seq, record, subject=message.subject, size=len(message.data))
@@ -614,6 +633,22 @@ def _matches(entry: DeadLetterEntry, since: datetime | None, error_type: str | N
     if since is not None and record.failed_at < since:
         return False
     return error_type is None or record.error_type == error_type
+
+
+async def _until(stop: anyio.Event | None, waiting: Awaitable[None]) -> None:
+    """Await `waiting`, or less: until `stop` is set."""
+    if stop is None:
+        await waiting
+        return
+    async with anyio.create_task_group() as tg:
+
+        async def stopped() -> None:
+            await stop.wait()
+            tg.cancel_scope.cancel()
+
+        tg.start_soon(stopped)
+        await waiting
+        tg.cancel_scope.cancel()
 
 
 class _Pace:

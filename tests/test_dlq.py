@@ -16,12 +16,14 @@ import logging
 import os
 import pty
 import re
+import signal
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any, TypeVar
 
 import anyio
@@ -48,7 +50,7 @@ from gdc_worker import (
 from gdc_worker.cli import main
 from gdc_worker.events import event_headers
 from gdc_worker.testing import isolated_env
-from tests.processes import worker_env
+from tests.processes import Process, worker_env
 from tests.recording import Recording
 from tests.support import eventually
 
@@ -896,3 +898,142 @@ async def test_list_reads_large_records_in_order_and_leaves_no_consumer_behind(
     assert everything == list(range(1, 31))
     assert first_two == [1, 2]
     assert await jetstream.consumers_info(nats_config.dlq_stream_name) == []
+
+
+# -- records of other versions and tools ------------------------------------------------------
+
+
+def foreign_record(**fields: object) -> dict[str, str]:
+    """The headers of a record as another tool or version might write it."""
+    record: dict[str, object] = {
+        "failed_at": "2024-05-01T10:00:00Z",
+        "reason": "rejected",
+        "consumer": DURABLE,
+        "handler": "check",
+        "stream": "GDC_EVENTS",
+        "stream_seq": 1,
+        "subject": "gdc.events.blob.stored",
+        "deliveries": 1,
+    }
+    return {"Gdc-Dlq-Record": json.dumps({**record, **fields})}
+
+
+async def test_a_record_whose_time_has_no_offset_is_filtered_by_since_as_utc(
+    nats_config: NATSConfig, event_bus: NATSEventBus
+) -> None:
+    """Given a record (of another tool) whose failed_at has no UTC offset, and one with,
+    when `dlq list --since` runs with a time before both, and with one between them,
+    then it exits 0 and selects them as if the time without an offset were UTC."""
+    await DeadLetterQueue(event_bus).ensure()
+    subject = f"{nats_config.dlq_subject_prefix}.{DURABLE}.{BLOB}"
+    naive = await event_bus.publish_raw(
+        subject, b"{}", foreign_record(failed_at="2024-05-01T10:00:00")
+    )
+    later = await event_bus.publish_raw(
+        subject, b"{}", foreign_record(failed_at="2024-05-02T10:00:00+00:00")
+    )
+
+    both = await dlq(nats_config, "list", "--json", "--since", "2024-05-01T09:00:00+00:00")
+    one = await dlq(nats_config, "list", "--json", "--since", "2024-05-01T11:00:00+00:00")
+
+    assert both.exit_code == 0, both.output
+    assert [json.loads(line)["id"] for line in both.stdout.splitlines()] == [naive, later]
+    assert json.loads(both.stdout.splitlines()[0])["failed_at"] == "2024-05-01T10:00:00+00:00"
+    assert one.exit_code == 0, one.output
+    assert [json.loads(line)["id"] for line in one.stdout.splitlines()] == [later]
+
+
+async def test_list_and_show_print_a_record_s_control_characters_escaped(
+    nats_config: NATSConfig, event_bus: NATSEventBus
+) -> None:
+    """Given a record whose consumer, reason and error hold newlines and terminal escape
+    sequences (written by anything that can publish to the dead-letter stream),
+    when `dlq list` and `dlq show` print it,
+    then the table has one line per entry, each field of `show` is one line, and no escape
+    sequence reaches the terminal."""
+    await DeadLetterQueue(event_bus).ensure()
+    subject = f"{nats_config.dlq_subject_prefix}.{DURABLE}.{BLOB}"
+    odd = foreign_record(
+        consumer="c\x1b[2J",
+        reason="\x1b[31mred\nline two",
+        error_type="Boom\nX",
+        error_message="multi\nline",
+        traceback="Traceback:\n  \x1b[2Jframe\nBoom: x\n",
+    )
+    entry_id = await event_bus.publish_raw(subject, b"{}", odd)
+
+    listed = await dlq(nats_config, "list")
+    shown = await dlq(nats_config, "show", str(entry_id))
+
+    assert listed.exit_code == 0, listed.output
+    assert len(listed.stdout.splitlines()) == 2  # the header and the entry
+    assert "\x1b" not in listed.stdout
+    assert shown.exit_code == 0, shown.output
+    assert "\x1b" not in shown.stdout
+    lines = shown.stdout.splitlines()
+    assert "reason:      \\x1b[31mred\\nline two" in lines
+    assert "error:       Boom\\nX: multi\\nline" in lines
+    assert "  \\x1b[2Jframe" in lines  # the traceback keeps its lines
+
+
+@pytest.mark.parametrize(
+    ("args", "named"),
+    [
+        (["purge", "--all", "--yes", "--type", ""], "--type"),
+        (["purge", "--all", "--yes", "--consumer", ""], "--consumer"),
+        (["purge", "--all", "--yes", "--consumer", " "], "--consumer"),
+        (["purge", "--all", "--yes", "--error", ""], "--error"),
+        (["replay", "--all", "--type", ""], "--type"),
+        (["replay", "--all", "--type", "node up"], "--type"),
+        (["list", "--type", "node..up"], "--type"),
+        (["show", str(2**64)], "ID"),
+        (["purge", "--yes", str(2**64)], "ID"),
+    ],
+)
+async def test_an_empty_or_impossible_filter_is_bad_usage_and_changes_nothing(
+    nats_config: NATSConfig, event_bus: NATSEventBus, args: list[str], named: str
+) -> None:
+    """Given dead letters,
+    when `dlq` gets an empty --type, --consumer or --error (an unset shell variable, say), a
+    type that is no subject, or an id beyond what a stream can hold,
+    then it exits 2 with an error naming the option, and every dead letter is still there:
+    an empty filter must not mean "all"."""
+    await fill(event_bus, nodes(3))
+    before = await ids(nats_config)
+
+    result = await dlq(nats_config, *args)
+
+    assert result.exit_code == 2, result.output
+    assert named in result.stderr
+    assert await ids(nats_config) == before
+    assert len(before) == 3
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+async def test_a_replay_stopped_by_a_signal_says_what_it_did_and_what_is_left(
+    nats_config: NATSConfig, event_bus: NATSEventBus, tmp_path: Path, signum: int
+) -> None:
+    """Given 40 dead letters and `dlq replay --all --rate 10` under way,
+    when it gets SIGINT (Ctrl-C) or SIGTERM,
+    then it stops sending, sums up what it replayed and that it was stopped, and exits 1;
+    and every record it did not say it replayed is still in the DLQ."""
+    await fill(event_bus, nodes(40))
+    replay = Process(
+        ["dlq", "replay", "--all", "--rate", "10", "-v"], worker_env(nats_config), tmp_path / "r"
+    )
+    try:
+        await eventually(lambda: replay.stdout.count("replayed #") >= 3, "3 records replayed")
+        replay.send(signum)
+        code = await replay.exit_code()
+    finally:
+        replay.close()
+
+    assert code == 1, replay.stderr
+    said = replay.stdout.splitlines()
+    replayed = {int(m[1]) for m in (re.match(r"replayed #(\d+):", s) for s in said) if m}
+    assert said[-1].startswith(f"replayed {len(replayed)}, failed 0, in ")
+    assert "Error: stopped by a signal" in replay.stderr
+    left = await ids(nats_config)
+    assert len(replayed) + len(left) == 40
+    assert not replayed & set(left)
+    assert 3 <= len(replayed) < 40

@@ -27,16 +27,27 @@ from click.testing import CliRunner, Result
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig
 
-from gdc_worker import App, Event, NATSConfig, NATSEventBus, Reject, new_node_down_event
+from gdc_worker import (
+    App,
+    DeadLetterQueue,
+    Event,
+    NATSConfig,
+    NATSEventBus,
+    Reject,
+    new_node_down_event,
+)
 from gdc_worker.bus import ConsumerState, StreamLimits, StreamState
 from gdc_worker.cli import main
 from gdc_worker.cli.status import Snapshot
 from gdc_worker.server import NATSServer, find_nats_server
+from gdc_worker.testing import isolated_config
 from tests.processes import GDC_WORKER, Process, worker_env
 from tests.support import (
     consumer_info,
     dead_letters,
+    eventually,
     free_port,
+    frozen,
     node_up,
     running,
     wait_until,
@@ -615,3 +626,192 @@ def test_watch_shows_a_lag_that_grew_in_bold_red() -> None:
     assert click.style("7", fg="red", bold=True) in styled[0]
     plain = [re.sub(r"\x1b\[[0-9;]*m", "", line) for line in lines]
     assert plain == snapshot.lines()
+
+
+@pytest.mark.parametrize(
+    ("args", "named"),
+    [
+        (["check", "--max-age", "nan"], "--max-age"),
+        (["check", "--max-age", "inf"], "--max-age"),
+        (["status", "--watch", "nan"], "--watch"),
+        (["status", "--watch", "inf"], "--watch"),
+        (["check", "--consumer", ""], "--consumer"),
+        (["check", "--consumer", "a.b"], "--consumer"),
+        (["check", "--consumer", "a b"], "--consumer"),
+        (["check", "--consumer", "orders-*"], "--consumer"),
+    ],
+)
+async def test_an_option_value_that_cannot_mean_anything_is_bad_usage_naming_it(
+    nats_config: NATSConfig, event_bus: NATSEventBus, args: list[str], named: str
+) -> None:
+    """Given a stream,
+    when `check` gets a NaN or infinite age, or a consumer name JetStream cannot have, or
+    `status` a NaN or infinite watch interval,
+    then it exits 2 with an error naming the option, and no traceback: a probe whose NaN
+    threshold never fails would report a stuck consumer healthy."""
+    result = await cli(nats_config, *args)
+
+    assert result.exit_code == 2, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    assert named in result.stderr
+    assert "Traceback" not in result.output
+
+
+async def test_status_watch_into_a_reader_that_stops_ends_0_quietly(
+    nats_config: NATSConfig, event_bus: NATSEventBus
+) -> None:
+    """Given a stream,
+    when `status --watch --json` writes into a pipe whose reader stops after one line
+    (`| head -1`),
+    then it ends with exit 0 and says nothing on stderr, as `tail` does."""
+
+    def first_line_then_close() -> tuple[str, int, str]:
+        command = [GDC_WORKER, "status", "--watch", "0.1", "--json"]
+        with subprocess.Popen(
+            command,
+            env=worker_env(nats_config),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        ) as process:
+            assert process.stdout is not None
+            assert process.stderr is not None
+            line = process.stdout.readline()
+            process.stdout.close()
+            code = process.wait(timeout=SOON)
+            return line, code, process.stderr.read()
+
+    line, code, stderr = await anyio.to_thread.run_sync(first_line_then_close)
+
+    assert json.loads(line)["stream"]["name"] == nats_config.stream_name
+    assert code == 0, stderr
+    assert stderr == ""
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["tail", ""], ["tail", "node..up"], ["tail", "a b"], ["publish", "a b", "--any-type"]],
+)
+async def test_a_pattern_or_type_that_is_no_subject_is_bad_usage(
+    nats_config: NATSConfig, event_bus: NATSEventBus, args: list[str]
+) -> None:
+    """Given a stream,
+    when `tail` gets a PATTERN or `publish` a TYPE that cannot be a subject,
+    then it exits 2 (bad usage, as for a TYPE that is not a GDC one) with one error line
+    naming it, and nothing is published."""
+    result = await cli(nats_config, *args)
+
+    assert result.exit_code == 2, result.output
+    assert repr(args[1]) in result.stderr
+    state = await event_bus.stream_state()
+    assert state is not None
+    assert state.messages == 0
+
+
+#: A user who may read stream and consumer info, and nothing else of JetStream's API.
+_READ_INFO_ONLY = """
+authorization {
+  users = [
+    {user: admin, password: admin}
+    {user: viewer, password: viewer, permissions: {
+      publish: {allow: ["$JS.API.INFO", "$JS.API.STREAM.INFO.>", "$JS.API.CONSUMER.INFO.>",
+                        "$JS.API.CONSUMER.NAMES.>"]}
+      subscribe: {allow: ["_INBOX.>"]}
+    }}
+  ]
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def limited_server() -> Iterator[NATSServer]:
+    with NATSServer(config=_READ_INFO_ONLY) as server:
+        yield server
+
+
+@pytest.mark.parametrize(
+    ("command", "denied"),
+    [
+        (["status"], "$JS.API.STREAM.MSG.GET."),
+        (["dlq", "list"], "$JS.API.CONSUMER.CREATE."),
+        (["dlq", "show", "1"], "$JS.API.STREAM.MSG.GET."),
+        (["tail", "--last", "2"], "$JS.API.CONSUMER.CREATE."),
+    ],
+)
+async def test_a_user_without_permission_is_told_so_not_that_nats_timed_out(
+    limited_server: NATSServer, command: list[str], denied: str
+) -> None:
+    """Given a stream with an event and a dead letter and a consumer behind, and a user who
+    may read stream and consumer info only,
+    when that user runs the command,
+    then it exits 1 with one error line saying the server refused that API request for lack
+    of permission, not a bare timeout."""
+    admin = NATSConfig(url=f"nats://admin:admin@127.0.0.1:{limited_server.port}")
+    async with await NATSEventBus.connect(admin) as bus:
+        await bus.publish_event(node_up("n-1"))
+        await bus.ensure_consumer("audit", admin.subject_for(">"))
+        await DeadLetterQueue(bus).ensure()
+        await bus.publish_raw(f"{admin.dlq_subject_prefix}.x.y", b"not a record", {})
+    viewer = admin.replace(url=f"nats://viewer:viewer@127.0.0.1:{limited_server.port}")
+
+    result = await gdc_worker_process(command, worker_env(viewer))
+
+    assert result.returncode == 1, result.stderr
+    [line] = result.stderr.splitlines()
+    assert line.startswith("Error: ")
+    assert "permission denied: " in line
+    assert denied.lower() in line
+
+
+async def test_status_watch_outlives_a_server_that_stops_answering_for_a_while(
+    tmp_path: Path,
+) -> None:
+    """Given `status --watch --json` on a server that answers,
+    when the server stops answering for longer than a request's timeout, then goes on,
+    then the watch says on stderr, in one line, that a refresh failed, goes on refreshing,
+    shows the stream again once the server answers, and ends 0 on SIGINT: a dashboard must
+    not die of the very outage it is watched for."""
+    with NATSServer() as server:
+        config = isolated_config(server.url)
+        async with await NATSEventBus.connect(config):
+            pass  # creates the stream
+        watch = Process(
+            ["status", "--watch", "0.2", "--json"],
+            worker_env(config, GDC_NATS_CONNECT_TIMEOUT="1"),
+            tmp_path / "watch",
+        )
+        try:
+            await eventually(lambda: watch.stdout.count("\n") >= 1, "a first snapshot", SOON)
+            async with frozen(server):
+                await watch.wait_for(re.compile(r"^Error: .*retrying", re.M), timeout=SOON)
+            shown = watch.stdout.count("\n")
+            await eventually(lambda: watch.stdout.count("\n") > shown, "a snapshot again", SOON)
+            watch.send(signal.SIGINT)
+
+            assert await watch.exit_code() == 0, watch.stderr
+        finally:
+            watch.close()
+    last = json.loads(watch.stdout.splitlines()[-1])
+    assert last["stream"]["name"] == config.stream_name
+    assert all(line.startswith("Error: ") for line in watch.stderr.splitlines())
+
+
+async def test_tail_of_a_stream_deleted_under_it_says_so_and_exits_1(
+    event_bus: NATSEventBus, nats_config: NATSConfig, jetstream: JetStreamContext, tails: Tails
+) -> None:
+    """Given `tail --new` following the stream,
+    when the stream is deleted (and created again, empty),
+    then tail does not sit there silent, printing nothing for ever: it exits 1 with one
+    error line saying the stream it followed was deleted."""
+    tail = tails("--new")
+    await tail.wait_for(re.compile(r"^following ", re.M), timeout=SOON)
+
+    await jetstream.delete_stream(nats_config.stream_name)
+    await event_bus.ensure_stream(event_bus.event_stream)
+
+    assert await tail.exit_code(timeout=SOON) == 1, tail.stderr
+    following, error = tail.stderr.splitlines()
+    assert following.startswith("following ")
+    assert error.startswith("Error: ")
+    assert f"stream {nats_config.stream_name}" in error
+    assert "deleted" in error

@@ -27,7 +27,7 @@ from nats.js.api import (
 
 from ..config import STREAM_SETUPS, NATSConfig
 from ..errors import ConfigError, ConnectionFailed, EventBusError, SubscriptionError, describe
-from .state import api_error
+from .state import api_error, permission_denied
 
 __all__ = ["Admin", "BoundConsumer", "LimitChange", "StoredMessage", "StreamSpec"]
 
@@ -450,7 +450,8 @@ class Admin:
         except nats.js.errors.NotFoundError:
             return None
         except (nats.errors.Error, TimeoutError) as exc:
-            raise EventBusError(f"cannot read {stream} #{seq}: {describe(exc)}") from None
+            why = permission_denied(self._nc) if isinstance(exc, TimeoutError) else ""
+            raise EventBusError(f"cannot read {stream} #{seq}: {why or describe(exc)}") from None
 
     async def delete_message(self, stream: str, seq: int, *, erase: bool = True) -> bool:
         """Remove the message at `seq` from `stream`; False if it was not there.
@@ -467,7 +468,8 @@ class Admin:
             )
             answer = _delete_decoder.decode(reply.data)
         except (nats.errors.Error, TimeoutError, msgspec.DecodeError) as exc:
-            raise EventBusError(f"cannot delete {stream} #{seq}: {describe(exc)}") from None
+            why = permission_denied(self._nc) if isinstance(exc, TimeoutError) else ""
+            raise EventBusError(f"cannot delete {stream} #{seq}: {why or describe(exc)}") from None
         if answer.error is None:
             return answer.success
         if answer.error.code == _NOT_FOUND:

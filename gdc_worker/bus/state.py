@@ -20,7 +20,14 @@ from nats.aio.client import Client as NATS
 
 from ..errors import ConnectionFailed, EventBusError, describe
 
-__all__ = ["ConsumerState", "StateReader", "StreamLimits", "StreamState", "api_error"]
+__all__ = [
+    "ConsumerState",
+    "StateReader",
+    "StreamLimits",
+    "StreamState",
+    "api_error",
+    "permission_denied",
+]
 
 _API = "$JS.API"
 _STREAM_NOT_FOUND = 10059
@@ -316,16 +323,25 @@ class StateReader:
                 raise kind(f"cannot read {api}: {error.description} ({error.err_code})")
             return msgspec.json.decode(reply.data, type=answer)
         except (nats.errors.Error, TimeoutError, msgspec.DecodeError) as exc:
-            raise api_error(f"cannot read {api}", exc) from None
+            raise api_error(f"cannot read {api}", exc, nc=self._nc) from None
 
 
 def api_error(
-    what: str, exc: BaseException, *, otherwise: type[EventBusError] = EventBusError
+    what: str,
+    exc: BaseException,
+    *,
+    otherwise: type[EventBusError] = EventBusError,
+    nc: NATS | None = None,
 ) -> EventBusError:
     """The error for a JetStream API request about `what` that failed with `exc`:
     `ConnectionFailed` when JetStream is not there (a server run without it answers nobody,
-    an account without it 503), so that commands exit 4 as for a server out of reach; else
-    `otherwise`, saying what nats-py said."""
+    an account without it 503), so that commands exit 4 as for a server out of reach; an
+    `EventBusError` saying so when the server refused the request for want of permission
+    (the request then times out, and only `nc` heard why); else `otherwise`, saying what
+    nats-py said."""
+    denied = permission_denied(nc) if isinstance(exc, TimeoutError) else ""
+    if denied:
+        return EventBusError(f"{what}: {denied}")
     if isinstance(exc, nats.errors.NoRespondersError) or (
         isinstance(exc, nats.js.errors.ServiceUnavailableError) and not exc.description
     ):
@@ -333,6 +349,20 @@ def api_error(
     if isinstance(exc, nats.js.errors.ServiceUnavailableError):
         return ConnectionFailed(f"{what}: {exc.description} ({exc.err_code})")
     return otherwise(f"{what}: {describe(exc)}")
+
+
+def permission_denied(nc: NATS | None) -> str:
+    """What the server said when it last refused this client a JetStream API request for
+    want of permission (`permissions violation for publish to "$js.api..."`); "" if never.
+
+    The server says it asynchronously, and nats-py keeps it as the client's last error,
+    while the request itself just times out.
+    """
+    error = nc.last_error if nc is not None else None
+    text = str(error).removeprefix("nats: ") if error is not None else ""
+    if "permissions violation" in text.lower() and "$js.api." in text.lower():
+        return f"permission denied: the server says {text}"  # nats-py lowercases it
+    return ""
 
 
 def _time(value: datetime | None) -> datetime | None:

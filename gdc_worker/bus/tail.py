@@ -26,6 +26,9 @@ __all__ = ["Tail", "TailedMessage", "start_of_last"]
 
 #: How long a probe consumer of `start_of_last` outlives a client that died before deleting it.
 _PROBE_INACTIVE_S = 30.0
+#: How long a tail waits for a message before it checks that its stream is still the one it
+#: started on: the ordered consumer of a deleted stream just stays silent.
+CHECK_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -64,10 +67,12 @@ class Tail:
         self._last = last
         self._since = since
         self._sub: Subscription | None = None
+        self._created: datetime | None = None
 
     async def __aenter__(self) -> Tail:
         what = f"{self._subject} on stream {self._stream}"
         try:
+            self._created = (await self._js.stream_info(self._stream)).created
             config = await self._start()
             self._sub = await self._js.subscribe(
                 self._subject, stream=self._stream, ordered_consumer=True, config=config
@@ -75,7 +80,7 @@ class Tail:
         except nats.js.errors.NotFoundError:
             raise EventBusError(f"cannot follow {what}: there is no such stream") from None
         except (nats.errors.Error, TimeoutError) as exc:
-            raise api_error(f"cannot follow {what}", exc) from None
+            raise api_error(f"cannot follow {what}", exc, nc=self._js._nc) from None
         return self
 
     async def _start(self) -> ConsumerConfig:
@@ -115,10 +120,14 @@ class Tail:
     async def __anext__(self) -> TailedMessage:
         if self._sub is None:
             raise RuntimeError("enter the Tail (async with) before iterating it")
-        try:
-            msg = await self._sub.next_msg(timeout=None)
-        except nats.errors.ConnectionClosedError:
-            raise ConnectionFailed("the connection to NATS was closed") from None
+        while True:
+            try:
+                msg = await self._sub.next_msg(timeout=CHECK_S)
+                break
+            except nats.errors.TimeoutError:
+                await self._check_stream()
+            except nats.errors.ConnectionClosedError:
+                raise ConnectionFailed("the connection to NATS was closed") from None
         meta = msg.metadata
         return TailedMessage(
             seq=meta.sequence.stream,
@@ -127,6 +136,19 @@ class Tail:
             headers=msg.headers or {},
             time=meta.timestamp,
         )
+
+    async def _check_stream(self) -> None:
+        """Raise `EventBusError` if the stream was deleted (and maybe created again) since
+        the tail started: nothing would ever come, and nothing would say why."""
+        gone = EventBusError(f"stream {self._stream} was deleted while tail followed it")
+        try:
+            created = (await self._js.stream_info(self._stream)).created
+        except nats.js.errors.NotFoundError:
+            raise gone from None
+        except (nats.errors.Error, TimeoutError):
+            return  # a server slow to answer: the ordered consumer copes, or the next check
+        if created != self._created:  # created again since: from sequence 1, unseen
+            raise gone
 
 
 async def start_of_last(
@@ -167,5 +189,5 @@ async def _matching_from(js: JetStreamContext, stream: str, subject: str, seq: i
         with anyio.CancelScope(shield=True), contextlib.suppress(nats.js.errors.NotFoundError):
             await js.delete_consumer(stream, info.name)
     except (nats.errors.Error, TimeoutError) as exc:
-        raise api_error(f"cannot count {subject} on stream {stream}", exc) from None
+        raise api_error(f"cannot count {subject} on stream {stream}", exc, nc=js._nc) from None
     return info.num_pending or 0

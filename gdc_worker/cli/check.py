@@ -15,7 +15,9 @@ from .common import (
     EXIT_CODES_HELP,
     EXIT_FAILURE,
     EXIT_OK,
+    FiniteFloat,
     connection,
+    consumer_names,
     creds_option,
     reported_errors,
     url_option,
@@ -105,12 +107,13 @@ and deploy scripts stop on it.
     "--consumer",
     "consumers",
     multiple=True,
+    callback=consumer_names,
     help="Check this durable (repeatable; default: APP's, else every durable of the stream).",
 )
 @click.option("--max-lag", type=click.IntRange(min=0), help="Fail above this lag.")
 @click.option(
     "--max-age",
-    type=click.FloatRange(min=0),
+    type=FiniteFloat(min=0),
     metavar="SECONDS",
     help="Fail when the oldest unacked event is older.",
 )

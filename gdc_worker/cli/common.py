@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import re
 import signal
@@ -21,6 +22,7 @@ from click.core import ParameterSource
 
 from ..errors import ConnectionFailed, GDCWorkerError, TargetError, describe, one_error
 from ..logs import JSONFormatter
+from ..subjects import check_pattern
 
 __all__ = [
     "CREDS_ENVVAR",
@@ -32,12 +34,16 @@ __all__ = [
     "EXIT_USAGE",
     "LOG_FORMATS",
     "URL_ENVVAR",
+    "FiniteFloat",
     "ReportedError",
     "aligned",
     "configure_logging",
     "connection",
+    "consumer_names",
     "creds_option",
     "exit_code_of",
+    "one_line",
+    "pattern_of",
     "reported_errors",
     "run_until_stopped",
     "since_option",
@@ -185,16 +191,66 @@ creds_option = click.option(
 )
 
 
+class FiniteFloat(click.FloatRange):
+    """A `click.FloatRange` that also refuses NaN and infinity, which pass its range check:
+    `--max-age nan` would never fail a probe, `--watch nan` crash the sleep."""
+
+    name = "finite float range"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number.", param, ctx)
+        return number
+
+
+def consumer_names(
+    ctx: click.Context, param: click.Parameter, value: tuple[str, ...]
+) -> tuple[str, ...]:
+    """The callback of a repeatable `--consumer`: names JetStream can have, else bad usage.
+
+    A name with `.`, `*`, `>` or a space would make another API subject (or none), and the
+    server would answer a question nobody asked, or not at all.
+    """
+    for name in value:
+        if not name or any(c in ".*>" or not c.isprintable() or c.isspace() for c in name):
+            raise click.BadParameter(
+                f"{name!r} is not a consumer name (non-empty, without '.', '*', '>' or spaces)",
+                ctx,
+                param,
+            )
+    return value
+
+
+def pattern_of(what: str, pattern: str) -> str:
+    """`pattern` (an event type, `pin.*`, `>`) checked, or one line of bad usage naming
+    `what` (the argument or option) and saying what it takes."""
+    try:
+        return check_pattern(pattern)
+    except GDCWorkerError as exc:
+        raise ReportedError(f"{what}: {exc}", EXIT_USAGE) from None
+
+
 def connection(url: str | None, creds: str | None) -> dict[str, str]:
     """The settings `--url` and `--creds` override, for `NATSConfig.replace`/`from_env`."""
     given = {"url": url, "creds_file": creds}
     return {name: value for name, value in given.items() if value is not None}
 
 
+def one_line(text: str) -> str:
+    """`text` with what a terminal acts on (line breaks, escape sequences) shown escaped, so
+    that what came from anywhere (an event, a dead letter) is one line and cannot restyle
+    the screen."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def aligned(rows: Sequence[Sequence[str]], right: frozenset[int] = frozenset()) -> list[str]:
     """Rows as lines of aligned columns two spaces apart; the columns in `right` (numbers)
-    aligned right. An empty cell shows as `-`, so that the columns stay apart."""
-    cells = [[cell or "-" for cell in row] for row in rows]
+    aligned right. An empty cell shows as `-`, so that the columns stay apart; control
+    characters in a cell show escaped (`one_line`)."""
+    cells = [[one_line(cell) or "-" for cell in row] for row in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(cells[0]))] if cells else []
     return [
         "  ".join(
@@ -207,9 +263,14 @@ def aligned(rows: Sequence[Sequence[str]], right: frozenset[int] = frozenset()) 
 
 def run_until_stopped(work: Callable[[], Awaitable[None]]) -> None:
     """Run `work` until it returns, or SIGINT or SIGTERM arrives (then cancel it), so that
-    Ctrl-C ends a command that follows something (`tail`, `status --watch`) cleanly."""
-    with contextlib.suppress(KeyboardInterrupt):  # a Ctrl-C before the handler was in place
-        anyio.run(_until_stopped, work)
+    Ctrl-C ends a command that follows something (`tail`, `status --watch`) cleanly; and
+    so does a reader of its output that stops (`| head`): it has what it wanted."""
+    try:
+        with contextlib.suppress(KeyboardInterrupt):  # a Ctrl-C before the handler was there
+            anyio.run(_until_stopped, work)
+    except BrokenPipeError:
+        # What is still buffered cannot go out either: flushing it at exit would fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 async def _until_stopped(work: Callable[[], Awaitable[None]]) -> None:

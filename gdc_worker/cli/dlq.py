@@ -5,7 +5,9 @@ from __future__ import annotations
 import functools
 import json
 import math
+import signal
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -19,7 +21,7 @@ import msgspec
 
 from ..bus import NATSEventBus
 from ..config import NATSConfig
-from ..dlq import DeadLetterEntry, DeadLetterQueue, ReplayPlan
+from ..dlq import DeadLetterEntry, DeadLetterQueue, ReplayPlan, ReplaySummary
 from ..errors import GDCWorkerError
 from .common import (
     EXIT_FAILURE,
@@ -29,6 +31,8 @@ from .common import (
     aligned,
     connection,
     creds_option,
+    one_line,
+    pattern_of,
     reported_errors,
     since_option,
     url_option,
@@ -41,8 +45,22 @@ __all__ = ["dlq"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-#: A dead letter's id: its sequence in the dead-letter stream, so 1 or more.
-ENTRY_ID = click.IntRange(min=1)
+#: A dead letter's id: its sequence in the dead-letter stream, 1 to JetStream's uint64.
+ENTRY_ID = click.IntRange(min=1, max=2**64 - 1)
+
+
+def _event_type(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """`--type`: an event type or pattern; empty or no subject is bad usage, never "all"."""
+    return None if value is None else pattern_of("--type", value)
+
+
+def _named(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """`--consumer` and `--error`: a name; an empty one (an unset shell variable) is bad
+    usage, never "all" (with `purge --all`, that would delete every dead letter)."""
+    if value is None or value.strip():
+        return value
+    option = param.opts[0] if param.opts else str(param.name)
+    raise ReportedError(f"{option} is empty: give a name or leave the option out", EXIT_USAGE)
 
 
 @click.group()
@@ -170,8 +188,15 @@ def _filters(func: F) -> F:
         return func(*args, filters=filters, **kwargs)
 
     options = (
-        click.option("--type", "event_type", help="Only entries of this event type."),
-        click.option("--consumer", help="Only entries of this consumer (durable)."),
+        click.option(
+            "--type",
+            "event_type",
+            callback=_event_type,
+            help="Only entries of this event type (or pattern: pin.*).",
+        ),
+        click.option(
+            "--consumer", callback=_named, help="Only entries of this consumer (durable)."
+        ),
         click.option(
             "--since",
             callback=since_option,
@@ -181,6 +206,7 @@ def _filters(func: F) -> F:
         click.option(
             "--error",
             "error_type",
+            callback=_named,
             metavar="TYPE",
             help="Only records whose error is of this type (e.g. Reject, TimeoutError).",
         ),
@@ -240,35 +266,44 @@ def dlq_show(url: str | None, creds: str | None, entry_id: int) -> None:
 
     async def action(queue: DeadLetterQueue) -> int:
         entry = await queue.get(entry_id)
-        click.echo(f"id:          {entry.id}")
+        _say(f"id:          {entry.id}")
         if not entry.readable:
-            click.echo(f"unreadable:  {entry.problem}")
-            click.echo(f"subject:     {entry.subject}")
-            click.echo(f"size:        {entry.size} bytes")
-            click.echo(f"first bytes: {entry.head!r}")
+            _say(f"unreadable:  {entry.problem}")
+            _say(f"subject:     {entry.subject}")
+            _say(f"size:        {entry.size} bytes")
+            _say(f"first bytes: {entry.head!r}")
             return EXIT_OK
         record = entry.record
-        click.echo(f"failed at:   {record.failed_at.isoformat()}")
-        click.echo(f"reason:      {record.reason}")
-        click.echo(f"consumer:    {record.consumer} (handler {record.handler})")
-        click.echo(f"message:     {record.stream} #{record.stream_seq} on {record.subject}")
+        _say(f"failed at:   {record.failed_at.isoformat()}")
+        _say(f"reason:      {record.reason}")
+        _say(f"consumer:    {record.consumer} (handler {record.handler})")
+        _say(f"message:     {record.stream} #{record.stream_seq} on {record.subject}")
         if record.by_reference:
-            click.echo("stored:      by reference (too large to copy): read from that stream")
-        click.echo(f"deliveries:  {record.deliveries}")
+            _say("stored:      by reference (too large to copy): read from that stream")
+        _say(f"deliveries:  {record.deliveries}")
         if record.error_type:
-            click.echo(f"error:       {record.error_type}: {record.error_message}")
+            _say(f"error:       {record.error_type}: {record.error_message}")
         if record.event is not None:
             click.echo("event:\n" + json.dumps(msgspec.to_builtins(record.event), indent=2))
         elif not entry.problem:  # with a problem, the message is not there: said last
-            click.echo(f"raw message: {_shown(record.data)}")
+            _say(f"raw message: {_shown(record.data)}")
         if record.traceback:
-            click.echo("traceback:\n" + record.traceback.rstrip())
+            click.echo("traceback:")
+            for line in record.traceback.rstrip().splitlines():
+                _say(line)
         if entry.problem:
-            click.echo(f"Error: cannot show the message of #{entry.id}: {entry.problem}", err=True)
+            message = f"Error: cannot show the message of #{entry.id}: {entry.problem}"
+            click.echo(one_line(message), err=True)
             return EXIT_FAILURE
         return EXIT_OK
 
     _run_dlq(url, creds, action)
+
+
+def _say(line: str) -> None:
+    """Print one line of a record: what its writer put there cannot break it or restyle the
+    terminal (`one_line`)."""
+    click.echo(one_line(line))
 
 
 def _shown(data: bytes, limit: int = 1000) -> str:
@@ -326,12 +361,25 @@ def dlq_replay(
         shown = _Progress(verbose or bool(ids))
         if _on_terminal():
             shown.bar(len(ids) if ids else await filters.count(queue))
-        with shown:
-            summary = await queue.replay_many(
-                _targets(queue, ids, filters), rate=rate, on_done=shown.done
+        stop = anyio.Event()
+        summary: ReplaySummary | None = None
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(_stop_on_signal, stop, tg.cancel_scope)
+            with shown:
+                summary = await queue.replay_many(
+                    _targets(queue, ids, filters), rate=rate, on_done=shown.done, stop=stop
+                )
+            tg.cancel_scope.cancel()
+        if summary is None:  # a second signal: not even what was sent is settled
+            raise ReportedError(
+                "stopped by a second signal: a record replayed just now may still be in the "
+                "DLQ; replaying it again within the duplicate window stores it once",
+                EXIT_FAILURE,
             )
         for line in _grouped(summary.failed, "not replayed"):
             click.echo(f"Error: {line}", err=True)
+        if summary.stopped:
+            click.echo("Error: stopped by a signal: the rest is still in the DLQ", err=True)
         if not summary.replayed and not summary.failed:
             click.echo("no dead letters")
             return EXIT_OK
@@ -339,9 +387,23 @@ def dlq_replay(
             f"replayed {summary.replayed}, failed {len(summary.failed)}, "
             f"in {summary.seconds:.1f} s, {summary.rate:.0f}/s"
         )
-        return EXIT_FAILURE if summary.failed else EXIT_OK
+        return EXIT_FAILURE if summary.failed or summary.stopped else EXIT_OK
 
     _run_dlq(url, creds, action)
+
+
+async def _stop_on_signal(stop: anyio.Event, scope: anyio.CancelScope) -> None:
+    """On SIGINT or SIGTERM, set `stop`: the replay sends no more, and settles what it sent,
+    so that it can say what it did; on a second one, cancel `scope` at once. Signals reach
+    the main thread only: elsewhere (click's test runner in a thread) there are none to hear."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for _ in signals:
+            if stop.is_set():
+                scope.cancel()
+                return
+            stop.set()
 
 
 def _on_terminal() -> bool:
@@ -390,7 +452,7 @@ class _Progress:
         if self._verbose and error is None:
             record = entry.record
             what = f"event {record.event_id}" if record.event_id else "message"
-            click.echo(f"replayed #{entry.id}: {what} to {record.subject}")
+            click.echo(one_line(f"replayed #{entry.id}: {what} to {record.subject}"))
         if self._bar is not None and time.monotonic() - self._last_draw >= self.REDRAW_S:
             self._draw()
 
@@ -425,11 +487,11 @@ def _grouped(failures: dict[int, str], what: str, shown: int = 10) -> list[str]:
     lines = []
     for reason, ids in by_reason.items():
         if len(ids) == 1:
-            lines.append(f"dead letter #{ids[0]} {what}: {reason}")
+            lines.append(one_line(f"dead letter #{ids[0]} {what}: {reason}"))
             continue
         named = ", ".join(f"#{i}" for i in ids[:shown])
         more = f" and {len(ids) - shown} more" if len(ids) > shown else ""
-        lines.append(f"{len(ids)} dead letters {what} ({named}{more}): {reason}")
+        lines.append(one_line(f"{len(ids)} dead letters {what} ({named}{more}): {reason}"))
     return lines
 
 

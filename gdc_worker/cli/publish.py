@@ -14,6 +14,7 @@ import click
 
 from ..bus import NATSEventBus
 from ..config import NATSConfig
+from ..errors import GDCWorkerError
 from ..events import (
     Event,
     EventType,
@@ -26,7 +27,7 @@ from ..events import (
     parse_event_data,
 )
 from ..payloads import payload_types
-from ..subjects import check_event_type
+from ..subjects import check_event_type, is_event_type
 from .common import (
     EXIT_OK,
     EXIT_USAGE,
@@ -77,6 +78,15 @@ def _data(value: str | None) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ReportedError(f"--data: must be a JSON object, got {type(data).__name__}", EXIT_USAGE)
     return data
+
+
+def _not_a_type(event_type: str) -> str:
+    """Why `event_type` cannot be a subject, as `check_event_type` says it."""
+    try:
+        check_event_type(event_type)
+    except GDCWorkerError as exc:
+        return str(exc)
+    return f"{event_type!r} is not an event type"
 
 
 def _unknown(event_type: str) -> str:
@@ -130,8 +140,10 @@ def publish(
     TYPE that is not a GDC one (a typo, say) exits 2 unless --any-type. It publishes
     directly, never through an outbox: NATS out of reach exits 4.
     """
+    if not is_event_type(event_type):
+        raise ReportedError(f"TYPE: {_not_a_type(event_type)}", EXIT_USAGE)
     with reported_errors():
-        event = Event.new(check_event_type(event_type), source, subject or "", _data(data))
+        event = Event.new(event_type, source, subject or "", _data(data))
         event.with_trace_id(trace_id)
         payload_type = payload_types().get(event_type)  # the GDC types' and registered ones
         if payload_type is None and not any_type:

@@ -34,6 +34,7 @@ from .common import (
     EXIT_USAGE,
     LOG_FORMATS,
     URL_ENVVAR,
+    FiniteFloat,
     configure_logging,
     connection,
     creds_option,
@@ -138,7 +139,7 @@ def load_app(target: str) -> App:
 )
 @click.option(
     "--grace",
-    type=click.FloatRange(min=0),
+    type=FiniteFloat(min=0),
     default=30.0,
     show_default=True,
     help="Seconds running handlers get to finish on shutdown.",

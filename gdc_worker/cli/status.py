@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import sys
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -15,13 +16,16 @@ import click
 from ..bus import ConsumerState, NATSEventBus, StreamState
 from ..config import NATSConfig
 from ..dlq import DeadLetterQueue
+from ..errors import ConnectionFailed, GDCWorkerError
 from .common import (
     EXIT_FAILURE,
     EXIT_OK,
+    FiniteFloat,
     ReportedError,
     aligned,
     connection,
     creds_option,
+    one_line,
     reported_errors,
     run_until_stopped,
     url_option,
@@ -176,6 +180,25 @@ class Snapshot:
         return lines
 
 
+async def _refreshed(
+    show: Callable[[NATSEventBus, dict[str, int] | None], Awaitable[dict[str, int]]],
+    bus: NATSEventBus,
+    lags: dict[str, int],
+    watch: float,
+) -> dict[str, int]:
+    """One refresh of `status --watch`; one that fails (the server slow to answer, the
+    stream deleted a moment) says why on stderr and keeps the last lags, so that the watch
+    outlives the outage it is watched for. A connection lost for good still ends it."""
+    try:
+        return await show(bus, lags)
+    except ConnectionFailed:
+        raise
+    except (GDCWorkerError, click.ClickException) as exc:
+        message = exc.format_message() if isinstance(exc, click.ClickException) else str(exc)
+        click.echo(f"Error: {one_line(message)}; retrying in {watch:g}s", err=True)
+        return lags
+
+
 def _highlight_lag(header: str, line: str) -> str:
     """`line` with its LAG cell (right-aligned under the header's LAG) in bold red."""
     end = header.index("LAG") + len("LAG")
@@ -231,7 +254,7 @@ def size_text(size: int) -> str:
 @click.option("--json", "as_json", is_flag=True, help="One JSON object (per refresh).")
 @click.option(
     "--watch",
-    type=click.FloatRange(min=0.1),
+    type=FiniteFloat(min=0.1),
     is_flag=False,
     flag_value=WATCH_S,
     default=None,
@@ -264,7 +287,7 @@ def status(url: str | None, creds: str | None, as_json: bool, watch: float | Non
             lags = await show(bus, None)
             while watch is not None:
                 await anyio.sleep(watch)
-                lags = await show(bus, lags)
+                lags = await _refreshed(show, bus, lags, watch)
 
     with reported_errors():
         if watch is None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 from datetime import datetime
 
@@ -14,11 +13,12 @@ from ..bus import NATSEventBus, TailedMessage
 from ..config import NATSConfig
 from ..errors import EventDecodeError
 from ..events import Event
-from ..subjects import check_pattern
 from .common import (
     EXIT_OK,
     connection,
     creds_option,
+    one_line,
+    pattern_of,
     reported_errors,
     run_until_stopped,
     since_option,
@@ -40,7 +40,9 @@ DEFAULT_LAST = 10
   gdc-worker tail node.up --new --json | jq .data
 """
 )
-@click.argument("pattern", default=">")
+@click.argument(
+    "pattern", default=">", callback=lambda ctx, param, value: pattern_of("PATTERN", value)
+)
 @url_option
 @creds_option
 @click.option(
@@ -75,7 +77,7 @@ def tail(
 
     async def follow() -> None:
         config = NATSConfig.from_env(None, **connection(url, creds))
-        subject = config.subject_for(check_pattern(pattern))
+        subject = config.subject_for(pattern)
         async with (
             await NATSEventBus.connect(config, setup_stream=False) as bus,
             bus.tail(subject, last=last or 0, since=since) as messages,
@@ -85,10 +87,7 @@ def tail(
                 click.echo(_json_line(message) if as_json else _text_line(message))
 
     with reported_errors():
-        try:
-            run_until_stopped(follow)
-        except BrokenPipeError:  # `tail --json | head`: the reader has what it wanted
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        run_until_stopped(follow)  # `tail --json | head` too
     sys.exit(EXIT_OK)
 
 
@@ -106,18 +105,10 @@ def _text_line(message: TailedMessage) -> str:
         return f"#{message.seq} {when} {message.subject}: not an event: {message.data!r}"
     data = json.dumps(event.data, sort_keys=True, separators=(",", ":"))
     trace = f" trace={event.trace_id}" if event.trace_id else ""
-    return _one_line(
+    return one_line(
         f"#{message.seq} {when} {event.type} id={event.id} source={event.source} "
         f"subject={event.subject}{trace} data={data}"
     )
-
-
-def _one_line(text: str) -> str:
-    """`text` with what a terminal acts on (line breaks, escape sequences) shown escaped, so
-    that an event from anywhere is one line and cannot restyle the screen."""
-    if text.isprintable():
-        return text
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def _json_line(message: TailedMessage) -> str:
