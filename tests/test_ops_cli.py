@@ -763,6 +763,32 @@ async def test_a_user_without_permission_is_told_so_not_that_nats_timed_out(
     assert denied.lower() in line
 
 
+async def test_a_worker_whose_user_may_not_create_its_consumer_is_told_so_at_once(
+    limited_server: NATSServer,
+) -> None:
+    """Given a stream and dead-letter stream an admin set up, and a user who may read stream
+    and consumer info only,
+    when that user runs a worker, whose consumer does not exist yet,
+    then it exits 1 at the first refused request, its last line saying permission was denied
+    for the consumer create, not after asking again for three request timeouts."""
+    admin = NATSConfig(url=f"nats://admin:admin@127.0.0.1:{limited_server.port}")
+    async with await NATSEventBus.connect(admin) as bus:
+        await DeadLetterQueue(bus).ensure()
+    viewer = admin.replace(url=f"nats://viewer:viewer@127.0.0.1:{limited_server.port}")
+    env = worker_env(viewer, GDC_NATS_CONNECT_TIMEOUT="2")
+
+    started = time.monotonic()
+    result = await gdc_worker_process(["run", "tests.apps.metered:app"], env)
+
+    assert result.returncode == 1, result.stderr
+    last = result.stderr.splitlines()[-1]
+    assert last.startswith("Error: ")
+    assert "permission denied: " in last
+    assert "$js.api.consumer.create." in last
+    assert "asking again" not in result.stderr
+    assert time.monotonic() - started < 3 * 2
+
+
 async def test_status_watch_outlives_a_server_that_stops_answering_for_a_while(
     tmp_path: Path,
 ) -> None:

@@ -330,7 +330,8 @@ class Admin:
     async def _asking_again(self, what: str, setup: Callable[[], Awaitable[T]]) -> T:
         """`setup()`, from the start again while JetStream gives no answer or says it is
         temporarily unavailable, for up to `_SETUP_TIMEOUTS` request timeouts in all; then
-        a `TimeoutError` says what every ask got."""
+        a `TimeoutError` says what every ask got. A request the server refused for want of
+        permission (it times out too) raises `EventBusError` saying so at once."""
         started = time.monotonic()
         deadline = started + _SETUP_TIMEOUTS * self._timeout
         asks = 0
@@ -344,6 +345,9 @@ class Admin:
                         raise
                     said, pause = f"'{exc.description}'", _UNAVAILABLE_PAUSE_S
                 else:
+                    denied = permission_denied(self._nc)
+                    if denied:  # the server refused it: asking again cannot help
+                        raise EventBusError(f"cannot set up {what}: {denied}") from None
                     said, pause = "no answer", 0.0
                 if time.monotonic() + pause >= deadline:
                     raise TimeoutError(
