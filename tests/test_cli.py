@@ -1114,14 +1114,14 @@ def test_server_with_an_unusable_store_dir_exits_1_with_one_error_line(
 
 
 @pytest.mark.anyio
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP], ids=str)
 async def test_server_prints_its_url_serves_jetstream_and_stops_on_signal(
     spawn: Spawn, signum: signal.Signals
 ) -> None:
     """Given `gdc-worker server --port 0`,
-    when it has started, and later gets SIGTERM or SIGINT,
+    when it has started, and later gets SIGTERM, SIGINT or SIGHUP (its terminal gone),
     then it printed the URL of a server with JetStream on a free port, then it exits 0 and
-    the port no longer accepts connections."""
+    the port no longer accepts connections (no nats-server left behind)."""
     server = spawn("server", "--port", "0", env=clean_env())
     started = re.compile(r"nats-server with JetStream at (nats://127\.0\.0\.1:(\d+)) ")
     match = await eventually(lambda: started.search(server.stdout), "the URL printed")

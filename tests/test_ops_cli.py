@@ -482,15 +482,16 @@ async def test_tail_last_starts_with_the_last_events_of_its_pattern(
     event_bus: NATSEventBus, nats_config: NATSConfig, tails: Tails
 ) -> None:
     """Given node.up and node.down events interleaved (three node.up at sequences 1, 3, 5),
-    when `tail node.up --last 2` runs,
-    then its first lines are the node.up events at sequences 3 and 5, in text."""
+    when `tail node.up --last 2` runs, and later gets SIGHUP (its terminal gone),
+    then its first lines are the node.up events at sequences 3 and 5, in text, and it ends
+    with 0 as on Ctrl-C."""
     for i in range(3):
         await event_bus.publish_event(node_up(f"n-{i}"))
         await event_bus.publish_event(new_node_down_event("health-monitor", f"n-{i}", "gone"))
 
     tail = tails("node.up", "--last", "2")
     lines = await _lines(tail, 2)
-    tail.send(signal.SIGINT)
+    tail.send(signal.SIGHUP)
 
     assert [line.split()[0] for line in lines] == ["#3", "#5"]
     assert all(" node.up " in line and "subject=n-" in line for line in lines)

@@ -7,7 +7,6 @@ import logging
 import math
 import os
 import re
-import signal
 import sys
 import threading
 from collections.abc import Awaitable, Callable, Iterator, Sequence
@@ -23,6 +22,7 @@ from click.core import ParameterSource
 from ..errors import ConnectionFailed, GDCWorkerError, TargetError, describe, one_error
 from ..logs import JSONFormatter
 from ..subjects import check_pattern
+from ..supervisor import STOP_SIGNALS
 
 __all__ = [
     "CREDS_ENVVAR",
@@ -262,9 +262,10 @@ def aligned(rows: Sequence[Sequence[str]], right: frozenset[int] = frozenset()) 
 
 
 def run_until_stopped(work: Callable[[], Awaitable[None]]) -> None:
-    """Run `work` until it returns, or SIGINT or SIGTERM arrives (then cancel it), so that
-    Ctrl-C ends a command that follows something (`tail`, `status --watch`) cleanly; and
-    so does a reader of its output that stops (`| head`): it has what it wanted."""
+    """Run `work` until it returns, or a stop signal (SIGINT, SIGTERM, SIGHUP) arrives (then
+    cancel it), so that Ctrl-C ends a command that follows something (`tail`, `status
+    --watch`) cleanly; and so does a reader of its output that stops (`| head`): it has what
+    it wanted."""
     try:
         with contextlib.suppress(KeyboardInterrupt):  # a Ctrl-C before the handler was there
             anyio.run(_until_stopped, work)
@@ -276,7 +277,7 @@ def run_until_stopped(work: Callable[[], Awaitable[None]]) -> None:
 async def _until_stopped(work: Callable[[], Awaitable[None]]) -> None:
     try:
         async with anyio.create_task_group() as tg:
-            with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            with anyio.open_signal_receiver(*STOP_SIGNALS) as signals:
 
                 async def stop() -> None:
                     async for _ in signals:

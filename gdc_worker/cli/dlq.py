@@ -5,7 +5,6 @@ from __future__ import annotations
 import functools
 import json
 import math
-import signal
 import sys
 import threading
 import time
@@ -23,6 +22,7 @@ from ..bus import NATSEventBus
 from ..config import NATSConfig
 from ..dlq import DeadLetterEntry, DeadLetterQueue, ReplayPlan, ReplaySummary
 from ..errors import GDCWorkerError
+from ..supervisor import STOP_SIGNALS
 from .common import (
     EXIT_FAILURE,
     EXIT_OK,
@@ -393,12 +393,13 @@ def dlq_replay(
 
 
 async def _stop_on_signal(stop: anyio.Event, scope: anyio.CancelScope) -> None:
-    """On SIGINT or SIGTERM, set `stop`: the replay sends no more, and settles what it sent,
-    so that it can say what it did; on a second one, cancel `scope` at once. Signals reach
-    the main thread only: elsewhere (click's test runner in a thread) there are none to hear."""
+    """On a stop signal (SIGINT, SIGTERM, SIGHUP), set `stop`: the replay sends no more, and
+    settles what it sent, so that it can say what it did; on a second one, cancel `scope` at
+    once. Signals reach the main thread only: elsewhere (click's test runner in a thread)
+    there are none to hear."""
     if threading.current_thread() is not threading.main_thread():
         return
-    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+    with anyio.open_signal_receiver(*STOP_SIGNALS) as signals:
         async for _ in signals:
             if stop.is_set():
                 scope.cancel()

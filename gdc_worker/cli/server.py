@@ -7,6 +7,7 @@ import signal
 import click
 
 from ..server import NATSServer
+from ..supervisor import STOP_SIGNALS
 from .common import reported_errors
 
 __all__ = ["server"]
@@ -32,8 +33,9 @@ def server(port: int, store_dir: str | None) -> None:
     nats = NATSServer(port=port, store_dir=store_dir)
     with reported_errors():
         nats.start()
-    # Ctrl-C or SIGTERM asks the server to shut down cleanly; wait() then returns.
-    for signum in (signal.SIGINT, signal.SIGTERM):
+    # Ctrl-C, SIGTERM or SIGHUP (the terminal gone) asks the server to shut down cleanly, and
+    # wait() then returns: no nats-server left running on its own, with its temporary store.
+    for signum in STOP_SIGNALS:
         signal.signal(signum, lambda *_: nats.terminate())
     click.echo(
         f"nats-server with JetStream at {nats.url} (store {nats.store_dir}); Ctrl-C stops it"
