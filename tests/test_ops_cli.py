@@ -790,6 +790,28 @@ async def test_a_worker_whose_user_may_not_create_its_consumer_is_told_so_at_onc
     assert time.monotonic() - started < 3 * 2
 
 
+async def test_publish_by_a_user_who_may_not_publish_events_is_told_so_at_once(
+    limited_server: NATSServer,
+) -> None:
+    """Given a user who may read stream and consumer info only,
+    when that user publishes an event,
+    then it exits 1 with one line saying the server denied the publish to the event's
+    subject, after the first try's timeout, not after retrying for the connect timeout."""
+    admin = NATSConfig(url=f"nats://admin:admin@127.0.0.1:{limited_server.port}")
+    async with await NATSEventBus.connect(admin):
+        pass  # creates the stream
+    viewer = admin.replace(url=f"nats://viewer:viewer@127.0.0.1:{limited_server.port}")
+
+    started = time.monotonic()
+    result = await gdc_worker_process(["publish", "node.up"], worker_env(viewer))
+
+    assert result.returncode == 1, result.stderr
+    [line] = result.stderr.splitlines()
+    assert "permission denied: " in line
+    assert f'"{admin.subject_for("node.up")}"' in line
+    assert time.monotonic() - started < admin.connect_timeout
+
+
 async def test_status_watch_outlives_a_server_that_stops_answering_for_a_while(
     tmp_path: Path,
 ) -> None:

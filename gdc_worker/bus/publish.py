@@ -20,6 +20,7 @@ from nats.js import JetStreamContext
 
 from ..errors import PublishError, PublishRefused, describe, message_of
 from .connection import Client
+from .state import permission_denied
 
 __all__ = [
     "MAX_PENDING_PUBLISHES",
@@ -204,6 +205,9 @@ async def _publish(
             return Stored(ack.seq, bool(ack.duplicate))
         passes = _passes(failure)
         note = ""
+        denied = permission_denied(nc, subject) if isinstance(failure, TimeoutError) else ""
+        if denied:  # the server refused it: it times out, and trying again cannot help
+            raise PublishRefused(f"publish of {what} to {subject} refused: {denied}")
         if passes is None:  # no responders
             remaining = deadline - time.monotonic()
             stream_known = stream_known or await _stream_captures(nc, subject, remaining)

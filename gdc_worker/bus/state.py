@@ -351,17 +351,20 @@ def api_error(
     return otherwise(f"{what}: {describe(exc)}")
 
 
-def permission_denied(nc: NATS | None) -> str:
-    """What the server said when it last refused this client a JetStream API request for
-    want of permission (`permissions violation for publish to "$js.api..."`); "" if never.
+def permission_denied(nc: NATS | None, subject: str = "$JS.API.") -> str:
+    """What the server said when it last refused this client a publish to `subject` for want
+    of permission (`permissions violation for publish to "$js.api..."`); "" if it did not.
+    A `subject` ending in a dot stands for those under it: JetStream's API by default.
 
     The server says it asynchronously, and nats-py keeps it as the client's last error,
     while the request itself just times out.
     """
     error = nc.last_error if nc is not None else None
     text = str(error).removeprefix("nats: ") if error is not None else ""
-    if "permissions violation" in text.lower() and "$js.api." in text.lower():
-        return f"permission denied: the server says {text}"  # nats-py lowercases it
+    lowered = text.lower()  # nats-py lowercases what the server said
+    quoted = f'"{subject.lower()}' + ("" if subject.endswith(".") else '"')
+    if "permissions violation" in lowered and quoted in lowered:
+        return f"permission denied: the server says {text}"
     return ""
 
 
