@@ -755,7 +755,8 @@ async def test_a_user_without_permission_is_told_so_not_that_nats_timed_out(
         await bus.publish_raw(f"{admin.dlq_subject_prefix}.x.y", b"not a record", {})
     viewer = admin.replace(url=f"nats://viewer:viewer@127.0.0.1:{limited_server.port}")
 
-    result = await gdc_worker_process(command, worker_env(viewer))
+    # A refused request times out: a short timeout keeps the test short.
+    result = await gdc_worker_process(command, worker_env(viewer, GDC_NATS_CONNECT_TIMEOUT="2"))
 
     assert result.returncode == 1, result.stderr
     [line] = result.stderr.splitlines()

@@ -434,7 +434,9 @@ class NATSEventBus:
     ) -> Tail:
         """Follow the messages on `subject` (a pattern) of the event stream (or `stream`) as
         they come, through an ephemeral ordered consumer; see `Tail`."""
-        return Tail(self._js, stream or self.config.stream_name, subject, last=last, since=since)
+        return Tail(
+            self._nc, self._js, stream or self.config.stream_name, subject, last=last, since=since
+        )
 
     # -- publishing ---------------------------------------------------------------------------
 

@@ -15,6 +15,7 @@ from types import TracebackType
 import anyio
 import nats.errors
 import nats.js.errors
+from nats.aio.client import Client as NATS
 from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
@@ -52,6 +53,7 @@ class Tail:
 
     def __init__(
         self,
+        nc: NATS,
         js: JetStreamContext,
         stream: str,
         subject: str,
@@ -61,6 +63,7 @@ class Tail:
     ) -> None:
         if last and since is not None:
             raise ValueError("give last or since, not both")
+        self._nc = nc
         self._js = js
         self._stream = stream
         self._subject = subject
@@ -80,7 +83,7 @@ class Tail:
         except nats.js.errors.NotFoundError:
             raise EventBusError(f"cannot follow {what}: there is no such stream") from None
         except (nats.errors.Error, TimeoutError) as exc:
-            raise api_error(f"cannot follow {what}", exc, nc=self._js._nc) from None
+            raise api_error(f"cannot follow {what}", exc, nc=self._nc) from None
         return self
 
     async def _start(self) -> ConsumerConfig:
@@ -174,7 +177,8 @@ async def start_of_last(
 
 
 async def _matching_from(js: JetStreamContext, stream: str, subject: str, seq: int) -> int:
-    """How many messages of `stream` on `subject` are at `seq` or later."""
+    """How many messages of `stream` on `subject` are at `seq` or later (nats-py's errors as
+    they are: the tail says what it could not follow)."""
     probe = ConsumerConfig(
         deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
         opt_start_seq=seq,
@@ -184,10 +188,7 @@ async def _matching_from(js: JetStreamContext, stream: str, subject: str, seq: i
         mem_storage=True,
         num_replicas=1,
     )
-    try:
-        info = await js.add_consumer(stream, probe)
-        with anyio.CancelScope(shield=True), contextlib.suppress(nats.js.errors.NotFoundError):
-            await js.delete_consumer(stream, info.name)
-    except (nats.errors.Error, TimeoutError) as exc:
-        raise api_error(f"cannot count {subject} on stream {stream}", exc, nc=js._nc) from None
+    info = await js.add_consumer(stream, probe)
+    with anyio.CancelScope(shield=True), contextlib.suppress(nats.js.errors.NotFoundError):
+        await js.delete_consumer(stream, info.name)
     return info.num_pending or 0
