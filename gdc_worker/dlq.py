@@ -25,7 +25,6 @@ from collections import Counter
 from collections.abc import (
     AsyncIterable,
     AsyncIterator,
-    Awaitable,
     Callable,
     Iterable,
     Mapping,
@@ -436,7 +435,7 @@ class DeadLetterQueue:
                     if problem:
                         done(entry, problem)
                         continue
-                    await _until(stop, pace.wait())
+                    await pace.wait(stop)
                     if stop is not None and stop.is_set():
                         summary.stopped = True
                         break
@@ -635,22 +634,6 @@ def _matches(entry: DeadLetterEntry, since: datetime | None, error_type: str | N
     return error_type is None or record.error_type == error_type
 
 
-async def _until(stop: anyio.Event | None, waiting: Awaitable[None]) -> None:
-    """Await `waiting`, or less: until `stop` is set."""
-    if stop is None:
-        await waiting
-        return
-    async with anyio.create_task_group() as tg:
-
-        async def stopped() -> None:
-            await stop.wait()
-            tg.cancel_scope.cancel()
-
-        tg.start_soon(stopped)
-        await waiting
-        tg.cancel_scope.cancel()
-
-
 class _Pace:
     """At most `rate` sends a second (no limit when None): the next send waits its turn."""
 
@@ -658,12 +641,14 @@ class _Pace:
         self._interval = 1 / rate if rate else 0.0
         self._next = 0.0
 
-    async def wait(self) -> None:
+    async def wait(self, stop: anyio.Event | None = None) -> None:
+        """Until the next send's turn, or less: until `stop` is set."""
         if not self._interval:
             return
         now = anyio.current_time()
         self._next = max(self._next, now)  # after a stall, no burst to catch up
-        await anyio.sleep(self._next - now)
+        with anyio.move_on_after(self._next - now):
+            await (stop.wait() if stop is not None else anyio.sleep_forever())
         self._next += self._interval
 
 
