@@ -388,15 +388,18 @@ async def test_publish_checks_a_typed_payload_and_stores_nothing_when_it_is_bad(
     )
 
 
-async def test_publish_refuses_a_type_no_gdc_service_handles_unless_told(
+async def test_publish_refuses_a_type_no_gdc_service_handles_or_a_blank_source(
     event_bus: NATSEventBus, nats_config: NATSConfig
 ) -> None:
-    """Given a TYPE with a typo (`pin.requsted`) and one of the user's own (`audit.logged`),
+    """Given a TYPE with a typo (`pin.requsted`), one of the user's own (`audit.logged`), and
+    a blank --source (an unset shell variable),
     when `publish` runs with each,
-    then both exit 2 with one line naming the type (the typo with the type it is close to),
-    and nothing is stored; with --any-type the user's own type is published as given."""
+    then all exit 2 with one line naming the type (the typo with the type it is close to) or
+    the option, and nothing is stored; with --any-type the user's own type is published as
+    given."""
     typo = await cli(nats_config, "publish", "pin.requsted", "--data", '{"cid": "c"}')
     own = await cli(nats_config, "publish", "audit.logged")
+    no_source = await cli(nats_config, "publish", "node.up", "--source", " ")
     told = await cli(
         nats_config, "publish", "audit.logged", "--any-type", "--data", '{"who": "ops"}'
     )
@@ -406,6 +409,10 @@ async def test_publish_refuses_a_type_no_gdc_service_handles_unless_told(
     assert "'pin.requsted' is not a GDC event type (did you mean 'pin.requested'?)" in typo_line
     assert "--any-type" in typo_line
     assert "'audit.logged' is not a GDC event type, so" in own.stderr
+    assert (no_source.exit_code, no_source.stderr) == (
+        2,
+        "Error: --source is empty: name the publishing service\n",
+    )
     assert told.exit_code == 0, told.output
     stored = await event_bus.get_message(nats_config.stream_name, 1)
     assert stored is not None

@@ -142,6 +142,8 @@ def publish(
     """
     if not is_event_type(event_type):
         raise ReportedError(f"TYPE: {_not_a_type(event_type)}", EXIT_USAGE)
+    if not source.strip():  # an unset shell variable: the event would name no service
+        raise ReportedError("--source is empty: name the publishing service", EXIT_USAGE)
     with reported_errors():
         event = Event.new(event_type, source, subject or "", _data(data))
         event.with_trace_id(trace_id)
