@@ -375,7 +375,7 @@ class NATSEventBus:
 
     async def count_messages(self, stream: str, subject: str | None = None) -> int:
         """How many messages `stream` holds (on `subject`, a pattern, if given); 0 without it."""
-        return await count_messages(self._js, stream, subject)
+        return await count_messages(self._nc, self._js, stream, subject)
 
     async def get_message(self, stream: str, seq: int) -> StoredMessage | None:
         """The message at `seq` in `stream`, or None if there is none (or no such stream)."""

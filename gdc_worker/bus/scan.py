@@ -92,14 +92,14 @@ async def scan_messages(
         await _delete_quietly(js, stream, consumer.name)
 
 
-async def count_messages(js: JetStreamContext, stream: str, subject: str | None) -> int:
+async def count_messages(nc: NATS, js: JetStreamContext, stream: str, subject: str | None) -> int:
     """How many messages `stream` holds (on `subject`, a pattern, if given); 0 without it."""
     try:
         consumer = await _scan_consumer(js, stream, subject, 1)
     except nats.js.errors.NotFoundError:
         return 0
     except (nats.errors.Error, TimeoutError) as exc:
-        raise api_error(f"cannot read stream {stream}", exc, nc=js._nc) from None
+        raise api_error(f"cannot read stream {stream}", exc, nc=nc) from None
     await _delete_quietly(js, stream, consumer.name)
     return consumer.pending
 
