@@ -222,11 +222,12 @@ def consumer_names(
     return value
 
 
-def pattern_of(what: str, pattern: str) -> str:
-    """`pattern` (an event type, `pin.*`, `>`) checked, or one line of bad usage naming
-    `what` (the argument or option) and saying what it takes."""
+def pattern_of(what: str, pattern: str, check: Callable[[str], str] = check_pattern) -> str:
+    """`pattern` (an event type, `pin.*`, `>`) as `check` takes it (`check_pattern`; for a
+    type to publish, `check_event_type`), or one line of bad usage naming `what` (the
+    argument or option) and saying what it takes."""
     try:
-        return check_pattern(pattern)
+        return check(pattern)
     except GDCWorkerError as exc:
         raise ReportedError(f"{what}: {exc}", EXIT_USAGE) from None
 

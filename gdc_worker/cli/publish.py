@@ -14,7 +14,6 @@ import click
 
 from ..bus import NATSEventBus
 from ..config import NATSConfig
-from ..errors import GDCWorkerError
 from ..events import (
     Event,
     EventType,
@@ -27,13 +26,14 @@ from ..events import (
     parse_event_data,
 )
 from ..payloads import payload_types
-from ..subjects import check_event_type, is_event_type
+from ..subjects import check_event_type
 from .common import (
     EXIT_OK,
     EXIT_USAGE,
     ReportedError,
     connection,
     creds_option,
+    pattern_of,
     reported_errors,
     url_option,
 )
@@ -78,15 +78,6 @@ def _data(value: str | None) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ReportedError(f"--data: must be a JSON object, got {type(data).__name__}", EXIT_USAGE)
     return data
-
-
-def _not_a_type(event_type: str) -> str:
-    """Why `event_type` cannot be a subject, as `check_event_type` says it."""
-    try:
-        check_event_type(event_type)
-    except GDCWorkerError as exc:
-        return str(exc)
-    return f"{event_type!r} is not an event type"
 
 
 def _unknown(event_type: str) -> str:
@@ -140,8 +131,7 @@ def publish(
     TYPE that is not a GDC one (a typo, say) exits 2 unless --any-type. It publishes
     directly, never through an outbox: NATS out of reach exits 4.
     """
-    if not is_event_type(event_type):
-        raise ReportedError(f"TYPE: {_not_a_type(event_type)}", EXIT_USAGE)
+    pattern_of("TYPE", event_type, check_event_type)
     if not source.strip():  # an unset shell variable: the event would name no service
         raise ReportedError("--source is empty: name the publishing service", EXIT_USAGE)
     with reported_errors():
