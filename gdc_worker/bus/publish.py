@@ -205,7 +205,7 @@ async def _publish(
             return Stored(ack.seq, bool(ack.duplicate))
         passes = _passes(failure)
         note = ""
-        denied = permission_denied(nc, subject) if isinstance(failure, TimeoutError) else ""
+        denied = permission_denied(nc, failure, subject)
         if denied:  # the server refused it: it times out, and trying again cannot help
             raise PublishRefused(f"publish of {what} to {subject} refused: {denied}")
         if passes is None:  # no responders

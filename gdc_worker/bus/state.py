@@ -339,7 +339,7 @@ def api_error(
     `EventBusError` saying so when the server refused the request for want of permission
     (the request then times out, and only `nc` heard why); else `otherwise`, saying what
     nats-py said."""
-    denied = permission_denied(nc) if isinstance(exc, TimeoutError) else ""
+    denied = permission_denied(nc, exc)
     if denied:
         return EventBusError(f"{what}: {denied}")
     if isinstance(exc, nats.errors.NoRespondersError) or (
@@ -351,14 +351,17 @@ def api_error(
     return otherwise(f"{what}: {describe(exc)}")
 
 
-def permission_denied(nc: NATS | None, subject: str = "$JS.API.") -> str:
-    """What the server said when it last refused this client a publish to `subject` for want
-    of permission (`permissions violation for publish to "$js.api..."`); "" if it did not.
-    A `subject` ending in a dot stands for those under it: JetStream's API by default.
+def permission_denied(nc: NATS | None, failure: BaseException, subject: str = "$JS.API.") -> str:
+    """Why a request to `subject` that ended in `failure` failed, if the server refused this
+    client that publish for want of permission (`permissions violation for publish to
+    "$js.api..."`); "" if not. A `subject` ending in a dot stands for those under it:
+    JetStream's API by default.
 
     The server says it asynchronously, and nats-py keeps it as the client's last error,
-    while the request itself just times out.
+    while the request itself just times out: only a timeout can be such a refusal.
     """
+    if not isinstance(failure, TimeoutError):
+        return ""
     error = nc.last_error if nc is not None else None
     text = str(error).removeprefix("nats: ") if error is not None else ""
     lowered = text.lower()  # nats-py lowercases what the server said
