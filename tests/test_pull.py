@@ -1,14 +1,15 @@
-"""Pure parts of the pull consumer: reading a delivery's reply subject, and the hand-off of
-deliveries to workers."""
+"""Pure parts of the pull consumer: reading a delivery's reply subject, the hand-off of
+deliveries to workers, and the pull requests it asks for."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 
 import anyio
 import pytest
 
-from gdc_worker.bus.pull import Delivery, _Handoff
+from gdc_worker.bus.pull import Delivery, PullConsumer, _Handoff
 from tests.support import delivery
 
 pytestmark = pytest.mark.anyio
@@ -158,3 +159,81 @@ async def test_a_term_reason_is_cut_on_a_character_boundary(reason: str) -> None
     assert len(sent) <= 256
     assert reason.startswith(sent.decode("utf-8"))
     assert (payload == b"+TERM") == (reason == "")
+
+
+class PullClient:
+    """Stands in for the client of a PullConsumer: notes the pull requests it would send."""
+
+    is_connected = True
+
+    def __init__(self) -> None:
+        self.requests: list[dict[str, int]] = []
+
+    def new_inbox(self) -> str:
+        return "_INBOX.test"
+
+    def publish_now(self, subject: str, payload: bytes, reply: str = "") -> None:
+        self.requests.append(json.loads(payload))
+
+    async def subscribe_direct(self, subject: str, deliver: object) -> None:
+        return None
+
+
+def _refusal(consumer: PullConsumer, description: str, status: str = "409") -> None:
+    consumer._on_msg(b"_INBOX.test", b"", b"", {"Status": status, "Description": description})
+
+
+async def test_a_refused_pull_request_is_asked_again_later_with_one_warning(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Given a pull consumer whose request the server refused for a reason asking again
+    cannot cure at once (too many requests waiting on the consumer),
+    when more refusals alike arrive,
+    then nothing is asked at once, one warning names the refusal, and the request is asked
+    again once `watch()` looks again: never a loop of refused requests."""
+    client = PullClient()
+    consumer = PullConsumer(client, "S", "c", capacity=8, heartbeat=0.1)  # type: ignore[arg-type]
+    await consumer.start()
+    assert [r["batch"] for r in client.requests] == [8]
+
+    for _ in range(3):
+        _refusal(consumer, "Exceeded MaxWaiting")
+
+    assert len(client.requests) == 1
+    assert caplog.text.count("refused a pull request (Exceeded MaxWaiting)") == 1
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(consumer.watch)
+        with anyio.fail_after(5):
+            while len(client.requests) == 1:
+                await anyio.sleep(0.01)
+        consumer.stop_fetching()
+    assert [r["batch"] for r in client.requests] == [8, 8]
+
+
+@pytest.mark.parametrize(
+    ("description", "batches", "expires_ns", "heartbeat_ns"),
+    [
+        ("Exceeded MaxRequestBatch of 3", [3, 3, 2], 30_000_000_000, 1_000_000_000),
+        ("Exceeded MaxRequestExpires of 1m30s", [8], 30_000_000_000, 1_000_000_000),
+        ("Exceeded MaxRequestExpires of 1.5s", [8], 1_500_000_000, 750_000_000),
+        ("Exceeded MaxRequestExpires of 60ms", [8], 60_000_000, 0),
+    ],
+    ids=["batch", "expires-longer-than-ours", "expires", "expires-too-short-for-a-heartbeat"],
+)
+async def test_a_pull_request_over_the_consumer_s_limit_is_asked_again_within_it(
+    description: str, batches: list[int], expires_ns: int, heartbeat_ns: int
+) -> None:
+    """Given a pull consumer of capacity 8 asking for requests open 30 s with a 1 s heartbeat,
+    when the server refuses one over the consumer's max_batch or max_expires,
+    then the requests asked for next keep to that limit, with a heartbeat the server takes
+    (half a request's life at most, none for requests shorter than 0.1 s)."""
+    client = PullClient()
+    consumer = PullConsumer(client, "S", "c", capacity=8)  # type: ignore[arg-type]
+    await consumer.start()
+
+    _refusal(consumer, description)
+    await consumer.reset()
+
+    asked = client.requests[1:]
+    assert [r["batch"] for r in asked] == batches
+    assert {(r["expires"], r["idle_heartbeat"]) for r in asked} == {(expires_ns, heartbeat_ns)}

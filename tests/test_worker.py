@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import logging
 import signal
 import threading
 from collections import Counter
@@ -903,6 +905,72 @@ async def test_a_consumer_the_worker_created_follows_the_handler_s_new_options(
     info = await jetstream.consumer_info(nats_config.stream_name, "svc-handle")
     assert (info.config.ack_wait, info.config.max_ack_pending) == (45.0, 1500)
     assert info.config.description == "gdc-worker"
+
+
+@pytest.mark.parametrize(
+    ("limits", "logged"),
+    [
+        ({"max_batch": 5}, "takes at most 5 per pull request"),
+        ({"max_expires": 1_500_000_000}, "keeps a pull request 1.5s at most"),
+    ],
+    ids=["max_batch", "max_expires"],
+)
+async def test_a_consumer_that_limits_pull_requests_is_served_within_its_limits(
+    nats_config: NATSConfig,
+    event_bus: NATSEventBus,
+    jetstream: JetStreamContext,
+    caplog: pytest.LogCaptureFixture,
+    limits: dict[str, int],
+    logged: str,
+) -> None:
+    """Given a consumer another service created with limits on pull requests below what a
+    worker asks for (a batch of 64, requests open for 30 s),
+    when a worker serves it 40 events,
+    then every event is handled and acked, the worker says what the server refused, and it
+    asks again at a measured pace: it used to re-send each refused request at once, in a
+    loop that handled nothing."""
+    caplog.set_level(logging.INFO, "gdc_worker.bus")
+    nc = await nats.connect(nats_config.url)
+    requests = 0
+
+    async def count(msg: object) -> None:
+        nonlocal requests
+        requests += 1
+
+    try:
+        await nc.subscribe(f"$JS.API.CONSUMER.MSG.NEXT.{nats_config.stream_name}.limited", cb=count)
+        config = {
+            "durable_name": "limited",
+            "ack_policy": "explicit",
+            "filter_subject": nats_config.subject_for("node.up"),
+            **limits,
+        }
+        request = {"stream_name": nats_config.stream_name, "config": config}
+        created = await nc.request(
+            f"$JS.API.CONSUMER.CREATE.{nats_config.stream_name}.limited",
+            json.dumps(request).encode(),
+        )
+        assert b'"error"' not in created.data, created.data
+        events = node_ups(40)
+        for event in events:
+            await event_bus.publish_event(event)
+        app = App("svc", nats_config)
+        calls = Calls()
+
+        @app.on("node.up", durable="limited")
+        async def handle(event: Event) -> None:
+            calls.record(event)
+
+        async with running(worker_for(app, nats_config)):
+            await calls.wait_for(len(events))
+            info = await consumer_info(jetstream, nats_config.stream_name, "limited")
+    finally:
+        await nc.close()
+
+    assert sorted(calls.ids) == sorted(e.id for e in events)
+    assert (info.num_ack_pending, info.num_pending) == (0, 0)
+    assert logged in caplog.text
+    assert requests < 200, f"{requests} pull requests: refused ones were asked again in a loop"
 
 
 # -- signals -------------------------------------------------------------------------------------

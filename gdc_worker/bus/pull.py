@@ -12,6 +12,7 @@ import asyncio
 import collections
 import contextlib
 import logging
+import re
 import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
@@ -45,6 +46,23 @@ _NO_RESPONDERS = "503"
 _DRAIN_TIMEOUT_S = 5.0
 #: Heartbeats of silence (or of no leader) after which `unresponsive()` says so.
 _UNRESPONSIVE_HEARTBEATS = 3
+#: The limits a consumer may set on pull requests, as the server names them when it refuses
+#: one over them (its max_batch, and its max_expires as a Go duration such as "1m30s").
+_MAX_BATCH = re.compile(r"Exceeded MaxRequestBatch of (\d+)")
+_MAX_EXPIRES = re.compile(r"Exceeded MaxRequestExpires of (\S+)")
+_GO_DURATION = re.compile(r"(\d+(?:\.\d*)?)(ns|us|µs|μs|ms|s|m|h)")
+#: The shortest idle heartbeat asked for, and half the shortest time `watch()` waits.
+_MIN_HEARTBEAT_S = 0.05
+_GO_UNITS_S = {
+    "ns": 1e-9,
+    "us": 1e-6,
+    "µs": 1e-6,
+    "μs": 1e-6,
+    "ms": 1e-3,
+    "s": 1.0,
+    "m": 60.0,
+    "h": 3600.0,
+}
 
 
 class Delivery:
@@ -147,7 +165,10 @@ class PullConsumer:
         self._heartbeat = heartbeat
         self._heartbeat_ns = int(heartbeat * 1e9)
         self._requested = 0  # asked for and not yet arrived or expired
-        self._leaderless = False  # our last request found no consumer leader: ask again soon
+        # Our last request found no consumer leader, or was refused: ask again soon.
+        self._ask_later = False
+        self._max_batch = capacity  # what one request may ask for (the consumer's max_batch)
+        self._refusals: set[str] = set()  # the refusals warned about already
         self._paused = False  # pause_fetching(): no new pull requests for now
         self._unanswered_since: float | None = None  # when requests began to find no one
         self._heard = time.monotonic()  # when the server last sent anything to the inbox
@@ -203,7 +224,7 @@ class PullConsumer:
                 if self._failure is not None:
                     raise self._failure
                 silent = time.monotonic() - self._last_seen > 2 * self._heartbeat
-                if self._leaderless:
+                if self._ask_later:
                     await self.reset()
                 elif self._requested and silent:
                     # No message and no heartbeat: the server lost our requests (a restart,
@@ -285,7 +306,7 @@ class PullConsumer:
     async def reset(self) -> None:
         """Forget outstanding requests (they are gone after a reconnect) and ask again."""
         self._requested = 0
-        self._leaderless = False
+        self._ask_later = False
         self._last_seen = time.monotonic()
         self._top_up()
 
@@ -300,15 +321,23 @@ class PullConsumer:
         if (
             self._stopping.is_set()
             or self._paused
-            or free < self._threshold
+            or self._ask_later
+            or free < min(self._threshold, self._max_batch)
             or not self._nc.is_connected
         ):
             return
-        self._requested += free
         if self._asking_since is None:
             self._asking_since = time.monotonic()
-        request = {"batch": free, "expires": self._expires_ns, "idle_heartbeat": self._heartbeat_ns}
-        self._nc.publish_now(self._next_subject, msgspec.json.encode(request), self._inbox)
+        while free > 0:  # more than one request when the consumer's max_batch is below it
+            batch = min(free, self._max_batch)
+            free -= batch
+            self._requested += batch
+            request = {
+                "batch": batch,
+                "expires": self._expires_ns,
+                "idle_heartbeat": self._heartbeat_ns,
+            }
+            self._nc.publish_now(self._next_subject, msgspec.json.encode(request), self._inbox)
 
     def _on_msg(
         self, subject: bytes, reply: bytes, data: bytes, headers: dict[str, str] | None
@@ -354,14 +383,52 @@ class PullConsumer:
                 "%s: ignoring a message on the pull inbox that JetStream did not send", self.name
             )
             return
-        # 404/408/409: a request ended; the pending count says how many it never delivered.
         pending = headers.get(_PENDING_MSGS)
+        if pending is None and status in ("400", "409"):
+            self._refused(description)
+            return
+        # 404/408/409: a request ended; the pending count says how many it never delivered.
         self._requested = max(0, self._requested - int(pending)) if pending else 0
         if not self._requested:
             self._asking_since = None
         if status not in ("404", "408"):
             log.debug("pull request for %s ended: %s %s", self.name, status, description)
         self._top_up()
+
+    def _refused(self, description: str) -> None:
+        """The server refused a pull request outright. Over a limit the consumer sets on them
+        (its max_batch or max_expires), this keeps to it from now on; for any other reason
+        (too many requests waiting, say) it warns once. Either way every request is asked
+        again at `watch()`'s next look, never in a loop of refusals."""
+        self._requested = 0  # the open requests end alike: all are asked for again
+        self._asking_since = None
+        self._ask_later = True
+        if batch := _MAX_BATCH.fullmatch(description):
+            limit = int(batch.group(1))
+            if 0 < limit < self._max_batch:
+                self._max_batch = limit
+                log.info("consumer %s takes at most %d per pull request", self.name, limit)
+            return
+        expires = _MAX_EXPIRES.fullmatch(description)
+        seconds = _go_duration(expires.group(1)) if expires else None
+        if seconds:
+            if seconds * 1e9 < self._expires_ns:
+                self._expires_ns = int(seconds * 1e9)
+                # The server takes a heartbeat of half a request's life at most; none at all
+                # for requests too short to need one (their ends say the server is there).
+                heartbeat = min(self._heartbeat, seconds / 2)
+                self._heartbeat = max(heartbeat, _MIN_HEARTBEAT_S)
+                self._heartbeat_ns = int(heartbeat * 1e9) if heartbeat >= _MIN_HEARTBEAT_S else 0
+                log.info("consumer %s keeps a pull request %gs at most", self.name, seconds)
+            return
+        if description not in self._refusals:
+            self._refusals.add(description)
+            log.warning(
+                "consumer %s refused a pull request (%s); asking again every %gs",
+                self.name,
+                description or "no reason given",
+                self._heartbeat / 2,
+            )
 
     def _answered(self) -> None:
         since, self._unanswered_since = self._unanswered_since, None
@@ -384,7 +451,7 @@ class PullConsumer:
                 self._heartbeat / 2,
             )
         self._requested = 0
-        self._leaderless = True
+        self._ask_later = True
 
 
 class _Handoff:
@@ -451,3 +518,12 @@ class _Handoff:
             if not waiter.done():
                 waiter.set_result(None)
                 return
+
+
+def _go_duration(text: str) -> float | None:
+    """Seconds in a Go duration as the server prints one ("5s", "1m30s", "1.5ms"); None for
+    anything else."""
+    parts = _GO_DURATION.findall(text)
+    if not parts or "".join(number + unit for number, unit in parts) != text:
+        return None
+    return sum(float(number) * _GO_UNITS_S[unit] for number, unit in parts)
