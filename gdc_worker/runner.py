@@ -12,6 +12,7 @@ both run on it.
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import logging
 import time
@@ -53,11 +54,20 @@ __all__ = [
 log = logging.getLogger("gdc_worker.worker")
 
 
+#: Deliveries one process holds per unit of concurrency: at least this many...
+HELD_PER_CALL = 2
+#: ... and up to this many while its handler settles them within milliseconds.
+MAX_HELD_PER_CALL = 8
+#: Deliveries in flight per unit of concurrency for a handler that publishes (takes a ctx):
+#: those whose calls returned and wait for what they published to be stored hold no call.
+IN_FLIGHT_PER_CALL = 4
+
+
 def consumer_max_ack_pending(spec: HandlerSpec, concurrency: int) -> int:
     """The max_ack_pending a handler's consumer is created with: the handler's, else room for
-    four times what one process holds (`2 * concurrency`), at least 1000. It counts across
-    replicas and includes nak'd events waiting for their backoff."""
-    return spec.max_ack_pending or max(1000, 8 * concurrency)
+    four times what one process holds at least (`2 * concurrency`), and at least 1000. It
+    counts across replicas and includes nak'd events waiting for their backoff."""
+    return spec.max_ack_pending or max(1000, 4 * HELD_PER_CALL * concurrency)
 
 
 class ConsumerLoop:
@@ -200,14 +210,18 @@ class HandlerRunner(ConsumerLoop):
         concurrency: int,
         hooks: Hooks,
     ) -> None:
-        # Room for one more delivery per worker, so the next is there when one finishes.
-        self._capacity = 2 * concurrency
-        super().__init__(
-            bus,
-            bus.pull_consumer(spec.durable, capacity=self._capacity),
-            concurrency,
-            spec.ack_wait,
+        # A handler that publishes runs `concurrency` calls at once, and more of its deliveries
+        # wait for their outputs' acks, each in a worker of its own.
+        workers = IN_FLIGHT_PER_CALL * concurrency if spec.takes_context else concurrency
+        # Room for one more delivery per worker, so the next is there when one finishes; more
+        # while they are settled fast.
+        consumer = bus.pull_consumer(
+            spec.durable,
+            capacity=HELD_PER_CALL * concurrency,
+            max_capacity=max(MAX_HELD_PER_CALL * concurrency, HELD_PER_CALL * workers),
         )
+        super().__init__(bus, consumer, workers, spec.ack_wait)
+        self._calls = concurrency
         self.spec = spec
         # The handler's breaker: a hook that also gates each call (`_wait_at_gate`).
         self._breaker = spec.breaker
@@ -222,6 +236,7 @@ class HandlerRunner(ConsumerLoop):
             hooks,
             self._consumer.hand_back,
             gate=self._wait_at_gate if spec.breaker is not None else None,
+            calls=asyncio.Semaphore(concurrency) if workers > concurrency else None,
         )
         self._process = self._path.process
 
@@ -246,7 +261,7 @@ class HandlerRunner(ConsumerLoop):
                 # max_deliver (one whose earlier attempt died unsettled) without running it,
                 # and if that dead letter cannot be written it naks, so the event comes back.
                 max_deliver=-1,
-                max_ack_pending=consumer_max_ack_pending(spec, self._concurrency),
+                max_ack_pending=consumer_max_ack_pending(spec, self._calls),
             )
         except BaseException:
             await self._forget()
@@ -325,7 +340,9 @@ class SettlePath(Generic[D]):
     `hand_back` returns a delivery whose call a cancellation of ours (a forced stop) ended;
     `sleep` waits between in-process attempts (the test app's runs on its virtual clock);
     `gate`, if given, holds a delivery before its call until it may run (a circuit breaker),
-    and says False when the worker stops meanwhile.
+    and says False when the worker stops meanwhile. `calls`, if given, bounds the handler calls
+    running at once, for more deliveries in flight than that: an attempt takes one for its
+    handler's call, not for the wait until what the call published is stored.
     """
 
     def __init__(
@@ -338,8 +355,10 @@ class SettlePath(Generic[D]):
         *,
         sleep: Callable[[float], Awaitable[None]] = anyio.sleep,
         gate: Callable[[D], Awaitable[bool]] | None = None,
+        calls: asyncio.Semaphore | None = None,
     ) -> None:
         self.spec = spec
+        self._calls = calls
         self._bus = publisher
         self._dlq = dlq
         self._hooks = hooks
@@ -374,18 +393,25 @@ class SettlePath(Generic[D]):
             return
         outputs = ctx = None
         if spec.takes_context:
-            outputs = _Outputs(self._bus, spec.name, event.id)
+            outputs = _Outputs(self._bus, spec.name, event.id, self._calls)
             ctx = Context(outputs, event, delivery, spec.name)
         try:
             args = spec.arguments(event, ctx)
         except EventDataError as exc:  # data that does not fit the handler's type: permanent
             error: BaseException | None = exc
         else:
-            if self._gate is not None and not await self._gate(delivery):
-                with anyio.CancelScope(shield=True):  # stopped while waiting: another replica
-                    await self.hand_back(delivery)
-                return
-            error = await self._call(delivery, event, args, outputs)
+            if outputs is not None:
+                # Before the gate: the delivery a breaker lets through has its call to run in.
+                await outputs.take_call()
+            try:
+                if self._gate is not None and not await self._gate(delivery):
+                    with anyio.CancelScope(shield=True):  # stopped while waiting: another replica
+                        await self.hand_back(delivery)
+                    return
+                error = await self._call(delivery, event, args, outputs)
+            finally:
+                if outputs is not None:
+                    outputs.free_call()
         decision = decide(error, delivery.deliveries, self.max_deliver, spec.backoff)
         await self._settle(delivery, event, decision, error)
 
@@ -411,6 +437,8 @@ class SettlePath(Generic[D]):
                     except Exception:
                         self._hooks.failed("call_started")
                 began = time.perf_counter() if finished is not None else 0.0
+                if outputs is not None:
+                    await outputs.take_call()  # before the timeout: waiting for one is no work
                 try:
                     # A handler that publishes nothing is awaited directly: one coroutine less.
                     call = spec.call(*args) if outputs is None else self._invoke(args, outputs)
@@ -424,6 +452,8 @@ class SettlePath(Generic[D]):
                     error: BaseException | None = None
                 except BaseException as exc:
                     error = exc
+                if outputs is not None:
+                    outputs.free_call()
                 if finished is not None:
                     try:
                         finished(spec, delivery, event, error, time.perf_counter() - began)
@@ -453,6 +483,7 @@ class SettlePath(Generic[D]):
         """The handler's call, then the wait until what it published is stored."""
         if (returned := await self.spec.call(*args)) is not None:
             await _awaited(returned)
+        outputs.free_call()
         await outputs.stored()
 
     async def hand_back(self, delivery: D) -> None:
@@ -546,14 +577,36 @@ class _Outputs:
     noting each event sent, so that the attempt waits until all are stored. Closed once the
     handler's call is over: what is published then, nothing would wait for."""
 
-    __slots__ = ("_closed", "_event_id", "_handler", "_pending", "_publisher")
+    __slots__ = ("_calls", "_closed", "_event_id", "_handler", "_in_call", "_pending", "_publisher")
 
-    def __init__(self, publisher: Publisher, handler: str, event_id: str) -> None:
+    def __init__(
+        self,
+        publisher: Publisher,
+        handler: str,
+        event_id: str,
+        calls: asyncio.Semaphore | None = None,
+    ) -> None:
         self._publisher = publisher
         self._handler = handler
         self._event_id = event_id
         self._pending: list[PendingPublish] = []
         self._closed = False
+        self._calls = calls
+        self._in_call = False
+
+    async def take_call(self) -> None:
+        """Wait for one of the handler calls that may run at once (`SettlePath`'s `calls`),
+        unless this attempt has one."""
+        if self._calls is not None and not self._in_call:
+            await self._calls.acquire()
+            self._in_call = True
+
+    def free_call(self) -> None:
+        """The handler's call is over: free its place, once."""
+        if self._in_call:
+            self._in_call = False
+            assert self._calls is not None
+            self._calls.release()
 
     async def send_event(self, event: Event) -> PendingPublish:
         if self._closed:

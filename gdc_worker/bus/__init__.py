@@ -341,11 +341,21 @@ class NATSEventBus:
         )
 
     def pull_consumer(
-        self, durable: str, *, capacity: int, stream: str | None = None
+        self,
+        durable: str,
+        *,
+        capacity: int,
+        max_capacity: int | None = None,
+        stream: str | None = None,
     ) -> PullConsumer:
-        """Deliveries of an existing durable consumer; the bus re-issues its pulls on reconnect."""
+        """Deliveries of an existing durable consumer, `capacity` of them held at once (up to
+        `max_capacity` while they are settled fast); the bus re-issues its pulls on reconnect."""
         consumer = PullConsumer(
-            self._nc, stream or self.config.stream_name, durable, capacity=capacity
+            self._nc,
+            stream or self.config.stream_name,
+            durable,
+            capacity=capacity,
+            max_capacity=max_capacity,
         )
         self._consumers.add(consumer)
         return consumer

@@ -51,6 +51,9 @@ _UNRESPONSIVE_HEARTBEATS = 3
 _MAX_BATCH = re.compile(r"Exceeded MaxRequestBatch of (\d+)")
 _MAX_EXPIRES = re.compile(r"Exceeded MaxRequestExpires of (\S+)")
 _GO_DURATION = re.compile(r"(\d+(?:\.\d*)?)(ns|us|µs|μs|ms|s|m|h)")
+#: A consumer that settles as many deliveries as it may hold within this many seconds holds
+#: twice as many (up to its `max_capacity`); one that takes four times as long, half as many.
+_PREFETCH_S = 0.02
 #: The shortest idle heartbeat asked for, and half the shortest time `watch()` waits.
 _MIN_HEARTBEAT_S = 0.05
 _GO_UNITS_S = {
@@ -130,7 +133,10 @@ class Delivery:
 
 
 class PullConsumer:
-    """Deliveries of one durable consumer, with at most `capacity` of them unsettled.
+    """Deliveries of one durable consumer, with at most `capacity` of them unsettled, or up to
+    `max_capacity` while they are settled fast: a replica holds only a few milliseconds of
+    work ahead of its handlers, as much as keeps fast ones busy and little of slow ones', which
+    other replicas can take.
 
     `start()` it, run `watch()` in a task group, take deliveries with `next()`, and call
     `release()` once per delivery after settling it. After `stop()`, `next()` ends (with
@@ -150,11 +156,16 @@ class PullConsumer:
         consumer: str,
         *,
         capacity: int,
+        max_capacity: int | None = None,
         expires: float = 30.0,
         heartbeat: float = 1.0,
     ) -> None:
         if capacity < 1:
             raise ValueError(f"capacity: must be at least 1, got {capacity}")
+        self._min_capacity = capacity
+        self._max_capacity = max(capacity, max_capacity or capacity)
+        self._turnover = 0  # deliveries released since...
+        self._turnover_since = time.monotonic()  # ... this time
         self._nc = nc
         self._next_subject = f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{consumer}"
         self.name = consumer
@@ -167,7 +178,7 @@ class PullConsumer:
         self._requested = 0  # asked for and not yet arrived or expired
         # Our last request found no consumer leader, or was refused: ask again soon.
         self._ask_later = False
-        self._max_batch = capacity  # what one request may ask for (the consumer's max_batch)
+        self._max_batch = self._max_capacity  # what one request may ask for (see `_refused`)
         self._refusals: set[str] = set()  # the refusals warned about already
         self._paused = False  # pause_fetching(): no new pull requests for now
         self._unanswered_since: float | None = None  # when requests began to find no one
@@ -313,8 +324,26 @@ class PullConsumer:
     def release(self, delivery: Delivery) -> None:
         """`delivery` is settled: its slot is free again."""
         del self._held[id(delivery)]
+        self._turnover += 1
+        if self._turnover >= self._capacity:
+            self._adapt()
         if self._capacity - len(self._held) - self._requested >= self._threshold:
             self._top_up()
+
+    def _adapt(self) -> None:
+        """As many deliveries as it holds are settled: hold twice as many if that took less
+        than `_PREFETCH_S`, half as many if it took over four times that."""
+        now = time.monotonic()
+        took = now - self._turnover_since
+        self._turnover, self._turnover_since = 0, now
+        if took < _PREFETCH_S:
+            capacity = min(2 * self._capacity, self._max_capacity)
+        elif took > 4 * _PREFETCH_S:
+            capacity = max(self._capacity // 2, self._min_capacity)
+        else:
+            return
+        self._capacity = capacity
+        self._threshold = max(1, capacity // 4)
 
     def _top_up(self) -> None:
         free = self._capacity - len(self._held) - self._requested
