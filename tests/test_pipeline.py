@@ -101,6 +101,41 @@ async def test_every_output_is_stored_before_its_event_is_acked(
         assert Event.from_json(stored.data or b"").data == {"n": 9}
 
 
+
+async def test_a_publishing_handler_runs_no_more_calls_at_once_than_its_concurrency(
+    nats_config: NATSConfig, event_bus: NATSEventBus, jetstream: JetStreamContext
+) -> None:
+    """Given a handler of concurrency 2 that publishes an output for each event and takes
+    10 ms (its deliveries waiting for their outputs' acks hold no call, so more are in flight),
+    when 40 events are handled,
+    then no more than 2 calls ever ran at once, and every event is acked with its output
+    stored."""
+    running_now = most = 0
+    app = App("svc", nats_config)
+
+    @app.on("node.up", concurrency=2)
+    async def schedule(event: Event, ctx: Context) -> None:
+        nonlocal running_now, most
+        running_now += 1
+        most = max(most, running_now)
+        try:
+            await anyio.sleep(0.01)
+            await ctx.publish(output_of(event))
+        finally:
+            running_now -= 1
+
+    async with running(Worker(app, config=nats_config, grace=GRACE)):
+        for n in range(40):
+            await event_bus.publish_event(node_up(f"node-{n}"))
+        info = await consumer_info(jetstream, nats_config.stream_name, "svc-schedule")
+
+    assert (info.num_pending, info.num_ack_pending) == (0, 0)
+    assert most == 2
+    outputs = await event_bus.count_messages(
+        nats_config.stream_name, nats_config.subject_for("node.down")
+    )
+    assert outputs == 40
+
 async def test_an_output_no_stream_takes_fails_the_delivery_until_it_is_dead_lettered(
     nats_config: NATSConfig, event_bus: NATSEventBus, jetstream: JetStreamContext
 ) -> None:

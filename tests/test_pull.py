@@ -9,6 +9,7 @@ import json
 import anyio
 import pytest
 
+from gdc_worker.bus import pull
 from gdc_worker.bus.pull import Delivery, PullConsumer, _Handoff
 from tests.support import delivery
 
@@ -237,3 +238,50 @@ async def test_a_pull_request_over_the_consumer_s_limit_is_asked_again_within_it
     asked = client.requests[1:]
     assert [r["batch"] for r in asked] == batches
     assert {(r["expires"], r["idle_heartbeat"]) for r in asked} == {(expires_ns, heartbeat_ns)}
+
+
+class Clock:
+    """Stands in for the pull module's `time`: a monotonic clock moved by hand."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+
+async def test_a_consumer_settled_fast_holds_more_and_a_slow_one_less_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Given a pull consumer that may hold 8 deliveries, or up to 32 while settled fast,
+    when each batch it holds is settled within a millisecond,
+    then it asks for more at once (up to 32 held), and once the next ones take a second each
+    to settle, it asks for no more than 8 held again."""
+    clock = Clock()
+    monkeypatch.setattr(pull, "time", clock)
+    client = PullClient()
+    consumer = PullConsumer(client, "S", "c", capacity=8, max_capacity=32)  # type: ignore[arg-type]
+    await consumer.start()
+    seq = 0
+
+    async def settle(n: int, each_s: float) -> None:
+        """`n` of the deliveries asked for arrive, and are settled `each_s` apart."""
+        nonlocal seq
+        for _ in range(n):
+            seq += 1
+            reply = f"$JS.ACK.S.c.1.{seq}.{seq}.0.0".encode()
+            consumer._on_msg(b"s.a", reply, b"{}", None)
+        for _ in range(n):
+            clock.now += each_s
+            consumer.release(await consumer.next())
+
+    for _ in range(3):
+        await settle(8, 0.0001)
+    assert sum(r["batch"] for r in client.requests) - seq == 32  # asked for: 32 held at most
+
+    def outstanding() -> int:
+        return sum(r["batch"] for r in client.requests) - seq
+
+    for _ in range(12):  # the requests already open arrive too, and are settled as slowly
+        await settle(min(8, outstanding()), 1.0)
+    assert outstanding() <= 8
