@@ -273,8 +273,9 @@ class HandlerRunner(ConsumerLoop):
         await self._start()
 
     def stop_fetching(self) -> None:
-        """Take no more deliveries; those waiting at the breaker go back at once."""
+        """Take no more deliveries; those waiting at the breaker or for a call go back at once."""
         super().stop_fetching()
+        self._path.stop_waiting()
         for waiting in self._at_gate:
             waiting.cancel()
 
@@ -359,6 +360,7 @@ class SettlePath(Generic[D]):
     ) -> None:
         self.spec = spec
         self._calls = calls
+        self._waiting: set[anyio.CancelScope] = set()
         self._bus = publisher
         self._dlq = dlq
         self._hooks = hooks
@@ -400,9 +402,11 @@ class SettlePath(Generic[D]):
         except EventDataError as exc:  # data that does not fit the handler's type: permanent
             error: BaseException | None = exc
         else:
-            if outputs is not None:
-                # Before the gate: the delivery a breaker lets through has its call to run in.
-                await outputs.take_call()
+            # The call before the gate: the delivery a breaker lets through has one to run in.
+            if outputs is not None and not await self._take_call(outputs):
+                with anyio.CancelScope(shield=True):  # stopped while waiting: another replica
+                    await self.hand_back(delivery)
+                return
             try:
                 if self._gate is not None and not await self._gate(delivery):
                     with anyio.CancelScope(shield=True):  # stopped while waiting: another replica
@@ -478,6 +482,25 @@ class SettlePath(Generic[D]):
             self.running -= 1
             if outputs is not None:
                 outputs.close()
+
+    async def _take_call(self, outputs: _Outputs) -> bool:
+        """Wait for one of the calls that may run at once; False if `stop_waiting()` was
+        called meanwhile."""
+        if not outputs.must_wait_for_call():
+            await outputs.take_call()
+            return True
+        with anyio.CancelScope() as waiting:
+            self._waiting.add(waiting)
+            try:
+                await outputs.take_call()
+            finally:
+                self._waiting.discard(waiting)
+        return not waiting.cancelled_caught
+
+    def stop_waiting(self) -> None:
+        """The worker stops: deliveries waiting for a call go back, not run."""
+        for waiting in self._waiting:
+            waiting.cancel()
 
     async def _invoke(self, args: tuple[Any, ...], outputs: _Outputs) -> None:
         """The handler's call, then the wait until what it published is stored."""
@@ -593,6 +616,10 @@ class _Outputs:
         self._closed = False
         self._calls = calls
         self._in_call = False
+
+    def must_wait_for_call(self) -> bool:
+        """Whether `take_call()` would wait: every call that may run at once is taken."""
+        return self._calls is not None and not self._in_call and self._calls.locked()
 
     async def take_call(self) -> None:
         """Wait for one of the handler calls that may run at once (`SettlePath`'s `calls`),

@@ -101,7 +101,6 @@ async def test_every_output_is_stored_before_its_event_is_acked(
         assert Event.from_json(stored.data or b"").data == {"n": 9}
 
 
-
 async def test_a_publishing_handler_runs_no_more_calls_at_once_than_its_concurrency(
     nats_config: NATSConfig, event_bus: NATSEventBus, jetstream: JetStreamContext
 ) -> None:
@@ -135,6 +134,7 @@ async def test_a_publishing_handler_runs_no_more_calls_at_once_than_its_concurre
         nats_config.stream_name, nats_config.subject_for("node.down")
     )
     assert outputs == 40
+
 
 async def test_an_output_no_stream_takes_fails_the_delivery_until_it_is_dead_lettered(
     nats_config: NATSConfig, event_bus: NATSEventBus, jetstream: JetStreamContext

@@ -638,6 +638,49 @@ async def test_graceful_stop_finishes_running_handlers_and_hands_back_the_rest(
     assert [c.deliveries for c in calls.items[3:]] == [1, 1, 1]
 
 
+async def test_a_graceful_stop_hands_back_deliveries_waiting_for_a_call(
+    nats_config: NATSConfig, event_bus: NATSEventBus, jetstream: JetStreamContext
+) -> None:
+    """Given a publishing handler (it takes a ctx) of concurrency 2, whose worker holds more
+    deliveries than that in flight, running two calls while two more deliveries wait for one,
+    when the worker is stopped gracefully and the running call then finishes,
+    then only those calls ran: the two waiting were handed back at the stop, not run during the
+    grace period, and a second worker handles them on their second delivery."""
+    app = App("svc", nats_config)
+    calls = Calls()
+    finished: list[str] = []
+    gate = anyio.Event()
+
+    @app.on("node.up", concurrency=2, retry=None)
+    async def held(event: Event, ctx: Context) -> None:
+        calls.record(event, ctx)
+        await gate.wait()
+        finished.append(event.id)
+
+    events = [node_up(f"node-{i}") for i in range(4)]
+    first = worker_for(app, nats_config, grace=30.0)
+    async with running(first) as [returned]:
+        for event in events:
+            await event_bus.publish_event(event)
+        await calls.wait_for(2)
+        await consumer_info(
+            jetstream, nats_config.stream_name, "svc-held", until=lambda i: i.num_pending == 0
+        )
+        first.stop()
+        gate.set()
+        with anyio.fail_after(STOP_TIMEOUT):
+            await returned.wait()
+
+    assert len(finished) == 2
+    async with running(worker_for(app, nats_config)):
+        await calls.wait_for(4, timeout=HANDBACK_TIMEOUT)
+        info = await consumer_info(jetstream, nats_config.stream_name, "svc-held")
+
+    assert sorted(calls.ids) == sorted(e.id for e in events)
+    assert [c.deliveries for c in calls.items[2:]] == [2, 2]
+    assert (info.num_ack_pending, info.num_pending) == (0, 0)
+
+
 @pytest.mark.parametrize("how", ["stop-twice", "grace-expired"])
 async def test_forced_stop_cancels_running_handlers_and_hands_their_events_back(
     nats_config: NATSConfig, event_bus: NATSEventBus, jetstream: JetStreamContext, how: str
