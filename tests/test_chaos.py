@@ -155,9 +155,13 @@ async def restart(server: NATSServer, when: anyio.Event) -> float:
 
 
 async def kill_until(replicas: Replicas, done: anyio.Event) -> None:
-    """Kill a replica about every `KILL_EVERY_S` seconds until `done` is set."""
+    """Kill a replica about every `KILL_EVERY_S` seconds until `done` is set.
+
+    The pauses are random (half to one and a half times that): at a fixed period, a multiple
+    of the ack wait, an event cut short by one kill came back just before a later one, every
+    time, and was dead-lettered after five kills caught it."""
     while not done.is_set():
-        with anyio.move_on_after(KILL_EVERY_S):
+        with anyio.move_on_after(KILL_EVERY_S * random.uniform(0.5, 1.5)):
             await done.wait()
         if not done.is_set():
             replicas.kill_one()
