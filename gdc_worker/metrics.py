@@ -275,7 +275,9 @@ def families(every: Iterable[Snapshot], live: Iterable[Snapshot]) -> Iterator[Me
         labels=[*handler, "state"],
     )
     in_flight = GaugeMetricFamily(
-        "gdc_worker_handlers_in_flight", "Handler calls running now.", labels=handler
+        "gdc_worker_handlers_in_flight",
+        "Deliveries being handled now: calls running, or waiting for their outputs.",
+        labels=handler,
     )
     breaker = GaugeMetricFamily(
         "gdc_worker_breaker_state",

@@ -242,7 +242,8 @@ class HandlerRunner(ConsumerLoop):
 
     @property
     def running(self) -> int:
-        """Handler calls running right now."""
+        """Deliveries whose handling has begun and is not over: calls running, and those
+        waiting between attempts or for what their calls published to be stored."""
         return self._path.running
 
     async def prepare(self) -> None:
