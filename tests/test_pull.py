@@ -285,3 +285,19 @@ async def test_a_consumer_settled_fast_holds_more_and_a_slow_one_less_again(
     for _ in range(12):  # the requests already open arrive too, and are settled as slowly
         await settle(min(8, outstanding()), 1.0)
     assert outstanding() <= 8
+
+
+async def test_a_leadership_change_asks_again_at_once_without_a_warning(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Given a pull consumer with its request open,
+    when the consumer's leader changes (a 409 with no pending count, as in a cluster failover),
+    then it asks again at once, for all it may hold, and warns of nothing: that is no refusal."""
+    client = PullClient()
+    consumer = PullConsumer(client, "S", "c", capacity=8)  # type: ignore[arg-type]
+    await consumer.start()
+
+    _refusal(consumer, "Leadership Change")
+
+    assert [r["batch"] for r in client.requests] == [8, 8]
+    assert "refused" not in caplog.text

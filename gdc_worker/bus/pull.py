@@ -40,6 +40,9 @@ _PENDING_MSGS = "Nats-Pending-Messages"
 _ACK_PREFIX = b"$JS.ACK."
 # 409 descriptions after which the consumer cannot deliver any more.
 _FATAL_409 = ("Consumer Deleted", "Consumer is push based")
+# A 409 with no pending count that ends the open requests rather than refusing one: the
+# consumer's new leader takes the next ones at once.
+_LEADERSHIP_CHANGE = "Leadership Change"
 # No one took our pull request: the consumer has no leader (one is being elected), or is gone.
 _NO_RESPONDERS = "503"
 #: How long `stop()` waits for the server to drop our requests and what was on its way.
@@ -413,7 +416,7 @@ class PullConsumer:
             )
             return
         pending = headers.get(_PENDING_MSGS)
-        if pending is None and status in ("400", "409"):
+        if pending is None and status in ("400", "409") and description != _LEADERSHIP_CHANGE:
             self._refused(description)
             return
         # 404/408/409: a request ended; the pending count says how many it never delivered.
