@@ -301,3 +301,49 @@ async def test_a_leadership_change_asks_again_at_once_without_a_warning(
 
     assert [r["batch"] for r in client.requests] == [8, 8]
     assert "refused" not in caplog.text
+
+
+async def test_a_consumer_whose_handler_slows_down_holds_less_without_waiting_for_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Given a pull consumer that may hold 8 deliveries, up to 32 while settled fast, holding
+    32 after a burst of fast settles,
+    when its handler slows down (nothing settled for a second, then one each 30 ms),
+    then it asks for no more than 8 held again: `watch()` shrinks what it may hold while
+    nothing is settled, rather than after another 32 slow settles."""
+    clock = Clock()
+    monkeypatch.setattr(pull, "time", clock)
+    client = PullClient()
+    consumer = PullConsumer(client, "S", "c", capacity=8, max_capacity=32, heartbeat=0.1)  # type: ignore[arg-type]
+    await consumer.start()
+    seq = 0
+    held: list[Delivery] = []
+
+    def arrive(n: int) -> None:
+        nonlocal seq
+        for _ in range(n):
+            seq += 1
+            reply = f"$JS.ACK.S.c.1.{seq}.{seq}.0.0".encode()
+            consumer._on_msg(b"s.a", reply, b"{}", None)
+
+    async def settle(each_s: float) -> None:
+        while held:
+            clock.now += each_s
+            consumer.release(held.pop())
+
+    for _ in range(3):
+        arrive(8)
+        held += [await consumer.next() for _ in range(8)]
+        await settle(0.0001)
+    arrive(32)  # what it asked for: it holds 32
+    held += [await consumer.next() for _ in range(32)]
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(consumer.watch)
+        for _ in range(4):  # a second passes between each look of watch()
+            clock.now += 1.0
+            await anyio.sleep(0.06)
+        await settle(0.03)
+        consumer.stop_fetching()
+
+    assert sum(r["batch"] for r in client.requests) - seq <= 8

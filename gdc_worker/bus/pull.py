@@ -237,6 +237,8 @@ class PullConsumer:
                     await self._woken.wait()
                 if self._failure is not None:
                     raise self._failure
+                if time.monotonic() - self._turnover_since > 4 * _PREFETCH_S:
+                    self._adapt()  # slower than that already: hold less without waiting more
                 silent = time.monotonic() - self._last_seen > 2 * self._heartbeat
                 if self._ask_later:
                     await self.reset()
@@ -334,8 +336,9 @@ class PullConsumer:
             self._top_up()
 
     def _adapt(self) -> None:
-        """As many deliveries as it holds are settled: hold twice as many if that took less
-        than `_PREFETCH_S`, half as many if it took over four times that."""
+        """As many deliveries as it holds are settled, or `watch()` looks: hold twice as many
+        if they were settled within `_PREFETCH_S`, half as many (down to the capacity it was
+        made with) after four times that."""
         now = time.monotonic()
         took = now - self._turnover_since
         self._turnover, self._turnover_since = 0, now
