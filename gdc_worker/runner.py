@@ -221,7 +221,7 @@ class HandlerRunner(ConsumerLoop):
             max_capacity=max(MAX_HELD_PER_CALL * concurrency, HELD_PER_CALL * workers),
         )
         super().__init__(bus, consumer, workers, spec.ack_wait)
-        self._calls = concurrency
+        self._max_calls = concurrency
         self.spec = spec
         # The handler's breaker: a hook that also gates each call (`_wait_at_gate`).
         self._breaker = spec.breaker
@@ -262,7 +262,7 @@ class HandlerRunner(ConsumerLoop):
                 # max_deliver (one whose earlier attempt died unsettled) without running it,
                 # and if that dead letter cannot be written it naks, so the event comes back.
                 max_deliver=-1,
-                max_ack_pending=consumer_max_ack_pending(spec, self._calls),
+                max_ack_pending=consumer_max_ack_pending(spec, self._max_calls),
             )
         except BaseException:
             await self._forget()
@@ -403,13 +403,11 @@ class SettlePath(Generic[D]):
         except EventDataError as exc:  # data that does not fit the handler's type: permanent
             error: BaseException | None = exc
         else:
-            # The call before the gate: the delivery a breaker lets through has one to run in.
-            if outputs is not None and not await self._take_call(outputs):
-                with anyio.CancelScope(shield=True):  # stopped while waiting: another replica
-                    await self.hand_back(delivery)
-                return
             try:
-                if self._gate is not None and not await self._gate(delivery):
+                # The call before the gate: the delivery a breaker lets through has one to run in.
+                if (outputs is not None and not await self._take_call(outputs)) or (
+                    self._gate is not None and not await self._gate(delivery)
+                ):
                     with anyio.CancelScope(shield=True):  # stopped while waiting: another replica
                         await self.hand_back(delivery)
                     return
@@ -436,14 +434,15 @@ class SettlePath(Generic[D]):
         self.running += 1
         try:
             while True:
+                if outputs is not None:
+                    # Before the hooks and the timeout: waiting for a call is no work of it.
+                    await outputs.take_call()
                 if started is not None:
                     try:
                         started(spec, delivery, event)
                     except Exception:
                         self._hooks.failed("call_started")
                 began = time.perf_counter() if finished is not None else 0.0
-                if outputs is not None:
-                    await outputs.take_call()  # before the timeout: waiting for one is no work
                 try:
                     # A handler that publishes nothing is awaited directly: one coroutine less.
                     call = spec.call(*args) if outputs is None else self._invoke(args, outputs)
