@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
@@ -130,10 +131,11 @@ class ConsumerLoop:
         self._stopping = True
         self._consumer.stop_fetching()
 
-    async def stop(self) -> None:
-        """Stop fetching and drop the pull requests; what is being processed goes on."""
+    async def stop(self, timeout: float = math.inf) -> None:
+        """Stop fetching and drop the pull requests, waiting up to `timeout` for the server
+        (see `PullConsumer.stop`); what is being processed goes on."""
         self.stop_fetching()
-        await self._consumer.stop()
+        await self._consumer.stop(timeout)
 
     def force(self) -> None:
         """Cancel what is being processed; those deliveries go back for another replica."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import time
 from collections.abc import Sequence
 
 import anyio
@@ -31,13 +32,19 @@ __all__ = ["Worker", "serve"]
 
 log = logging.getLogger(__name__)
 
+#: How long a stop may run past `grace` when the server is slow to answer: to drop the pull
+#: requests, hand back what was fetched and send the last acks. A second stop leaves this long.
+CLOSE_S = 1.0
+
 
 class Worker:
     """Runs an app's handlers against JetStream until `stop()`.
 
     `concurrency` is the default number of handler calls in flight per handler in this process;
     `handlers` picks a subset by function name; `grace` is how long `stop()` lets running
-    handlers finish before cancelling them (and nak'ing their events for another replica);
+    handlers finish before cancelling them (and nak'ing their events for another replica),
+    and bounds the whole stop: `run()` returns within `grace` + `CLOSE_S` of it, however
+    slow the server is to answer;
     `hooks` run after the app's own. `backstop` (on by default) also records, as dead letters,
     the messages other consumers of the stream gave up on at their server-side MaxDeliver (see
     `gdc_worker.backstop`); every worker shares that work, one replica per message.
@@ -77,6 +84,7 @@ class Worker:
         self.backstop = backstop
         self._stopping = anyio.Event()
         self._forced = anyio.Event()
+        self._stop_by = float("inf")  # the monotonic time by which a stop has run its course
         self._runners: list[ConsumerLoop] = []
         # The scope of the startup step under way (connect, then stream and consumer setup),
         # which a stop cancels; the consumer loops it prepared, discarded if they do not run.
@@ -122,8 +130,12 @@ class Worker:
 
     def stop(self) -> None:
         """Stop fetching and finish what runs (within `grace`); a second call cancels it now."""
+        now = time.monotonic()
         if self._stopping.is_set():
             self._forced.set()
+            self._stop_by = min(self._stop_by, now + CLOSE_S)
+        else:
+            self._stop_by = now + self.grace + CLOSE_S
         self._stopping.set()
         if self._startup is not None:  # no effect once the startup is over
             self._startup.cancel()
@@ -153,7 +165,7 @@ class Worker:
         if bus is None:
             log.info("worker stopped before NATS answered")
             return
-        async with bus:
+        try:
             self._bus = bus
             everything: list[ConsumerLoop] = []
             try:
@@ -186,6 +198,8 @@ class Worker:
                         task_status.started()
                     tg.cancel_scope.cancel()
                     self._bound = False
+        finally:
+            await bus.close(self._time_left() if self._stopping.is_set() else None)
         log.info("worker stopped")
 
     def _starting(self) -> anyio.CancelScope:
@@ -211,6 +225,10 @@ class Worker:
             self._prepared += await _backstop(bus, dlq)
         return list(self._prepared)
 
+    def _time_left(self) -> float:
+        """How long the stop under way may still wait on the server."""
+        return max(0.0, self._stop_by - time.monotonic())
+
     async def _shut_down(self, runners: list[ConsumerLoop]) -> None:
         await self._stopping.wait()
         running = sum(r.running for r in runners)
@@ -218,13 +236,14 @@ class Worker:
             "stopping: no more fetching; %d handler call(s) running, grace %gs", running, self.grace
         )
         self.hooks.run("worker_stopping", self.app.name)
-        for runner in runners:
-            await runner.stop()
-        with anyio.move_on_after(self.grace):
-            await self._forced.wait()
-        log.warning("cancelling running handlers; their events go back for another replica")
-        for runner in runners:
-            runner.force()
+        async with anyio.create_task_group() as tg:
+            for runner in runners:  # each may wait on the server: all at once, beside the grace
+                tg.start_soon(runner.stop, self._time_left())
+            with anyio.move_on_after(self._time_left() - CLOSE_S):
+                await self._forced.wait()
+            log.warning("cancelling running handlers; their events go back for another replica")
+            for runner in runners:
+                runner.force()
 
 
 async def _backstop(bus: NATSEventBus, dlq: DeadLetterQueue) -> list[ConsumerLoop]:

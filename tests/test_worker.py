@@ -33,10 +33,12 @@ from gdc_worker import (
     Retry,
     Worker,
     new_node_down_event,
+    new_node_up_event,
     new_pin_requested_event,
     new_plan_ready_event,
     parse_event_data,
 )
+from gdc_worker.worker import CLOSE_S
 from tests.processes import RECORDER_DURABLE, Spawn, ids, node_ups, worker_env
 from tests.recording import ARRIVAL_TIMEOUT
 from tests.support import (
@@ -850,6 +852,64 @@ async def test_a_worker_is_not_ready_while_the_server_does_not_answer_and_ready_
                 assert "no answer from NATS" in why
                 assert worker.not_ready() is not None
             await eventually(lambda: worker.not_ready() is None, "ready again", timeout=10.0)
+
+
+async def test_a_graceful_stop_ends_within_its_grace_while_the_server_does_not_answer(
+    tmp_path: Path,
+) -> None:
+    """Given a worker with a grace of 1 s, one handler call that ends within it and one that
+    does not, on a server that stops answering (SIGSTOP) while they run,
+    when the worker is stopped,
+    then `run` returns within the grace and `CLOSE_S`: waiting on the server (the pull
+    requests' drain, the last acks) counts against the grace instead of adding a
+    `connect_timeout` or two to it, as a pod's termination period would not allow. Once the
+    server goes on, the call that ended is acked, and the cancelled one is not lost: the next
+    worker gets it, and only it (through the nak, or through the ack wait when the server
+    drops the nak with the closed connection, which it may do)."""
+    grace = 1.0
+    with NATSServer(store_dir=tmp_path / "store") as server:
+        config = NATSConfig(url=server.url, connect_timeout=5.0)
+        app = App("svc", config)
+        calls: list[tuple[str, int]] = []
+        both_running = anyio.Event()
+
+        @app.on("node.up", concurrency=2, ack_wait=2.0)
+        async def handle(event: Event, ctx: Context) -> None:
+            calls.append((event.subject, ctx.deliveries))
+            if len(calls) == 2:
+                both_running.set()
+            if (event.subject, ctx.deliveries) == ("node-slow", 1):
+                await anyio.sleep(60)
+
+        worker = worker_for(app, config, grace=grace)
+        async with anyio.create_task_group() as tg:
+            returned = anyio.Event()
+
+            async def run(*, task_status: anyio.abc.TaskStatus[None]) -> None:
+                await worker.run(task_status=task_status)
+                returned.set()
+
+            await tg.start(run)
+            async with await NATSEventBus.connect(config) as bus:
+                for node in ("node-quick", "node-slow"):
+                    await bus.publish_event(new_node_up_event("health-monitor", node))
+            await both_running.wait()
+            async with frozen(server):
+                began = anyio.current_time()
+                worker.stop()
+                with anyio.fail_after(grace + CLOSE_S + 1.0):
+                    await returned.wait()
+                assert anyio.current_time() - began >= grace  # the slow call had its grace
+        async with running(worker_for(app, config)):
+            await eventually(lambda: len(calls) == 3, "the cancelled event back")
+            info = await settled(config, "svc-handle")
+        assert acked_up_to(info) == 2
+        assert info.num_ack_pending == info.num_pending == 0
+        assert calls[:2] in (
+            [("node-quick", 1), ("node-slow", 1)],
+            [("node-slow", 1), ("node-quick", 1)],
+        )
+        assert calls[2][0] == "node-slow"  # again, for the next worker; the quick one not
 
 
 async def test_a_stop_while_the_server_does_not_answer_the_connect_returns_at_once(

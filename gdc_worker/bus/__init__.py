@@ -210,32 +210,36 @@ class NATSEventBus:
             self._last_server = redact_url(current.geturl())
         return self._last_server
 
-    async def close(self) -> None:
+    async def close(self, timeout: float | None = None) -> None:
         """Stop the subscriptions, wait briefly for async publishes, close. Idempotent.
 
-        Async publishes that failed or got no ack by then are logged (`flush()` first to get
-        them as a `PublishError`). A subscription that failed is raised here (see
-        `subscribe_to_pattern`).
+        Waits on the server (for the async publishes' acks, then for the last acks and naks to
+        be taken) up to `timeout` in all, `connect_timeout` by default. Async publishes that
+        failed or got no ack by then are logged (`flush()` first to get them as a
+        `PublishError`); with an outbox, they are queued in it. A subscription that failed is
+        raised here (see `subscribe_to_pattern`).
         """
         if self._closed:
             return
         self._closed = True
         self._events.closing = True
+        end = time.monotonic() + (self.config.connect_timeout if timeout is None else timeout)
+
+        def left() -> float:
+            return max(0.0, end - time.monotonic())
+
         with anyio.CancelScope(shield=True):
             failure = await self._subscriptions.close()
             for consumer in list(self._consumers):  # e.g. left by a worker that failed to start
-                await consumer.close()
+                await consumer.close(left())
             if self._relay is not None:
-                await self._close_relay(self._relay)
+                await self._close_relay(self._relay, left() if self._nc.is_connected else 0.0)
             elif self._nc.is_connected:
-                await self._window.wait_drained(self.config.connect_timeout)
+                await self._window.wait_drained(left())
             await self._window.close()
             await self._first_tries.close()
             if self._nc.is_connected:
-                with (
-                    contextlib.suppress(nats.errors.Error),
-                    anyio.move_on_after(self.config.connect_timeout),
-                ):
+                with contextlib.suppress(nats.errors.Error), anyio.move_on_after(left()):
                     await self._nc.flush()  # acks and naks are plain publishes: send them
             await self._nc.close()
         lost = self._window.unsettled()
@@ -255,9 +259,9 @@ class NATSEventBus:
     ) -> None:
         await self.close()
 
-    async def _close_relay(self, relay: Relay) -> None:
-        """Queue the async publishes still without an ack in the outbox, then close it."""
-        timeout = self.config.connect_timeout if self._nc.is_connected else 0.0
+    async def _close_relay(self, relay: Relay, timeout: float) -> None:
+        """Wait up to `timeout` for the async publishes' acks, queue in the outbox those still
+        without one, then close it."""
         try:
             await self._window.flush(timeout)
         except PublishError as exc:

@@ -12,6 +12,7 @@ import asyncio
 import collections
 import contextlib
 import logging
+import math
 import re
 import time
 from collections.abc import Awaitable, Callable
@@ -268,13 +269,14 @@ class PullConsumer:
         """Undo `pause_fetching()`: the next `release()` asks for messages again."""
         self._paused = False
 
-    async def stop(self) -> None:
+    async def stop(self, timeout: float = math.inf) -> None:
         """Ask for no more messages.
 
         Dropping interest in the inbox makes the server discard our open pull requests, so
         nothing more comes to this consumer; what was already on its way is nak'd at once for
         another replica, as are those given to `hand_back()` so far. Deliveries already handed
-        out stay valid.
+        out stay valid. Waits up to `timeout` (at most `_DRAIN_TIMEOUT_S`) for the server to
+        confirm; what it sends after that comes back to the stream after the ack wait.
         """
         self.stop_fetching()
         sub, self._sub = self._sub, None
@@ -283,7 +285,7 @@ class PullConsumer:
         with anyio.CancelScope(shield=True):
             with contextlib.suppress(nats.errors.Error, TimeoutError):
                 if self._nc.is_connected:
-                    with anyio.move_on_after(_DRAIN_TIMEOUT_S):
+                    with anyio.move_on_after(min(timeout, _DRAIN_TIMEOUT_S)):
                         # Sends the UNSUB first, then what is queued reaches _on_msg.
                         await sub.drain()  # type: ignore[no-untyped-call]
                         sub = None
@@ -310,9 +312,9 @@ class PullConsumer:
         else:
             delivery._send(_NAK)
 
-    async def close(self) -> None:
-        """Stop, and nak the deliveries that were never taken with `next()`."""
-        await self.stop()
+    async def close(self, timeout: float = math.inf) -> None:
+        """Stop (see `stop`), and nak the deliveries that were never taken with `next()`."""
+        await self.stop(timeout)
         self._handoff.end()
         # Without a connection the naks cannot go: those come back after the ack wait.
         with anyio.CancelScope(shield=True), contextlib.suppress(ConnectionFailed):
