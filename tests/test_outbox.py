@@ -703,16 +703,19 @@ def test_outbox_requeue_takes_ids_or_all(tmp_path: Path) -> None:
 
 
 def test_outbox_commands_refuse_a_missing_outbox_in_one_line(tmp_path: Path) -> None:
-    """Given no outbox configured, a path with no outbox file, or a directory,
-    when `gdc-worker outbox status` runs, it exits 2 with one line naming the problem, and
-    creates no file."""
+    """Given no outbox configured, a path with no outbox file, a directory, or an empty file
+    (`touch`ed), when `gdc-worker outbox status` runs, it exits 2 with one line naming the
+    problem, and creates or changes no file."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("GDC_NATS_")}
     runner = CliRunner()
     missing = tmp_path / "nothing.db"
+    empty = tmp_path / "empty.db"
+    empty.touch()
 
     unset = runner.invoke(main, ["outbox", "status"], env=env)
     absent = runner.invoke(main, ["outbox", "flush", "--path", str(missing)], env=env)
     directory = runner.invoke(main, ["outbox", "status", "--path", str(tmp_path)], env=env)
+    blank = runner.invoke(main, ["outbox", "status", "--path", str(empty)], env=env)
 
     assert (unset.exit_code, unset.output) == (
         2,
@@ -723,7 +726,13 @@ def test_outbox_commands_refuse_a_missing_outbox_in_one_line(tmp_path: Path) -> 
         2,
         f"Error: {tmp_path} is a directory: give the outbox file in it\n",
     )
+    assert (blank.exit_code, blank.output) == (
+        2,
+        f"Error: no outbox at {empty}: the file is empty\n",
+    )
     assert not missing.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.db"]
+    assert empty.stat().st_size == 0
 
 
 # -- configuration ------------------------------------------------------------------------------

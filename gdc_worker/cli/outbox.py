@@ -204,7 +204,8 @@ def _when(timestamp: float) -> str:
 
 def _config(path: str | None, **overrides: str) -> NATSConfig:
     """The configuration, with `--path` for the outbox; an outbox that does not exist (or
-    none given) is one line and bad usage, and no file is created for it."""
+    none given, or an empty file) is one line and bad usage, and no file is created or
+    changed for it."""
     config = NATSConfig.from_env(None, outbox_path=path, **overrides)
     if not config.outbox_path:
         raise ReportedError("no outbox: give --path or set GDC_NATS_OUTBOX_PATH", EXIT_USAGE)
@@ -214,6 +215,8 @@ def _config(path: str | None, **overrides: str) -> NATSConfig:
         )
     if not os.path.isfile(config.outbox_path):
         raise ReportedError(f"no outbox at {config.outbox_path}", EXIT_USAGE)
+    if os.path.getsize(config.outbox_path) == 0:  # SQLite would make it an empty outbox
+        raise ReportedError(f"no outbox at {config.outbox_path}: the file is empty", EXIT_USAGE)
     return config
 
 
