@@ -39,6 +39,7 @@ from gdc_worker import (
 from gdc_worker.bus import ConsumerState, StreamLimits, StreamState
 from gdc_worker.cli import main
 from gdc_worker.cli.status import Snapshot
+from gdc_worker.cli.tail import NOT_AN_EVENT_SHOWN
 from gdc_worker.server import NATSServer, find_nats_server
 from gdc_worker.testing import isolated_config
 from tests.processes import GDC_WORKER, Process, worker_env
@@ -388,6 +389,22 @@ async def test_publish_checks_a_typed_payload_and_stores_nothing_when_it_is_bad(
     )
 
 
+@pytest.mark.parametrize("trace_id", ["t-1\nX-Injected: 1", "t-1\x1b[2J", " t-1", "t-1\t"])
+async def test_publish_refuses_a_trace_id_its_header_cannot_carry_as_given(
+    event_bus: NATSEventBus, nats_config: NATSConfig, trace_id: str
+) -> None:
+    """Given a --trace-id with a line break, an escape sequence, or surrounding spaces (which
+    nats-py rewrites in the Gdc-Trace-Id header, so that header and envelope would differ),
+    when `publish` runs with it,
+    then it exits 2 with one line naming the option, and nothing is stored."""
+    result = await cli(nats_config, "publish", "node.up", "--trace-id", trace_id)
+
+    assert result.exit_code == 2
+    [line] = result.stderr.splitlines()
+    assert line.startswith(f"Error: --trace-id {trace_id!r}: control characters and surrounding")
+    assert await event_bus.get_message(nats_config.stream_name, 1) is None
+
+
 async def test_publish_refuses_a_type_no_gdc_service_handles_or_a_blank_source(
     event_bus: NATSEventBus, nats_config: NATSConfig
 ) -> None:
@@ -527,6 +544,31 @@ async def test_tail_prints_each_event_on_one_line_escaping_control_characters(
     assert "subject=\\x1b[2J" in lines[0]
     assert "\x1b" not in tail.stdout
     assert lines[1].startswith("#2 ")
+    assert await tail.exit_code() == 0, tail.stderr
+
+
+async def test_tail_shows_the_start_of_a_large_message_that_is_not_an_event(
+    event_bus: NATSEventBus, nats_config: NATSConfig, tails: Tails
+) -> None:
+    """Given a 100 kB binary message that is not an event, then a short one,
+    when `tail --last 2` prints them as text,
+    then the large one shows its first bytes and how many more there are (not 400 kB of
+    escapes on one line), and the short one shows whole."""
+    subject = nats_config.subject_for("node.up")
+    large, short = bytes(range(256)) * 400, b"\xff short"
+    await event_bus.publish_raw(subject, large, {})
+    await event_bus.publish_raw(subject, short, {})
+
+    tail = tails("--last", "2")
+    lines = await _lines(tail, 2)
+    tail.send(signal.SIGINT)
+
+    shown = large[:NOT_AN_EVENT_SHOWN]
+    assert lines[0].endswith(
+        f"{subject}: not an event: {shown!r}... ({len(large) - len(shown)} more bytes; "
+        "--json prints them)"
+    )
+    assert lines[1].endswith(f"{subject}: not an event: {short!r}")
     assert await tail.exit_code() == 0, tail.stderr
 
 

@@ -15,6 +15,7 @@ import click
 from ..bus import NATSEventBus
 from ..config import NATSConfig
 from ..events import (
+    TRACE_HEADER,
     Event,
     EventType,
     new_alert_triggered_event,
@@ -134,6 +135,12 @@ def publish(
     pattern_of("TYPE", event_type, check_event_type)
     if not source.strip():  # an unset shell variable: the event would name no service
         raise ReportedError("--source is empty: name the publishing service", EXIT_USAGE)
+    if not trace_id.isprintable() or trace_id != trace_id.strip():
+        raise ReportedError(  # nats-py rewrites them in the header: it would differ
+            f"--trace-id {trace_id!r}: control characters and surrounding spaces cannot go in "
+            f"its {TRACE_HEADER} header as given",
+            EXIT_USAGE,
+        )
     with reported_errors():
         event = Event.new(event_type, source, subject or "", _data(data))
         event.with_trace_id(trace_id)
