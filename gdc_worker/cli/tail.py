@@ -29,6 +29,9 @@ __all__ = ["tail"]
 
 #: How many events `tail` shows first, without --last, --since or --new.
 DEFAULT_LAST = 10
+#: How many bytes of a message that is not an event the text lines show (it may be binary,
+#: up to the server's max payload).
+NOT_AN_EVENT_SHOWN = 200
 
 
 @click.command(
@@ -102,7 +105,10 @@ def _text_line(message: TailedMessage) -> str:
     when = message.time.isoformat(timespec="milliseconds")
     event = _event(message)
     if event is None:
-        return f"#{message.seq} {when} {message.subject}: not an event: {message.data!r}"
+        shown = message.data[:NOT_AN_EVENT_SHOWN]
+        more = len(message.data) - len(shown)
+        rest = f"... ({more} more bytes; --json prints them)" if more else ""
+        return f"#{message.seq} {when} {message.subject}: not an event: {shown!r}{rest}"
     data = json.dumps(event.data, sort_keys=True, separators=(",", ":"))
     trace = f" trace={event.trace_id}" if event.trace_id else ""
     return one_line(
