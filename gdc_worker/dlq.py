@@ -481,7 +481,7 @@ class DeadLetterQueue:
     ) -> None:
         record = entry.record
 
-        def stored(outcome: str, error: str | None, seq: int | None) -> None:
+        def stored(outcome: str, error: PublishError | None, seq: int | None) -> None:
             # A duplicate is a replay stored before (its ack lost): it is there all the same.
             if error is None:
                 acked.send_nowait(entry)

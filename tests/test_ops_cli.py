@@ -31,8 +31,10 @@ from gdc_worker import (
     App,
     DeadLetterQueue,
     Event,
+    EventBusError,
     NATSConfig,
     NATSEventBus,
+    PublishError,
     Reject,
     new_node_down_event,
 )
@@ -860,6 +862,64 @@ async def test_publish_by_a_user_who_may_not_publish_events_is_told_so_at_once(
     assert "permission denied: " in line
     assert f'"{admin.subject_for("node.up")}"' in line
     assert time.monotonic() - started < admin.connect_timeout
+
+
+async def test_a_request_that_gets_no_answer_after_an_earlier_refusal_is_not_called_refused(
+    limited_server: NATSServer,
+) -> None:
+    """Given a user's bus that the server refused a request (reading a stored message),
+    when a request that user may make (the stream's info) later gets no answer (the server
+    frozen),
+    then it fails as a timeout, not as a permission refusal (which the worker's setup would
+    not ask again after): only a refusal of that very request counts."""
+    admin = NATSConfig(url=f"nats://admin:admin@127.0.0.1:{limited_server.port}")
+    async with await NATSEventBus.connect(admin) as bus:
+        await bus.publish_event(node_up("n-1"))
+    viewer = admin.replace(
+        url=f"nats://viewer:viewer@127.0.0.1:{limited_server.port}", connect_timeout=1.0
+    )
+    async with await NATSEventBus.connect(viewer, setup_stream=False) as bus:
+        with pytest.raises(
+            EventBusError, match=r'permission denied: .*"\$js\.api\.stream\.msg\.get'
+        ):
+            await bus.get_message(viewer.stream_name, 1)
+        async with frozen(limited_server):
+            with pytest.raises(EventBusError) as no_answer:
+                await bus.stream_state()
+
+        assert "permission" not in str(no_answer.value)
+        assert "timeout" in str(no_answer.value)
+        assert await bus.stream_state() is not None  # the user may read it: nothing refused
+
+
+async def test_async_publishes_the_server_refuses_fail_at_once_saying_permission_denied(
+    limited_server: NATSServer,
+) -> None:
+    """Given a user who may not publish events, with a connect timeout of 10 s,
+    when that user's bus publishes one event with `publish_event_async` and another with
+    `send_event` (as `ctx.publish` does),
+    then `flush()` and the pending publish fail with permission denied, naming the event's
+    subject, as soon as the server refuses them: not "no acknowledgement within 10s" once
+    the timeout is over, as if sending again could help."""
+    admin = NATSConfig(url=f"nats://admin:admin@127.0.0.1:{limited_server.port}")
+    async with await NATSEventBus.connect(admin):
+        pass  # creates the stream
+    viewer = admin.replace(
+        url=f"nats://viewer:viewer@127.0.0.1:{limited_server.port}", connect_timeout=10.0
+    )
+    subject = f'"{admin.subject_for("node.up")}"'
+    async with await NATSEventBus.connect(viewer, setup_stream=False) as bus:
+        with anyio.fail_after(viewer.connect_timeout / 2):
+            await bus.publish_event_async(node_up("n-1"))
+            pending = await bus.send_event(node_up("n-2"))
+            with pytest.raises(PublishError) as flushed:
+                await bus.flush()
+            with pytest.raises(PublishError) as sent:
+                await pending
+
+    for failure in (flushed.value, sent.value):
+        assert "permission denied: the server says permissions violation" in str(failure)
+        assert subject in str(failure)
 
 
 async def test_status_watch_outlives_a_server_that_stops_answering_for_a_while(

@@ -3,6 +3,8 @@ once, and its event is settled only once all of it is stored."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import anyio
 import msgspec
 import pytest
@@ -23,6 +25,7 @@ from gdc_worker import (
     RetryPolicy,
     Worker,
 )
+from gdc_worker.server import NATSServer
 from gdc_worker.settle import Ack
 from tests.support import GRACE, consumer_info, dead_letters, eventually, node_up, running
 
@@ -168,22 +171,37 @@ async def test_an_output_no_stream_takes_fails_the_delivery_until_it_is_dead_let
     assert await event_bus.count_messages(nats_config.stream_name) == 1  # the input alone
 
 
+@pytest.mark.parametrize(
+    ("limit", "named"),
+    [("server", "max_payload"), ("stream", "message size exceeds maximum allowed")],
+)
 async def test_an_output_jetstream_will_never_take_dead_letters_its_event_at_once(
-    nats_config: NATSConfig, event_bus: NATSEventBus
+    nats_config: NATSConfig,
+    event_bus: NATSEventBus,
+    jetstream: JetStreamContext,
+    limit: str,
+    named: str,
 ) -> None:
     """Given a handler with in-process retries and redeliveries left, whose ctx.publish is of
-    an event over the server's max_payload (which every attempt would publish again),
+    an event over the server's max_payload, or over the stream's max_msg_size (which the
+    client cannot know: the stream refuses it in its ack), which every attempt would publish
+    again,
     when a node.up is handled,
     then it is called once and its event is dead-lettered on its first delivery, the reason
-    and the PublishRefused naming max_payload, rather than after ~96 s of retries; the stream
+    and the PublishRefused naming the limit, rather than after ~96 s of retries; the stream
     holds the input alone."""
+    size = event_bus.max_payload
+    if limit == "stream":
+        config = (await jetstream.stream_info(nats_config.stream_name)).config
+        config.max_msg_size = size = 2048
+        await jetstream.update_stream(config)
     app = App("svc", nats_config)
     calls: list[int] = []
 
     @app.on("node.up", retry=RetryPolicy.attempts(3, initial=0.01))
     async def oversized(event: Event, ctx: Context) -> None:
         calls.append(ctx.deliveries)
-        big = "x" * event_bus.max_payload
+        big = "x" * size
         await ctx.publish(Event.new("node.down", "svc", event.id, {"blob": big}))
 
     event = node_up()
@@ -194,9 +212,57 @@ async def test_an_output_jetstream_will_never_take_dead_letters_its_event_at_onc
     assert calls == [1]
     assert (record.event_id, record.deliveries) == (event.id, 1)
     assert record.reason.startswith("what it published was refused: ")
-    assert "max_payload" in record.reason
+    assert named in record.reason
     assert record.error_type == "PublishRefused"
     assert await event_bus.count_messages(nats_config.stream_name) == 1
+
+
+#: A service user who may publish anything but node.down events.
+_NO_NODE_DOWN = """
+authorization {
+  users = [
+    {user: admin, password: admin}
+    {user: svc, password: svc, permissions: {publish: {deny: ["gdc.events.node.down"]}}}
+  ]
+}
+"""
+
+
+async def test_an_output_the_user_may_not_publish_dead_letters_its_event_at_once(
+    tmp_path: Path,
+) -> None:
+    """Given a handler with in-process retries and redeliveries left, run by a user the
+    server does not let publish node.down, whose ctx.publish is of a node.down, and a
+    connect timeout of 10 s,
+    when a node.up is handled,
+    then it is called once and its event is dead-lettered on its first delivery, as soon as
+    the server refuses the publish, the reason saying permission was denied for the output's
+    subject: not retried for minutes as if the ack were only late."""
+    with NATSServer(config=_NO_NODE_DOWN, store_dir=tmp_path / "store") as server:
+        admin = NATSConfig(url=f"nats://admin:admin@127.0.0.1:{server.port}")
+        config = admin.replace(url=f"nats://svc:svc@127.0.0.1:{server.port}", connect_timeout=10.0)
+        app = App("svc", config)
+        calls: list[int] = []
+
+        @app.on("node.up", retry=RetryPolicy.attempts(3, initial=0.01))
+        async def report(event: Event, ctx: Context) -> None:
+            calls.append(ctx.deliveries)
+            await ctx.publish(Event.new("node.down", "svc", event.id, {"reason": "gone"}))
+
+        event = node_up()
+        async with (
+            await NATSEventBus.connect(admin) as bus,
+            running(Worker(app, config=config, grace=GRACE)),
+        ):
+            await bus.publish_event(event)
+            [record] = await dead_letters(bus, timeout=config.connect_timeout / 2)
+
+    assert calls == [1]
+    assert (record.event_id, record.deliveries) == (event.id, 1)
+    assert record.reason.startswith("what it published was refused: ")
+    assert "permission denied: the server says permissions violation" in record.reason
+    assert f'"{config.subject_for("node.down")}"' in record.reason
+    assert record.error_type == "PublishRefused"
 
 
 async def test_a_retrys_outputs_are_awaited_and_the_first_attempts_deduplicated(

@@ -25,7 +25,13 @@ import nats.errors
 
 from ..app import HandlerFunc, HandlerOptions, PendingPublish, handler_spec
 from ..config import NATSConfig, redact_url
-from ..errors import ConnectionFailed, GDCWorkerError, PublishError, SubscriptionError
+from ..errors import (
+    ConnectionFailed,
+    GDCWorkerError,
+    PublishError,
+    SubscriptionError,
+    message_of,
+)
 from ..events import Event, event_headers
 from ..hooks import Hook, Hooks
 from ..outbox import Outbox
@@ -525,7 +531,7 @@ class NATSEventBus:
         started = time.monotonic()
         acked: asyncio.Future[Stored | None] = asyncio.get_running_loop().create_future()
 
-        def done(outcome: str, error: str | None, seq: int | None) -> None:
+        def done(outcome: str, error: PublishError | None, seq: int | None) -> None:
             if not acked.done():
                 acked.set_result(None if seq is None else Stored(seq, outcome == "duplicate"))
 
@@ -567,13 +573,12 @@ class NATSEventBus:
         subject = self._subject_of(event)
         pending = PendingPublish()
 
-        def done(outcome: str, error: str | None, seq: int | None) -> None:
+        def done(outcome: str, error: PublishError | None, seq: int | None) -> None:
             if error is None:
                 pending.resolve(seq)
-            else:
-                pending.resolve(
-                    PublishError(f"publish of event {event.id} to {subject} failed: {error}")
-                )
+            else:  # a PublishRefused stays one: the handler's delivery is dead-lettered
+                failed = f"publish of event {event.id} to {subject} failed: {message_of(error)}"
+                pending.resolve(type(error)(failed))
 
         await self._send(subject, event, done)
         return pending
@@ -591,10 +596,9 @@ class NATSEventBus:
             started = time.perf_counter()
             owner = done
 
-            def told(outcome: str, error: str | None, seq: int | None) -> None:
-                failure = PublishError(error) if error is not None else None
+            def told(outcome: str, error: PublishError | None, seq: int | None) -> None:
                 took = time.perf_counter() - started
-                hooks.run("published", subject, event, outcome, failure, took)
+                hooks.run("published", subject, event, outcome, error, took)
                 if owner is not None:
                     owner(outcome, error, seq)
 

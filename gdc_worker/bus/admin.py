@@ -345,7 +345,7 @@ class Admin:
                         raise
                     said, pause = f"'{exc.description}'", _UNAVAILABLE_PAUSE_S
                 else:
-                    denied = permission_denied(self._nc, exc)
+                    denied = permission_denied(exc)
                     if denied:  # the server refused it: asking again cannot help
                         raise EventBusError(f"cannot set up {what}: {denied}") from None
                     said, pause = "no answer", 0.0
@@ -454,7 +454,7 @@ class Admin:
         except nats.js.errors.NotFoundError:
             return None
         except (nats.errors.Error, TimeoutError) as exc:
-            why = permission_denied(self._nc, exc)
+            why = permission_denied(exc)
             raise EventBusError(f"cannot read {stream} #{seq}: {why or describe(exc)}") from None
 
     async def delete_message(self, stream: str, seq: int, *, erase: bool = True) -> bool:
@@ -472,7 +472,7 @@ class Admin:
             )
             answer = _delete_decoder.decode(reply.data)
         except (nats.errors.Error, TimeoutError, msgspec.DecodeError) as exc:
-            why = permission_denied(self._nc, exc)
+            why = permission_denied(exc)
             raise EventBusError(f"cannot delete {stream} #{seq}: {why or describe(exc)}") from None
         if answer.error is None:
             return answer.success

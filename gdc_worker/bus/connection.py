@@ -3,22 +3,33 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import re
 import ssl
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import anyio
 import nats.errors
 from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
 from ..config import NATSConfig
 from ..errors import ConnectionFailed, describe
 from .security import Refused, credentials, security_options
 
-__all__ = ["Client", "ConnectionEvents", "Deliver", "connect"]
+__all__ = [
+    "Client",
+    "ConnectionEvents",
+    "Deliver",
+    "RefusalListener",
+    "RequestRefused",
+    "connect",
+    "denied",
+]
 
 log = logging.getLogger("gdc_worker.bus")
 
@@ -74,9 +85,39 @@ _HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _NOT_IN_SUBJECT = re.compile(r"[ \t\r\n]")
 #: nats-py turns CR and LF in a header value into spaces, so a value cannot end its line.
 _NEWLINES = str.maketrans({"\r": " ", "\n": " "})
+#: How the server's refusal of a publish starts, as nats-py's parser hands it on (lowercased).
+_PUBLISH_REFUSED = "permissions violation for publish to "
 #: The header names a client remembers as checked (events carry the same few).
 _MAX_HEADER_NAMES = 256
 
+#: How many of the server's permission refusals a client keeps, to tell a request refused
+#: from one that got no answer.
+_MAX_REFUSALS = 256
+
+
+class RequestRefused(nats.errors.TimeoutError):
+    """A request that got no answer because the server refused to let this client publish it.
+
+    The server says so to the connection (`-ERR`), not to the request, which just times out;
+    so this is a `TimeoutError` still, one that asking again cannot cure.
+    """
+
+    def __init__(self, said: str) -> None:
+        super().__init__()
+        self.said = said
+
+    def __str__(self) -> str:
+        return denied(self.said)
+
+
+def denied(said: str) -> str:
+    """How a publish the server refused for want of permission is reported."""
+    return f"permission denied: the server says {said}"
+
+
+#: Told of each publish the server refuses: its subject and what the server said (both
+#: lowercased by nats-py).
+RefusalListener = Callable[[str, str], None]
 #: Told of each message of a direct subscription: its subject, reply subject, payload and
 #: headers (None: none), in the client's read loop.
 Deliver = Callable[[bytes, bytes, bytes, "dict[str, str] | None"], None]
@@ -94,12 +135,56 @@ class Client(NATS):
     publish acks, one or more per event.
     `header_block()` and `publish_block()` send a message with headers as `publish()` does,
     checking each header name once rather than once per message.
+    A request that times out because the server refused its publish raises `RequestRefused`.
     """
 
     def __init__(self) -> None:
         super().__init__()
         self._direct: dict[int, Deliver] = {}
         self._header_lines: dict[str, str] = {}
+        # When the server refused a publish, to which subject, and what it said (all
+        # lowercased by nats-py); and who is told of each refusal.
+        self._refusals: collections.deque[tuple[float, str, str]] = collections.deque(
+            maxlen=_MAX_REFUSALS
+        )
+        self._refusal_listeners: set[RefusalListener] = set()
+
+    def listen_for_refusals(self, listener: RefusalListener) -> Callable[[], None]:
+        """Tell `listener` of each publish the server refuses from now on, in the read loop
+        (so it must not block); returns what stops it."""
+        self._refusal_listeners.add(listener)
+        return lambda: self._refusal_listeners.discard(listener)
+
+    async def request(
+        self,
+        subject: str,
+        payload: bytes = b"",
+        timeout: float = 0.5,
+        old_style: bool = False,
+        headers: dict[str, Any] | None = None,
+    ) -> Msg:
+        """nats-py's `request()`; one the server refused raises `RequestRefused` at its
+        timeout, naming the subject: only a refusal heard since it was sent counts."""
+        sent = time.monotonic()
+        try:
+            return await super().request(subject, payload, timeout, old_style, headers)
+        except nats.errors.TimeoutError:
+            lowered = subject.lower()
+            for heard, refused, said in reversed(self._refusals):
+                if heard < sent:
+                    break
+                if refused == lowered:
+                    raise RequestRefused(said) from None
+            raise
+
+    async def _process_err(self, err_msg: str) -> None:
+        said = err_msg.strip("'")
+        if said.startswith(_PUBLISH_REFUSED):  # `... publish to "subject"`: the server goes on
+            subject = said[len(_PUBLISH_REFUSED) :].strip().strip('"')
+            self._refusals.append((time.monotonic(), subject, said))
+            for listener in list(self._refusal_listeners):
+                listener(subject, said)
+        await super()._process_err(err_msg)
 
     def header_block(self, headers: Mapping[str, str]) -> bytes:
         """The headers as nats-py sends them: names trimmed (empty ones left out), values

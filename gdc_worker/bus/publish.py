@@ -19,7 +19,7 @@ from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
 
 from ..errors import PublishError, PublishRefused, describe, message_of
-from .connection import Client
+from .connection import Client, denied
 from .state import permission_denied
 
 __all__ = [
@@ -70,8 +70,9 @@ class Stored(NamedTuple):
 
 
 #: Told how an async publish ended: its outcome (`stored`, `duplicate`, `queued` in the outbox
-#: or `failed`), the error of a failed one, and the stream sequence of a stored one.
-AckCallback = Callable[[str, str | None, int | None], None]
+#: or `failed`), the error of a failed one (`PublishRefused` when sending it again cannot
+#: help), and the stream sequence of a stored one.
+AckCallback = Callable[[str, PublishError | None, int | None], None]
 
 
 class Requeue(Protocol):
@@ -205,7 +206,7 @@ async def _publish(
             return Stored(ack.seq, bool(ack.duplicate))
         passes = _passes(failure)
         note = ""
-        denied = permission_denied(nc, failure, subject)
+        denied = permission_denied(failure)
         if denied:  # the server refused it: it times out, and trying again cannot help
             raise PublishRefused(f"publish of {what} to {subject} refused: {denied}")
         if passes is None:  # no responders
@@ -329,6 +330,7 @@ class AsyncPublishWindow:
         self._drained: asyncio.Event | None = None
         self._room: asyncio.Event | None = None
         self._expiry: asyncio.TimerHandle | None = None
+        self._unlisten: Callable[[], None] = lambda: None
 
     async def publish(
         self,
@@ -370,6 +372,7 @@ class AsyncPublishWindow:
         if not self._prefix:
             self._prefix = nc.new_inbox() + "."
             self._inbox = await nc.subscribe_direct(self._prefix + "*", self._on_ack)
+            self._unlisten = nc.listen_for_refusals(self._on_refused)
         self._next_token += 1
         token = self._next_token
         now = time.monotonic()
@@ -415,6 +418,7 @@ class AsyncPublishWindow:
             self._expiry.cancel()
             self._expiry = None
         if self._inbox is not None:
+            self._unlisten()
             with contextlib.suppress(nats.errors.Error):
                 await self._inbox.unsubscribe()
             self._inbox, self._prefix = None, ""
@@ -446,19 +450,28 @@ class AsyncPublishWindow:
         error = None
         seq = 0
         duplicate = False
-        passing = False
+        passing = lasting = False
         if headers and headers.get("Status") == "503":
-            error = "no stream listens on the subject"
+            error = "no stream listens on the subject"  # or none has a leader yet
         else:
             try:
                 ack = _ack_decoder.decode(data)
                 seq, duplicate = ack.seq, ack.duplicate
-                if ack.error is not None:
+                if ack.error is not None:  # the stream's own refusal, as `publish()` takes it
                     error = ack.error.description
                     passing = ack.error.code == _UNAVAILABLE
+                    lasting = not passing
             except msgspec.DecodeError:
                 error = f"unreadable acknowledgement {data[:80]!r}"
-        self._settle(token, error, duplicate, passing, seq)
+        self._settle(token, error, duplicate, passing, seq, lasting=lasting)
+
+    def _on_refused(self, subject: str, said: str) -> None:
+        """The server refused a publish to `subject`: each one still without an ack is
+        refused alike (permissions are per subject), and no ack will come. Fail them now, not
+        at the timeout, and as refusals: sending again cannot help."""
+        refused = [t for t, p in self._pending.items() if p.subject.lower() == subject]
+        for token in refused:
+            self._settle(token, denied(said), lasting=True)
 
     def _settle(
         self,
@@ -467,14 +480,18 @@ class AsyncPublishWindow:
         duplicate: bool = False,
         passing: bool = False,
         seq: int = 0,
+        *,
+        lasting: bool = False,
     ) -> None:
+        """End a publish: stored (`error` None), or failed, for a `passing` reason (sent
+        again, it may be stored), a `lasting` one (it will not), or one that may be either."""
         pending = self._pending.pop(token, None)
         if pending is None:
             return
         if error is not None and self._requeue is not None:
-            self._queue(pending, error, passing)
+            self._queue(pending, error, passing, lasting)
         elif error is not None:
-            self._fail(pending, f"{pending.what} to {pending.subject}: {error}", error)
+            self._fail(pending, error, lasting)
         elif pending.done is not None:
             pending.done("duplicate" if duplicate else "stored", None, seq)
         if self._room is not None:
@@ -484,14 +501,17 @@ class AsyncPublishWindow:
             self._drained.set()
             self._drained = None
 
-    def _fail(self, pending: _Pending, reported: str, error: str) -> None:
-        """A publish that was not stored: `reported` to `flush()`, `error` to its `done`."""
+    def _fail(self, pending: _Pending, error: str | PublishError, lasting: bool = False) -> None:
+        """A publish that was not stored: why (a `PublishRefused` when it is `lasting`) to its
+        `done`, and, naming the message, to `flush()`."""
+        if isinstance(error, str):
+            error = (PublishRefused if lasting else PublishError)(error)
         if pending.report:
-            self._failed.append(reported)
+            self._failed.append(f"{pending.what} to {pending.subject}: {message_of(error)}")
         if pending.done is not None:
             pending.done("failed", error, None)
 
-    def _queue(self, pending: _Pending, error: str, passing: bool) -> None:
+    def _queue(self, pending: _Pending, error: str, passing: bool, lasting: bool) -> None:
         """Hand a failed publish to the outbox: at once when it failed for a passing reason,
         else if the refusal may be the stream's absence; `flush()` waits for either."""
         requeue = self._requeue
@@ -508,9 +528,11 @@ class AsyncPublishWindow:
             self._requeued.discard(future)
             failure = None if future.cancelled() else future.exception()
             if failure is not None:
-                self._fail(pending, message_of(failure), message_of(failure))
+                if not isinstance(failure, PublishError):
+                    failure = PublishError(message_of(failure))
+                self._fail(pending, failure)
             elif not future.cancelled() and future.result() is False:  # the refusal stands
-                self._fail(pending, f"{pending.what} to {pending.subject}: {error}", error)
+                self._fail(pending, error, lasting)
             elif pending.done is not None:
                 pending.done("queued", None, None)
 

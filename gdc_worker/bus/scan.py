@@ -56,7 +56,7 @@ async def scan_messages(
     except nats.js.errors.NotFoundError:
         return
     except (nats.errors.Error, TimeoutError) as exc:
-        raise api_error(f"cannot read stream {stream}", exc, nc=nc) from None
+        raise api_error(f"cannot read stream {stream}", exc) from None
     try:
         if consumer.pending == 0:
             return
@@ -99,7 +99,7 @@ async def count_messages(nc: NATS, js: JetStreamContext, stream: str, subject: s
     except nats.js.errors.NotFoundError:
         return 0
     except (nats.errors.Error, TimeoutError) as exc:
-        raise api_error(f"cannot read stream {stream}", exc, nc=nc) from None
+        raise api_error(f"cannot read stream {stream}", exc) from None
     await _delete_quietly(js, stream, consumer.name)
     return consumer.pending
 

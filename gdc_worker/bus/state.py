@@ -19,6 +19,7 @@ import nats.js.errors
 from nats.aio.client import Client as NATS
 
 from ..errors import ConnectionFailed, EventBusError, describe
+from .connection import RequestRefused
 
 __all__ = [
     "ConsumerState",
@@ -323,23 +324,18 @@ class StateReader:
                 raise kind(f"cannot read {api}: {error.description} ({error.err_code})")
             return msgspec.json.decode(reply.data, type=answer)
         except (nats.errors.Error, TimeoutError, msgspec.DecodeError) as exc:
-            raise api_error(f"cannot read {api}", exc, nc=self._nc) from None
+            raise api_error(f"cannot read {api}", exc) from None
 
 
 def api_error(
-    what: str,
-    exc: BaseException,
-    *,
-    otherwise: type[EventBusError] = EventBusError,
-    nc: NATS | None = None,
+    what: str, exc: BaseException, *, otherwise: type[EventBusError] = EventBusError
 ) -> EventBusError:
     """The error for a JetStream API request about `what` that failed with `exc`:
     `ConnectionFailed` when JetStream is not there (a server run without it answers nobody,
     an account without it 503), so that commands exit 4 as for a server out of reach; an
-    `EventBusError` saying so when the server refused the request for want of permission
-    (the request then times out, and only `nc` heard why); else `otherwise`, saying what
-    nats-py said."""
-    denied = permission_denied(nc, exc)
+    `EventBusError` saying so when the server refused the request for want of permission;
+    else `otherwise`, saying what nats-py said."""
+    denied = permission_denied(exc)
     if denied:
         return EventBusError(f"{what}: {denied}")
     if isinstance(exc, nats.errors.NoRespondersError) or (
@@ -351,24 +347,11 @@ def api_error(
     return otherwise(f"{what}: {describe(exc)}")
 
 
-def permission_denied(nc: NATS | None, failure: BaseException, subject: str = "$JS.API.") -> str:
-    """Why a request to `subject` that ended in `failure` failed, if the server refused this
-    client that publish for want of permission (`permissions violation for publish to
-    "$js.api..."`); "" if not. A `subject` ending in a dot stands for those under it:
-    JetStream's API by default.
-
-    The server says it asynchronously, and nats-py keeps it as the client's last error,
-    while the request itself just times out: only a timeout can be such a refusal.
-    """
-    if not isinstance(failure, TimeoutError):
-        return ""
-    error = nc.last_error if nc is not None else None
-    text = str(error).removeprefix("nats: ") if error is not None else ""
-    lowered = text.lower()  # nats-py lowercases what the server said
-    quoted = f'"{subject.lower()}' + ("" if subject.endswith(".") else '"')
-    if "permissions violation" in lowered and quoted in lowered:
-        return f"permission denied: the server says {text}"
-    return ""
+def permission_denied(failure: BaseException) -> str:
+    """Why a request that ended in `failure` failed, if the server refused this client that
+    publish for want of permission (`permission denied: the server says permissions violation
+    for publish to "$js.api..."`); "" if not."""
+    return str(failure) if isinstance(failure, RequestRefused) else ""
 
 
 def _time(value: datetime | None) -> datetime | None:

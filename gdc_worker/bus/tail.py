@@ -83,7 +83,7 @@ class Tail:
         except nats.js.errors.NotFoundError:
             raise EventBusError(f"cannot follow {what}: there is no such stream") from None
         except (nats.errors.Error, TimeoutError) as exc:
-            raise api_error(f"cannot follow {what}", exc, nc=self._nc) from None
+            raise api_error(f"cannot follow {what}", exc) from None
         return self
 
     async def _start(self) -> ConsumerConfig:
