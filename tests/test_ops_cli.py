@@ -35,10 +35,12 @@ from gdc_worker import (
     NATSConfig,
     NATSEventBus,
     PublishError,
+    PublishRefused,
     Reject,
     new_node_down_event,
 )
 from gdc_worker.bus import ConsumerState, StreamLimits, StreamState
+from gdc_worker.bus.publish import TRY_TIMEOUT_S
 from gdc_worker.cli import main
 from gdc_worker.cli.status import Snapshot
 from gdc_worker.cli.tail import NOT_AN_EVENT_SHOWN
@@ -848,7 +850,7 @@ async def test_publish_by_a_user_who_may_not_publish_events_is_told_so_at_once(
     """Given a user who may read stream and consumer info only,
     when that user publishes an event,
     then it exits 1 with one line saying the server denied the publish to the event's
-    subject, after the first try's timeout, not after retrying for the connect timeout."""
+    subject, as soon as the server refuses it, not after retrying for the connect timeout."""
     admin = NATSConfig(url=f"nats://admin:admin@127.0.0.1:{limited_server.port}")
     async with await NATSEventBus.connect(admin):
         pass  # creates the stream
@@ -892,15 +894,16 @@ async def test_a_request_that_gets_no_answer_after_an_earlier_refusal_is_not_cal
         assert await bus.stream_state() is not None  # the user may read it: nothing refused
 
 
-async def test_async_publishes_the_server_refuses_fail_at_once_saying_permission_denied(
+async def test_publishes_the_server_refuses_fail_at_once_saying_permission_denied(
     limited_server: NATSServer,
 ) -> None:
     """Given a user who may not publish events, with a connect timeout of 10 s,
-    when that user's bus publishes one event with `publish_event_async` and another with
-    `send_event` (as `ctx.publish` does),
-    then `flush()` and the pending publish fail with permission denied, naming the event's
-    subject, as soon as the server refuses them: not "no acknowledgement within 10s" once
-    the timeout is over, as if sending again could help."""
+    when that user's bus publishes one event with `publish_event_async`, another with
+    `send_event` (as `ctx.publish` does), and a third with `publish_event`,
+    then `flush()`, the pending publish and `publish_event` fail with permission denied,
+    naming the event's subject, as soon as the server refuses them: not "no acknowledgement
+    within 10s" once the timeout is over, nor after a second try's timeout (2 s), as if
+    sending again could help."""
     admin = NATSConfig(url=f"nats://admin:admin@127.0.0.1:{limited_server.port}")
     async with await NATSEventBus.connect(admin):
         pass  # creates the stream
@@ -916,8 +919,10 @@ async def test_async_publishes_the_server_refuses_fail_at_once_saying_permission
                 await bus.flush()
             with pytest.raises(PublishError) as sent:
                 await pending
+        with anyio.fail_after(TRY_TIMEOUT_S / 2), pytest.raises(PublishRefused) as published:
+            await bus.publish_event(node_up("n-3"))
 
-    for failure in (flushed.value, sent.value):
+    for failure in (flushed.value, sent.value, published.value):
         assert "permission denied: the server says permissions violation" in str(failure)
         assert subject in str(failure)
 

@@ -29,6 +29,7 @@ from ..errors import (
     ConnectionFailed,
     GDCWorkerError,
     PublishError,
+    PublishRefused,
     SubscriptionError,
     message_of,
 )
@@ -526,21 +527,26 @@ class NATSEventBus:
         self, subject: str, payload: bytes, headers: Mapping[str, str], what: str
     ) -> Stored:
         """The first try through `_first_tries` (the acks of all on one inbox, decoded by
-        msgspec: cheaper than a request of nats-py's); a failed one goes on in `publish()`,
-        which tells a lasting failure from one that passes, with the same headers."""
+        msgspec: cheaper than a request of nats-py's); one refused for good raises its
+        `PublishRefused`, another failed one goes on in `publish()`, which tells a lasting
+        failure from one that passes, with the same headers."""
         started = time.monotonic()
-        acked: asyncio.Future[Stored | None] = asyncio.get_running_loop().create_future()
+        acked: asyncio.Future[Stored | PublishError] = asyncio.get_running_loop().create_future()
 
         def done(outcome: str, error: PublishError | None, seq: int | None) -> None:
             if not acked.done():
-                acked.set_result(None if seq is None else Stored(seq, outcome == "duplicate"))
+                acked.set_result(
+                    Stored(seq or 0, outcome == "duplicate") if error is None else error
+                )
 
         await self._first_tries.publish(
             subject, payload, headers, what=what, done=done, report=False
         )
         stored = await acked
-        if stored is not None:
+        if isinstance(stored, Stored):
             return stored
+        if isinstance(stored, PublishRefused):  # denied, or the stream refused it: no retry
+            raise PublishRefused(f"publish of {what} to {subject} refused: {message_of(stored)}")
         return await publish(
             self._nc,
             self._js,
