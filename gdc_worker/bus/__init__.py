@@ -396,7 +396,7 @@ class NATSEventBus:
 
     async def count_messages(self, stream: str, subject: str | None = None) -> int:
         """How many messages `stream` holds (on `subject`, a pattern, if given); 0 without it."""
-        return await count_messages(self._nc, self._js, stream, subject)
+        return await count_messages(self._js, stream, subject)
 
     async def get_message(self, stream: str, seq: int) -> StoredMessage | None:
         """The message at `seq` in `stream`, or None if there is none (or no such stream)."""
@@ -455,9 +455,7 @@ class NATSEventBus:
     ) -> Tail:
         """Follow the messages on `subject` (a pattern) of the event stream (or `stream`) as
         they come, through an ephemeral ordered consumer; see `Tail`."""
-        return Tail(
-            self._nc, self._js, stream or self.config.stream_name, subject, last=last, since=since
-        )
+        return Tail(self._js, stream or self.config.stream_name, subject, last=last, since=since)
 
     # -- publishing ---------------------------------------------------------------------------
 

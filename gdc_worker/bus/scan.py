@@ -92,7 +92,7 @@ async def scan_messages(
         await _delete_quietly(js, stream, consumer.name)
 
 
-async def count_messages(nc: NATS, js: JetStreamContext, stream: str, subject: str | None) -> int:
+async def count_messages(js: JetStreamContext, stream: str, subject: str | None) -> int:
     """How many messages `stream` holds (on `subject`, a pattern, if given); 0 without it."""
     try:
         consumer = await _scan_consumer(js, stream, subject, 1)

@@ -15,7 +15,6 @@ from types import TracebackType
 import anyio
 import nats.errors
 import nats.js.errors
-from nats.aio.client import Client as NATS
 from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
@@ -53,7 +52,6 @@ class Tail:
 
     def __init__(
         self,
-        nc: NATS,
         js: JetStreamContext,
         stream: str,
         subject: str,
@@ -63,7 +61,6 @@ class Tail:
     ) -> None:
         if last and since is not None:
             raise ValueError("give last or since, not both")
-        self._nc = nc
         self._js = js
         self._stream = stream
         self._subject = subject
